@@ -1,0 +1,125 @@
+"""What every dataset family hands the runner, and the pieces the families share."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from errors import UserError
+
+log = logging.getLogger(__name__)
+
+CACHE_MODES = ("none", "memory", "disk")
+
+
+@dataclass
+class DataBundle:
+    """Train and validation sets of uint8 (C, H, W) images, with what the runner needs to use them."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    input_shape: tuple[int, int, int]  # (C, H, W) of every item
+    mean: tuple[float, ...]  # per channel, in [0, 1] units (applied after dividing by 255)
+    std: tuple[float, ...]
+
+
+class ArrayStore:
+    """One uint8 array (N, C, H, W) with its labels, shared by the splits that index into it.
+
+    A device loader asks for it on its device; the copy is made once and shared by train and val.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self._copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._copies:
+            self._copies[key] = (self.images.to(device), self.labels.to(device))
+        return self._copies[key]
+
+
+class InMemoryDataset(Dataset):
+    """A split of an ArrayStore: items are views, and a loader can gather whole batches by index."""
+
+    def __init__(self, store: ArrayStore, indices=None):
+        self.store = store
+        self.indices = torch.arange(len(store)) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[index])
+        return self.store.images[j], int(self.store.labels[j])
+
+
+def is_in_memory(dataset: Dataset) -> bool:
+    return isinstance(dataset, InMemoryDataset)
+
+
+def per_channel(values: Sequence[float], channels: int, key: str) -> tuple[float, ...]:
+    """Broadcast a mean/std given for one channel to all; refuse a list of the wrong length."""
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise UserError(f"{key} has {len(values)} values but the data has {channels} channels: give 1 or {channels}")
+    return values
+
+
+def split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split, stratified by class so small classes appear in both parts; returns sorted indices."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"dataset.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        # At least one validation item per class, and at least one training item where there are two or more.
+        n_val = min(max(1, round(len(members) * val_fraction)), max(len(members) - 1, 1))
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def check_fits_in_memory(n_bytes: int, what: str) -> None:
+    """Refuse to hold more than half the available RAM: a clear error beats the OOM killer."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not every platform reports it; then trust the user
+        return
+    if n_bytes > available // 2:
+        raise UserError(
+            f"{what} needs {n_bytes / 2**30:.1f} GiB in memory but only {available / 2**30:.1f} GiB is available: "
+            "set dataset.cache=none to read from disk per item"
+        )
+
+
+def materialize(dataset: Dataset, shape: tuple[int, int, int], desc: str) -> InMemoryDataset:
+    """Decode every item of a per-item dataset once into one preallocated uint8 array."""
+    n = len(dataset)
+    check_fits_in_memory(n * int(np.prod(shape)), desc)
+    images = torch.empty((n, *shape), dtype=torch.uint8)
+    labels = torch.empty(n, dtype=torch.int64)
+    for i in tqdm(range(n), desc=desc, unit="img", leave=False):
+        images[i], labels[i] = dataset[i]
+    return InMemoryDataset(ArrayStore(images, labels))

@@ -1,0 +1,152 @@
+"""Read, check and write crop CSVs.
+
+Box form:   path,x0,y0,x1,y1,label[,split]   half-open pixel ranges; x is the column, y the row.
+Strip form: path,start,end,label[,split]     columns [start, end) over the full height.
+
+Every row is checked before any pixel is decoded (sizes come from file headers), and all problems are
+reported at once, each with its CSV line number.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets.transforms import image_size
+from errors import UserError
+
+BOX_COLUMNS = ("path", "x0", "y0", "x1", "y1", "label")
+STRIP_COLUMNS = ("path", "start", "end", "label")
+SPLITS = ("train", "val")
+MAX_REPORTED = 20
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One example: a half-open region [y0, y1) x [x0, x1) of a file; y1 = None means the full height."""
+
+    line: int  # 1-based line number in the CSV, for messages
+    path: Path  # resolved
+    x0: int
+    y0: int
+    x1: int
+    y1: int | None
+    label: str
+    split: str | None
+
+
+def _form(header: list[str], csv_path: Path) -> tuple[str, ...]:
+    columns = set(header)
+    if set(BOX_COLUMNS) <= columns:
+        return BOX_COLUMNS
+    if set(STRIP_COLUMNS) <= columns:
+        return STRIP_COLUMNS
+    raise UserError(
+        f"{csv_path}: header {','.join(header)!r} is neither box form ({','.join(BOX_COLUMNS)}[,split]) "
+        f"nor strip form ({','.join(STRIP_COLUMNS)}[,split])"
+    )
+
+
+def _int(text: str, column: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{column}={text!r} is not an integer") from None
+    if math.isnan(value) or value != int(value):
+        raise ValueError(f"{column}={text!r} is not an integer")
+    if value < 0:
+        raise ValueError(f"{column}={text!r} is negative")
+    return int(value)
+
+
+def _parse_row(record: dict[str, str], form: tuple[str, ...], root: Path, line: int) -> Crop:
+    text = {k: (record.get(k) or "").strip() for k in (*form, "split")}
+    if not text["path"]:
+        raise ValueError("path is blank")
+    if not text["label"] or text["label"].lower() == "nan":
+        raise ValueError("label is blank")
+    split = text["split"].lower() or None
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split={text['split']!r} must be train or val (or empty)")
+    if form is BOX_COLUMNS:
+        x0, y0, x1, y1 = (_int(text[c], c) for c in ("x0", "y0", "x1", "y1"))
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"empty box: need x0 < x1 and y0 < y1, got x {x0}..{x1}, y {y0}..{y1}")
+    else:
+        x0, x1 = _int(text["start"], "start"), _int(text["end"], "end")
+        y0, y1 = 0, None
+        if x1 <= x0:
+            raise ValueError(f"empty strip: need start < end, got {x0}..{x1}")
+    return Crop(line, root / text["path"], x0, y0, x1, y1, text["label"], split)
+
+
+def read_crops(csv_path: str | Path, root: str | Path | None = None) -> list[Crop]:
+    """Parse and check every row; raise one UserError listing every bad row (capped at 20 plus a count)."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"dataset.csv: file not found: {csv_path.resolve()}")
+    root = Path(root) if root is not None else csv_path.parent
+    if not root.is_dir():
+        raise UserError(f"dataset.root: folder not found: {root.resolve()}")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        reader.fieldnames = header
+        form = _form(header, csv_path)
+        crops, problems = [], []
+        for record in reader:
+            try:
+                crops.append(_parse_row(record, form, root, reader.line_num))
+            except ValueError as e:
+                problems.append(f"line {reader.line_num}: {record.get('path', '')}: {e}")
+    problems += _check_bounds(crops)
+    if problems:
+        shown = problems[:MAX_REPORTED]
+        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+        raise UserError(f"{csv_path}: {len(problems)} bad row(s); fix or remove them:\n  " + "\n  ".join(shown) + more)
+    if not crops:
+        raise UserError(f"{csv_path}: no rows; add one row per example under the header")
+    return crops
+
+
+def _check_bounds(crops: Iterable[Crop]) -> list[str]:
+    """Every region must lie inside its file; sizes come from headers (PIL) or .npy shapes, not decoding."""
+    sizes: dict[Path, tuple[int, int] | str] = {}
+    problems = []
+    for crop in crops:
+        if crop.path not in sizes:
+            try:
+                sizes[crop.path] = image_size(crop.path)
+            except FileNotFoundError:
+                sizes[crop.path] = "file not found"
+            except (OSError, UserError) as e:
+                sizes[crop.path] = f"unreadable ({e})"
+        size = sizes[crop.path]
+        if isinstance(size, str):
+            problems.append(f"line {crop.line}: {crop.path}: {size}")
+            continue
+        height, width = size
+        y1 = height if crop.y1 is None else crop.y1
+        if crop.x1 > width or y1 > height:
+            problems.append(
+                f"line {crop.line}: {crop.path}: region x {crop.x0}..{crop.x1}, y {crop.y0}..{y1} "
+                f"is outside the {width}x{height} (width x height) file"
+            )
+    return problems
+
+
+def write_crops(csv_path: str | Path, rows: Iterable[dict], strip: bool = False) -> Path:
+    """Write a crop CSV (box form by default) from dicts with the form's keys and optional `split`."""
+    csv_path = Path(csv_path)
+    rows = list(rows)
+    columns = list(STRIP_COLUMNS if strip else BOX_COLUMNS)
+    if any("split" in row for row in rows):
+        columns.append("split")
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return csv_path

@@ -1,0 +1,213 @@
+"""The crop dataset: examples are regions of larger images or arrays, listed in a CSV (see crop_csv.py).
+
+Cache modes (the lesson behind this project: decoding from disk per item starves training):
+  none    decode the file and cut the crop on every __getitem__ (for data larger than RAM);
+  memory  decode each file once, cut all its crops, hold one uint8 array (N, C, H, W);
+  disk    as memory, but the array is written once to a cache file and memory-mapped by later runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from datasets import demo
+from datasets.base import (
+    CACHE_MODES,
+    ArrayStore,
+    DataBundle,
+    InMemoryDataset,
+    check_fits_in_memory,
+    per_channel,
+    split_indices,
+)
+from datasets.crop_csv import Crop, read_crops
+from datasets.transforms import array_region, is_array_file, load_image, open_array, to_tensor, uint8_scaler
+from errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "crops"
+_CACHE_FORMAT = 1  # bump when the cached array's layout or pixel pipeline changes
+
+
+class FileSource:
+    """One source file opened for cropping: an image decoded whole, or a .npy array memory-mapped."""
+
+    def __init__(self, path: Path, channels: int, scaler=None):
+        self.channels = channels
+        if is_array_file(path):
+            self.array = open_array(path)
+            self.scale = scaler or uint8_scaler(self.array)
+        else:
+            self.array = load_image(path, channels)
+            self.scale = lambda a: a
+
+    def crop(self, crop: Crop, height: int, width: int) -> torch.Tensor:
+        rows = slice(crop.y0, crop.y1)  # y1 None = full height (strip form)
+        region = array_region(self.array, rows, slice(crop.x0, crop.x1), self.scale, self.channels)
+        return to_tensor(region, height, width)
+
+
+class LazyCrops(Dataset):
+    """cache=none: every item decodes its file again. Only .npy scale factors are remembered per file."""
+
+    def __init__(self, crops: list[Crop], targets: list[int], height: int, width: int, channels: int):
+        self.crops, self.targets = crops, targets
+        self.height, self.width, self.channels = height, width, channels
+        self._scalers: dict[Path, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        crop = self.crops[index]
+        try:
+            source = FileSource(crop.path, self.channels, self._scalers.get(crop.path))
+        except OSError as e:
+            raise UserError(f"crop {index} (CSV line {crop.line}): cannot read {crop.path}: {e}") from e
+        self._scalers.setdefault(crop.path, source.scale)
+        return source.crop(crop, self.height, self.width), self.targets[index]
+
+
+def extract(crops: list[Crop], out: torch.Tensor, desc: str) -> None:
+    """Fill out[i] with crop i, decoding each source file once (rows grouped by file)."""
+    _, _, height, width = out.shape
+    by_file: dict[Path, list[int]] = defaultdict(list)
+    for i, crop in enumerate(crops):
+        by_file[crop.path].append(i)
+    for path, rows in tqdm(by_file.items(), desc=desc, unit="file", leave=False):
+        try:
+            source = FileSource(path, out.shape[1])
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e}); CSV line {crops[rows[0]].line} names it") from e
+        for i in rows:
+            out[i] = source.crop(crops[i], height, width)
+
+
+def cache_key(csv_path: Path, crops: list[Crop], height: int, width: int, channels: int) -> str:
+    """Changes whenever the CSV, any source file (size or mtime) or the crop geometry changes."""
+    digest = hashlib.sha256(json.dumps([_CACHE_FORMAT, height, width, channels]).encode())
+    digest.update(csv_path.read_bytes())
+    for path in sorted({crop.path for crop in crops}):
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def load_or_extract_cached(
+    csv_path: Path, crops: list[Crop], shape: tuple[int, int, int], cache_dir: Path
+) -> torch.Tensor:
+    """cache=disk: memory-map the cached array, or extract it once into a temp file and rename it in place."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"crops-{cache_key(csv_path, crops, *shape[1:], shape[0])}.npy"
+    if path.exists():
+        log.info("crop cache: reusing %s", path)
+    else:
+        log.info("crop cache: writing %s", path)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(crops), *shape))
+            extract(crops, torch.from_numpy(array), desc="caching crops")
+            array.flush()
+            del array
+            os.replace(tmp, path)  # atomic: a killed run leaves a stray tmp file, never a half cache
+        finally:
+            tmp.unlink(missing_ok=True)
+    # Copy-on-write mapping: writable for torch, yet nothing is ever written back to the cache file.
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+def _classes(labels: list[str]) -> list[str]:
+    """Sorted class names; integer labels sort as numbers so '10' comes after '2'."""
+    unique = set(labels)
+    if all(label.lstrip("-").isdigit() for label in unique):
+        return sorted(unique, key=int)
+    return sorted(unique)
+
+
+def _split(crops: list[Crop], targets: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Rows with a split column keep it; the rest get a seeded, class-stratified split."""
+    fixed_train = [i for i, c in enumerate(crops) if c.split == "train"]
+    fixed_val = [i for i, c in enumerate(crops) if c.split == "val"]
+    free = [i for i, c in enumerate(crops) if c.split is None]
+    train, val = fixed_train, fixed_val
+    if free:
+        free_train, free_val = split_indices([targets[i] for i in free], val_fraction, seed)
+        train = sorted(train + [free[i] for i in free_train])
+        val = sorted(val + [free[i] for i in free_val])
+    if not train or not val:
+        raise UserError(
+            f"the crop CSV gives {len(train)} training and {len(val)} validation rows: "
+            "mark some rows split=val (and train), or leave the split column empty for a seeded split"
+        )
+    return train, val
+
+
+def build(
+    csv: str | None,
+    root: str | None,
+    width: int,
+    height: int,
+    channels: int,
+    cache: str,
+    cache_dir: str | None,
+    val_fraction: float,
+    mean: list[float],
+    std: list[float],
+    seed: int,
+) -> DataBundle:
+    if channels not in (1, 3):
+        raise UserError(f"dataset.channels must be 1 or 3, got {channels}")
+    if cache not in CACHE_MODES:
+        raise UserError(f"dataset.cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    if width <= 0 or height <= 0:
+        raise UserError(f"dataset.width and dataset.height must be positive, got {width}x{height}")
+    if csv is None:
+        csv_path = demo.ensure_demo()
+        root = None
+    else:
+        csv_path = Path(csv)
+    crops = read_crops(csv_path, root)
+    classes = _classes([c.label for c in crops])
+    class_index = {name: i for i, name in enumerate(classes)}
+    targets = [class_index[c.label] for c in crops]
+    train, val = _split(crops, targets, val_fraction, seed)
+    shape = (channels, height, width)
+
+    if cache == "none":
+        def subset(rows):
+            return LazyCrops([crops[i] for i in rows], [targets[i] for i in rows], height, width, channels)
+
+        train_set, val_set = subset(train), subset(val)
+    else:
+        started = time.perf_counter()
+        if cache == "memory":
+            check_fits_in_memory(len(crops) * int(np.prod(shape)), f"{csv_path} at {width}x{height}x{channels}")
+            images = torch.empty((len(crops), *shape), dtype=torch.uint8)
+            extract(crops, images, desc="decoding crops")
+        else:
+            images = load_or_extract_cached(csv_path, crops, shape, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
+        log.info("crops: %d x %s uint8 (%.1f MiB) ready in %.2f s", len(crops), shape,
+                 images.numel() / 2**20, time.perf_counter() - started)
+        store = ArrayStore(images, torch.tensor(targets))
+        train_set, val_set = InMemoryDataset(store, train), InMemoryDataset(store, val)
+
+    return DataBundle(
+        train=train_set,
+        val=val_set,
+        classes=classes,
+        input_shape=shape,
+        mean=per_channel(mean, channels, "dataset.mean"),
+        std=per_channel(std, channels, "dataset.std"),
+    )

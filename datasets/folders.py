@@ -1,0 +1,94 @@
+"""torchvision's ImageFolder and DatasetFolder: one class per subfolder, items resized to width x height.
+
+A root with train/ and val/ subfolders uses them as the splits; otherwise one folder is split by a
+seeded, class-stratified draw of dataset.val_fraction. cache=memory decodes every file once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets as tv
+
+from datasets.base import DataBundle, materialize, per_channel, split_indices
+from datasets.transforms import LoadItem
+from errors import UserError
+
+FOLDER_CACHE_MODES = ("none", "memory")
+
+
+class _VisibleClassesMixin:
+    """Hidden folders (.git, .ipynb_checkpoints) are not classes."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise UserError(f"{directory}: no class subfolders; put each class's files in a folder named after it")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
+class ImageFolder(_VisibleClassesMixin, tv.ImageFolder):
+    pass
+
+
+class DatasetFolder(_VisibleClassesMixin, tv.DatasetFolder):
+    pass
+
+
+def _open(make, root: Path) -> tv.DatasetFolder:
+    if not root.is_dir():
+        raise UserError(f"dataset.root: folder not found: {root.resolve()}")
+    try:
+        return make(str(root))
+    except FileNotFoundError as e:  # torchvision names every empty class at once
+        raise UserError(f"dataset.root {root}: {e}") from e
+
+
+def _build(make, root, width, height, channels, cache, val_fraction, mean, std, seed) -> DataBundle:
+    if channels not in (1, 3):
+        raise UserError(f"dataset.channels must be 1 or 3, got {channels}")
+    if cache not in FOLDER_CACHE_MODES:
+        raise UserError(f"dataset.cache must be one of {', '.join(FOLDER_CACHE_MODES)} for folders, got {cache!r}")
+    if root is None:
+        raise UserError("dataset.root is required: a folder with one subfolder per class")
+    root = Path(root)
+    train_set: Dataset
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train_set, val_set = _open(make, root / "train"), _open(make, root / "val")
+        if val_set.classes != train_set.classes:
+            raise UserError(
+                f"{root}: train/ has classes {train_set.classes} but val/ has {val_set.classes}; "
+                "give both the same class subfolders"
+            )
+        classes = train_set.classes
+    else:
+        full = _open(make, root)
+        train_idx, val_idx = split_indices(full.targets, val_fraction, seed)
+        train_set, val_set, classes = Subset(full, train_idx), Subset(full, val_idx), full.classes
+    shape = (channels, height, width)
+    if cache == "memory":
+        train_set = materialize(train_set, shape, f"loading {root} train")
+        val_set = materialize(val_set, shape, f"loading {root} val")
+    return DataBundle(
+        train=train_set,
+        val=val_set,
+        classes=list(classes),
+        input_shape=shape,
+        mean=per_channel(mean, channels, "dataset.mean"),
+        std=per_channel(std, channels, "dataset.std"),
+    )
+
+
+def build_imagefolder(root, width, height, channels, cache, val_fraction, mean, std, seed) -> DataBundle:
+    load = LoadItem(height, width, channels)
+    return _build(lambda d: ImageFolder(d, loader=load), root, width, height, channels, cache, val_fraction,
+                  mean, std, seed)
+
+
+def build_datasetfolder(root, extensions, width, height, channels, cache, val_fraction, mean, std, seed) -> DataBundle:
+    load = LoadItem(height, width, channels)
+    extensions = tuple(e if e.startswith(".") else f".{e}" for e in extensions)
+    return _build(lambda d: DatasetFolder(d, loader=load, extensions=extensions), root, width, height, channels,
+                  cache, val_fraction, mean, std, seed)

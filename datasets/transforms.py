@@ -1,0 +1,116 @@
+"""Decode images and arrays into the one item format every dataset yields: a uint8 tensor (C, H, W).
+
+Normalisation is not here: it runs on whole batches on the training device (training/loop.py), so the
+same uint8 data feeds every loader mode and per-item work stays at decode + crop + resize.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from errors import UserError
+
+NPY_SUFFIX = ".npy"
+# ITU-R 601-2 luma weights, the ones PIL uses for RGB -> L, so a grey .npy matches a grey PNG.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def is_array_file(path: str | Path) -> bool:
+    return str(path).lower().endswith(NPY_SUFFIX)
+
+
+def open_array(path: str | Path) -> np.ndarray:
+    """Memory-map a .npy file (pickles refused): only the rows a crop touches are read from disk."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise UserError(f"{path}: cannot load as a plain .npy array ({e}); save it with np.save and a numeric dtype")
+    if array.dtype.kind not in "biuf" or array.ndim not in (2, 3):
+        raise UserError(f"{path}: expected a numeric array (H, W) or (H, W, C), got {array.dtype} {array.shape}")
+    return array
+
+
+def load_image(path: str | Path, channels: int) -> np.ndarray:
+    """Decode an image of any PIL mode to uint8 (H, W, C) with the requested channels (1 = grey, 3 = RGB)."""
+    with Image.open(path) as img:
+        converted = img.convert("L" if channels == 1 else "RGB")
+    array = np.asarray(converted)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image or .npy array, read from its header without decoding the pixels."""
+    if is_array_file(path):
+        shape = open_array(path).shape
+        return shape[0], shape[1]
+    with Image.open(path) as img:
+        return img.height, img.width
+
+
+def uint8_scaler(array: np.ndarray):
+    """How to bring one file's values to 0..255, decided once per file so every crop of it scales alike.
+
+    uint8 stays as is; bool becomes 0/255; floats within [0, 1] are multiplied by 255; integers within
+    0..255 are cast; anything else (dB spectrograms, raw counts) is min-max scaled over the whole file.
+    """
+    if array.dtype == np.uint8:
+        return lambda a: np.asarray(a)
+    if array.dtype == np.bool_:
+        return lambda a: np.asarray(a, dtype=np.uint8) * np.uint8(255)
+    low, high = float(np.min(array)), float(np.max(array))
+    if array.dtype.kind == "f" and low >= 0.0 and high <= 1.0:
+        return lambda a: np.rint(np.asarray(a, dtype=np.float32) * 255.0).astype(np.uint8)
+    if array.dtype.kind in "iu" and low >= 0 and high <= 255:
+        return lambda a: np.asarray(a).astype(np.uint8)
+    span = (high - low) or 1.0
+    return lambda a: np.rint((np.asarray(a, dtype=np.float64) - low) * (255.0 / span)).astype(np.uint8)
+
+
+def to_channels(hwc: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (H, W, C) -> (H, W, channels): grey repeats to RGB, RGB(A) becomes luma, alpha is dropped."""
+    have = hwc.shape[2]
+    if have == channels:
+        return hwc
+    if channels == 3 and have == 1:
+        return np.repeat(hwc, 3, axis=2)
+    if channels == 3 and have == 4:
+        return hwc[:, :, :3]
+    if channels == 1 and have in (3, 4):
+        return np.rint(hwc[:, :, :3].astype(np.float32) @ _LUMA)[:, :, None].astype(np.uint8)
+    raise UserError(f"cannot turn {have} channels into {channels}: use dataset.channels=1 or 3 with 1, 3 or 4 channels")
+
+
+def array_region(array: np.ndarray, rows: slice, cols: slice, scale, channels: int) -> np.ndarray:
+    """Cut a region of a (H, W) or (H, W, C) array and return uint8 (h, w, channels)."""
+    region = scale(array[rows, cols])
+    if region.ndim == 2:
+        region = region[:, :, None]
+    return to_channels(region, channels)
+
+
+def to_tensor(hwc: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """uint8 (h, w, C) -> uint8 tensor (C, height, width); resized (bilinear, antialiased) only when needed."""
+    chw = torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1)
+    if chw.shape[1:] != (height, width):
+        chw = TF.resize(chw, [height, width], antialias=True)
+    return chw.contiguous()
+
+
+class LoadItem:
+    """A picklable per-file loader for torchvision's folder datasets: file -> uint8 (C, H, W)."""
+
+    def __init__(self, height: int, width: int, channels: int):
+        self.height, self.width, self.channels = height, width, channels
+
+    def __call__(self, path: str) -> torch.Tensor:
+        if is_array_file(path):
+            array = open_array(path)
+            hwc = array_region(array, slice(None), slice(None), uint8_scaler(array), self.channels)
+        else:
+            hwc = load_image(path, self.channels)
+        return to_tensor(hwc, self.height, self.width)

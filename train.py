@@ -1,0 +1,29 @@
+"""Train the tutorial CNN on the configured data: python train.py [dataset=crops|imagefolder|...] [key=value ...]"""
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import training
+from errors import UserError
+
+log = logging.getLogger("train")
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        metrics = training.run(cfg)
+    except UserError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s", e)
+        sys.exit(1)
+    return metrics["val/acc"]  # the value a sweeper would optimise
+
+
+if __name__ == "__main__":
+    main()

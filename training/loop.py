@@ -1,0 +1,153 @@
+"""One training epoch and one evaluation pass. No files, no logging: the runner does that.
+
+Timing is honest: the first `warmup_steps` optimizer steps of a run are left out of throughput and
+data-wait figures (allocator, cuDNN autotuning, worker start-up), CUDA is synchronised before every
+clock read that closes a window, and `.item()` runs only when a window closes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Window:
+    """What a logging window (or a whole epoch) measured."""
+
+    step: int  # global step at the end of the window
+    loss: float  # mean training loss over the window's steps
+    throughput: float | None  # samples/s, None for a window inside warm-up
+    data_wait: float | None  # fraction of the window's wall time spent waiting for the loader
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    samples: int  # timed samples (warm-up excluded)
+    seconds: float  # wall time of the timed part
+
+    @property
+    def throughput(self) -> float | None:
+        return self.samples / self.seconds if self.seconds > 0 else None
+
+
+class Normalizer:
+    """uint8 (N, C, H, W) on the device -> float32 normalised, as whole-batch ops: (x / 255 - mean) / std."""
+
+    def __init__(self, mean: Iterable[float], std: Iterable[float], device: torch.device):
+        self.mean = torch.tensor(list(mean), device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), device=device).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().div_(255.0).sub_(self.mean).div_(self.std)
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the clock must not stop while kernels are still queued
+    return time.perf_counter()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor):
+    """One optimizer step; returns the detached loss tensor (no host sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader,
+    normalize: Normalizer,
+    device: torch.device,
+    start_step: int,
+    warmup_steps: int,
+    log_every: int,
+    on_window: Callable[[Window], None],
+    on_step: Callable[[], None] = lambda: None,
+) -> EpochStats:
+    model.train()
+    step = start_step
+    epoch_loss = torch.zeros((), device=device)
+    epoch_steps = epoch_samples = 0
+    epoch_started = None
+    window_loss = torch.zeros((), device=device)
+    window_steps = window_samples = 0
+    window_wait = 0.0
+    window_started = None
+    batches = iter(loader)
+    while True:
+        timed = step >= warmup_steps
+        if timed and window_started is None:
+            window_started = _clock(device)
+            epoch_started = epoch_started or window_started
+        fetch_started = time.perf_counter()
+        try:
+            images, targets = next(batches)
+        except StopIteration:
+            break
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        waited = time.perf_counter() - fetch_started
+
+        loss = train_step(model, optimizer, normalize(images), targets)
+        step += 1
+        window_loss += loss
+        epoch_loss += loss
+        window_steps += 1
+        epoch_steps += 1
+        if timed:
+            window_wait += waited
+            window_samples += len(targets)
+            epoch_samples += len(targets)
+        on_step()
+        if window_steps == log_every:
+            window_started = _close_window(step, window_loss, window_steps, window_samples, window_wait,
+                                           window_started, device, on_window)
+            window_loss = torch.zeros((), device=device)
+            window_steps = window_samples = 0
+            window_wait = 0.0
+    if window_steps:
+        _close_window(step, window_loss, window_steps, window_samples, window_wait, window_started, device, on_window)
+    seconds = _clock(device) - epoch_started if epoch_started is not None else 0.0
+    return EpochStats(loss=(epoch_loss / max(epoch_steps, 1)).item(), samples=epoch_samples, seconds=seconds)
+
+
+def _close_window(step, loss_sum, steps, samples, wait, started, device, on_window) -> float | None:
+    """Report a window; returns the clock the next window starts from (None while in warm-up)."""
+    if started is None or samples == 0:
+        on_window(Window(step, (loss_sum / steps).item(), None, None))
+        return started
+    now = _clock(device)
+    elapsed = now - started
+    on_window(Window(step, (loss_sum / steps).item(), samples / elapsed, min(wait / elapsed, 1.0)))
+    return now
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, normalize: Normalizer, device: torch.device, num_classes: int) -> dict:
+    """Mean loss, accuracy and the confusion matrix (rows: true class, columns: predicted) over a loader."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        logits = model(normalize(images))
+        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
+        confusion += torch.bincount(targets * num_classes + logits.argmax(1), minlength=num_classes**2)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    total = int(confusion.sum())
+    return {
+        "loss": loss_sum.item() / max(total, 1),
+        "acc": confusion.diagonal().sum().item() / max(total, 1),
+        "confusion": confusion,
+    }
