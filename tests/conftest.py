@@ -1,0 +1,72 @@
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from torchvision import datasets as tv
+
+from tests import files
+
+CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Compose configs/train.yaml like train.py does, with tiny CPU settings and the run dir in tmp_path."""
+
+    def make(*overrides: str, run_dir: Path | None = None):
+        base = [
+            f"run_dir={run_dir or tmp_path / 'run'}",
+            "trainer.device=cpu",
+            "trainer.progress=false",
+            "trainer.epochs=1",
+            "trainer.log_every=2",
+            "trainer.warmup_steps=1",
+        ]
+        if _is_crops(overrides):  # keep disk caches out of the project folder
+            base.append(f"dataset.cache_dir={tmp_path / 'cache'}")
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            return compose(config_name="train", overrides=[*base, *overrides])
+
+    return make
+
+
+def _is_crops(overrides) -> bool:
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("dataset=")]
+    return not chosen or chosen[-1] == "crops"
+
+
+@pytest.fixture
+def crop_csv(tmp_path):
+    """A small learnable crop set: 4 PNG scenes (2 classes by brightness) with 16 boxes each."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "crops"
+    rows = []
+    for n in range(4):
+        scene = rng.integers(0, 60, size=(64, 64, 3), dtype=np.uint8)
+        for i in range(16):
+            y, x = divmod(i, 4)
+            label = "bright" if (i + n) % 2 else "dark"
+            if label == "bright":
+                scene[y * 16 : y * 16 + 16, x * 16 : x * 16 + 16] += 150
+            rows.append([f"scene{n}.png", x * 16, y * 16, x * 16 + 16, y * 16 + 16, label])
+        files.write_png(root / f"scene{n}.png", scene)
+    path = root / "crops.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "x0", "y0", "x1", "y1", "label"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def cifar_root(tmp_path, monkeypatch):
+    """CIFAR-10 files in the real pickle layout; torchvision's expected MD5s are pointed at them, since
+    the published sums can only match the published files."""
+    root = tmp_path / "cifar"
+    sums = files.write_cifar10(root)
+    monkeypatch.setattr(tv.CIFAR10, "train_list", [[f"data_batch_{i}", sums[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(tv.CIFAR10, "test_list", [["test_batch", sums["test_batch"]]])
+    monkeypatch.setattr(tv.CIFAR10, "meta", {**tv.CIFAR10.meta, "md5": sums["batches.meta"]})
+    return root

@@ -1,0 +1,63 @@
+"""Writers for the real files tests train on: PNG images, .npy arrays, crop CSVs, CIFAR-10's pickles."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def random_image(rng: np.random.Generator, height: int, width: int, channels: int = 3) -> np.ndarray:
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array)
+    if mode is not None:
+        image = image.convert(mode)
+    image.save(path)
+    return path
+
+
+def write_npy(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, array)
+    return path
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_cifar10(root: Path, per_batch: int = 20, test_size: int = 20, seed: int = 0) -> dict:
+    """CIFAR-10's python layout: cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}, each a pickle
+    with b"data" (N, 3072) uint8 rows (channel-major) and b"labels". Returns the MD5 of each file, since
+    torchvision checks them against the published ones."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    sums = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = test_size if name == "test_batch" else per_batch
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [int(v) for v in rng.integers(0, 10, size=n)],
+            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+        sums[name] = md5(folder / name)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_cases_per_batch": per_batch,
+                     b"num_vis": 3072}, f, protocol=2)
+    sums["batches.meta"] = md5(folder / "batches.meta")
+    return sums

@@ -1,0 +1,110 @@
+"""Whole runs: through Hydra's compose API (in process) and through `python train.py` (a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import training
+from errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALARS = {"train/loss", "train/throughput", "train/data_wait", "val/loss", "val/acc"}
+
+
+def scalars(run_dir: Path) -> dict:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_run_writes_outputs_and_tensorboard_scalars(make_cfg, crop_csv, tmp_path):
+    cfg = make_cfg(f"dataset.csv={crop_csv}", "trainer.epochs=2", "loader.batch_size=8")
+    metrics = training.run(cfg)
+    run_dir = Path(cfg.run_dir)
+    for name in ("config.yaml", "classes.json", "metrics.json", "train.log"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "classes.json").read_text()) == ["bright", "dark"]
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert SCALARS | {"val/acc_best", "data/prep_seconds", "world_size"} <= set(metrics)
+    logged = scalars(run_dir)
+    assert SCALARS <= set(logged)
+    # 64 crops, 20% of each class held out: 52 train = 7 batches of 8 per epoch; validation at each epoch's end.
+    assert [step for step, _ in logged["val/acc"]] == [7, 14]
+    assert logged["val/acc"][-1][1] == pytest.approx(metrics["val/acc"])
+    assert all(0.0 <= value <= 1.0 for _, value in logged["train/data_wait"])
+    assert all(value > 0 for _, value in logged["train/throughput"])
+
+
+def test_default_demo_run_learns(make_cfg, tmp_path):
+    """The bundled demo with every default as a user gets it: >= 90% validation accuracy."""
+    with_defaults = make_cfg("trainer.epochs=10", "trainer.log_every=20", "trainer.warmup_steps=5")
+    metrics = training.run(with_defaults)
+    assert metrics["val/acc"] >= 0.9
+
+
+def test_same_seed_same_result(make_cfg, crop_csv, tmp_path):
+    first = training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=tmp_path / "a"))
+    second = training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=tmp_path / "b"))
+    assert first["val/loss"] == second["val/loss"]
+    assert first["train/loss"] == second["train/loss"]
+
+
+def test_cuda_without_cuda_fails_at_start(make_cfg, crop_csv):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        training.run(make_cfg(f"dataset.csv={crop_csv}", "trainer.device=cuda"))
+
+
+def test_train_py_crop_size_override(crop_csv, tmp_path):
+    result = train_py(f"dataset.csv={crop_csv}", "dataset.width=48", "dataset.height=24", "loader.batch_size=4",
+                      "trainer.progress=false", "trainer.device=cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    config = (run_dir / "config.yaml").read_text()
+    assert "width: 48" in config and "height: 24" in config
+    assert SCALARS <= set(scalars(run_dir))
+
+
+def test_train_py_user_error_is_one_line(crop_csv, tmp_path):
+    result = train_py(f"dataset.csv={crop_csv}", "dataset.width=8", "trainer.progress=false", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "at least 16" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("dataset=nope", "Available options"),  # Hydra lists the dataset choices
+        ("dataset.widht=40", "widht"),  # typo'd key fails at composition
+    ],
+)
+def test_train_py_bad_config_fails_at_composition(override, expected, tmp_path):
+    result = train_py(override, cwd=tmp_path)
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_train_py_help_lists_groups_and_cfg_prints_config(tmp_path):
+    help_text = train_py("--help", cwd=tmp_path).stdout
+    for group in ("dataset", "model", "loader", "optim", "trainer", "experiment"):
+        assert f"{group}:" in help_text
+    assert "crops, datasetfolder, imagefolder, cifar10" in help_text or "cifar10" in help_text
+    job = train_py("--cfg", "job", "dataset.width=40", cwd=tmp_path).stdout
+    assert "width: 40" in job and "_target_: datasets.crops.build" in job
