@@ -94,8 +94,8 @@ def split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tupl
     train, val = [], []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
-        # At least one validation item per class, and at least one training item where there are two or more.
-        n_val = min(max(1, round(len(members) * val_fraction)), max(len(members) - 1, 1))
+        # A class with one item trains on it; otherwise at least one item on each side.
+        n_val = 0 if len(members) == 1 else min(max(1, round(len(members) * val_fraction)), len(members) - 1)
         val.append(members[:n_val])
         train.append(members[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

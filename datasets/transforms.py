@@ -39,7 +39,7 @@ def load_image(path: str | Path, channels: int) -> np.ndarray:
     """Decode an image of any PIL mode to uint8 (H, W, C) with the requested channels (1 = grey, 3 = RGB)."""
     with Image.open(path) as img:
         converted = img.convert("L" if channels == 1 else "RGB")
-    array = np.asarray(converted)
+    array = np.array(converted)  # a writable copy: torch refuses to share read-only buffers
     return array[:, :, None] if array.ndim == 2 else array
 
 
@@ -95,6 +95,8 @@ def array_region(array: np.ndarray, rows: slice, cols: slice, scale, channels: i
 
 def to_tensor(hwc: np.ndarray, height: int, width: int) -> torch.Tensor:
     """uint8 (h, w, C) -> uint8 tensor (C, height, width); resized (bilinear, antialiased) only when needed."""
+    if not hwc.flags.writeable:  # a slice of a read-only .npy map: torch will not share that buffer
+        hwc = hwc.copy()
     chw = torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1)
     if chw.shape[1:] != (height, width):
         chw = TF.resize(chw, [height, width], antialias=True)

@@ -24,17 +24,10 @@ def make_cfg(tmp_path):
             "trainer.log_every=2",
             "trainer.warmup_steps=1",
         ]
-        if _is_crops(overrides):  # keep disk caches out of the project folder
-            base.append(f"dataset.cache_dir={tmp_path / 'cache'}")
         with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
             return compose(config_name="train", overrides=[*base, *overrides])
 
     return make
-
-
-def _is_crops(overrides) -> bool:
-    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("dataset=")]
-    return not chosen or chosen[-1] == "crops"
 
 
 @pytest.fixture

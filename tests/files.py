@@ -37,9 +37,13 @@ def md5(path: Path) -> str:
 
 
 def write_cifar10(root: Path, per_batch: int = 20, test_size: int = 20, seed: int = 0) -> dict:
-    """CIFAR-10's python layout: cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}, each a pickle
-    with b"data" (N, 3072) uint8 rows (channel-major) and b"labels". Returns the MD5 of each file, since
-    torchvision checks them against the published ones."""
+    """CIFAR-10's python layout: cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}.
+
+    The published files are Python 2 pickles that torchvision reads with encoding="latin1", which turns
+    their keys and names into str: "data" (N, 3072) uint8 rows, channel-major (1024 R, 1024 G, 1024 B),
+    and "labels". Written here with str keys, they load into exactly that. Returns each file's MD5, since
+    torchvision checks them against the published ones.
+    """
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
@@ -48,16 +52,15 @@ def write_cifar10(root: Path, per_batch: int = 20, test_size: int = 20, seed: in
     for name in names:
         n = test_size if name == "test_batch" else per_batch
         batch = {
-            b"batch_label": name.encode(),
-            b"labels": [int(v) for v in rng.integers(0, 10, size=n)],
-            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
+            "batch_label": name,
+            "labels": [int(v) for v in rng.integers(0, 10, size=n)],
+            "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            "filenames": [f"{name}_{i}.png" for i in range(n)],
         }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
         sums[name] = md5(folder / name)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_cases_per_batch": per_batch,
-                     b"num_vis": 3072}, f, protocol=2)
+        pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
     sums["batches.meta"] = md5(folder / "batches.meta")
     return sums
