@@ -5,6 +5,8 @@ import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import training
@@ -18,7 +20,8 @@ def main(cfg: DictConfig) -> float:
     try:
         metrics = training.run(cfg)
     except UserError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        # In a sweep, Hydra records the failed job and runs the others; exiting would end the sweep.
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         log.error("%s", e)
         sys.exit(1)

@@ -83,8 +83,10 @@ def test_train_py_crop_size_override(crop_csv, tmp_path):
 def test_train_py_user_error_is_one_line(crop_csv, tmp_path):
     result = train_py(f"dataset.csv={crop_csv}", "dataset.width=8", "trainer.progress=false", cwd=tmp_path)
     assert result.returncode == 1
-    assert "Traceback" not in result.stderr + result.stdout
-    assert "at least 16" in result.stderr + result.stdout
+    output = result.stderr + result.stdout
+    assert "Traceback" not in output and "Error in call to target" not in output
+    (error,) = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert "dataset.width and dataset.height must each be at least 16" in error
 
 
 @pytest.mark.parametrize(
@@ -108,3 +110,14 @@ def test_train_py_help_lists_groups_and_cfg_prints_config(tmp_path):
     assert "crops, datasetfolder, imagefolder, cifar10" in help_text or "cifar10" in help_text
     job = train_py("--cfg", "job", "dataset.width=40", cwd=tmp_path).stdout
     assert "width: 40" in job and "_target_: datasets.crops.build" in job
+
+
+def test_sweep_survives_a_failing_job(crop_csv, tmp_path):
+    result = train_py("-m", f"dataset.csv={crop_csv}", "dataset.width=8,24", "loader.batch_size=4",
+                      "trainer.progress=false", "trainer.device=cpu", cwd=tmp_path)
+    assert result.returncode == 1  # Hydra reports the failed job at the end
+    assert "at least 16" in result.stderr
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    assert not (sweep / "0" / "metrics.json").exists()
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["val/acc"] >= 0
+    assert SCALARS <= set(scalars(sweep / "1"))

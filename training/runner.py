@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
@@ -29,6 +30,17 @@ log = logging.getLogger(__name__)
 
 SCALARS = ("train/loss", "train/throughput", "train/data_wait", "val/loss", "val/acc")
 DATA_WAIT_WARNING = 0.2  # a window waiting more than this fraction of its time on data is starved
+
+
+def build(node: DictConfig, **runtime):
+    """hydra's instantiate, letting a UserError raised by the target reach the user as itself (Hydra wraps
+    it in a multi-line InstantiationException otherwise)."""
+    try:
+        return instantiate(node, **runtime)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,16 +115,16 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(trainer.seed)
 
     prep_started = time.perf_counter()
-    bundle: DataBundle = instantiate(cfg.dataset, seed=trainer.seed)
+    bundle: DataBundle = build(cfg.dataset, seed=trainer.seed)
     channels, height, width = bundle.input_shape
-    make_loader = instantiate(cfg.loader)
+    make_loader = build(cfg.loader)
     train_loader = make_loader(bundle.train, device=device, seed=trainer.seed, train=True)
     val_loader = make_loader(bundle.val, device=device, seed=trainer.seed, train=False)
     prep_seconds = time.perf_counter() - prep_started
 
-    model = instantiate(cfg.model, in_channels=channels, height=height, width=width,
+    model = build(cfg.model, in_channels=channels, height=height, width=width,
                         num_classes=len(bundle.classes)).to(device)
-    optimizer = instantiate(cfg.optim, params=model.parameters())
+    optimizer = build(cfg.optim, params=model.parameters())
     normalize = Normalizer(bundle.mean, bundle.std, device)
 
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
