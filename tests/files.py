@@ -46,8 +46,9 @@ def md5(path: Path) -> str:
 
 def write_cifar10(root: Path, per_batch: int = 20, test_size: int = 20, seed: int = 0) -> dict:
     """CIFAR-10's python layout: cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}, each a pickle
-    with b"data" (N, 3072) uint8 rows (channel-major) and b"labels". Returns the MD5 of each file, since
-    torchvision checks them against the published ones."""
+    with "data" (N, 3072) uint8 rows (channel-major) and "labels". Keys are str, as the published Python 2
+    pickles read with torchvision's encoding="latin1". Returns the MD5 of each file, since torchvision
+    checks them against the published ones."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,16 +57,15 @@ def write_cifar10(root: Path, per_batch: int = 20, test_size: int = 20, seed: in
     for name in names:
         n = test_size if name == "test_batch" else per_batch
         batch = {
-            b"batch_label": name.encode(),
-            b"labels": [int(v) for v in rng.integers(0, 10, size=n)],
-            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
+            "batch_label": name,
+            "labels": [int(v) for v in rng.integers(0, 10, size=n)],
+            "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            "filenames": [f"{name}_{i}.png" for i in range(n)],
         }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
         sums[name] = md5(folder / name)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_cases_per_batch": per_batch,
-                     b"num_vis": 3072}, f, protocol=2)
+        pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
     sums["batches.meta"] = md5(folder / "batches.meta")
     return sums
