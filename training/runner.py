@@ -109,7 +109,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         log.warning("skipped %d bad row(s), listed in %s", len(bundle.skipped), run_dir / "skipped_rows.txt")
     channels, height, width = bundle.input_shape
     make_loader = instantiate(cfg.loader)
-    train_loader = make_loader(bundle.train, device=device, seed=trainer.seed, train=True)
+    train_loader = make_loader(bundle.train, device=device, seed=trainer.seed, train=True, hflip=bundle.hflip)
     val_loader = make_loader(bundle.val, device=device, seed=trainer.seed, train=False)
     prep_seconds = time.perf_counter() - prep_started
 
