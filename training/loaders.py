@@ -47,7 +47,8 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
 
 def hflip_generator(seed: int, epoch: int) -> torch.Generator:
     """The CPU generator for one epoch's flip decisions, well mixed and independent of the epoch's order."""
-    state = np.random.SeedSequence([seed, epoch, _HFLIP_STREAM]).generate_state(1, dtype=np.uint64)[0]
+    # SeedSequence takes non-negative entropy only; torch accepts any seed, so fold negatives in.
+    state = np.random.SeedSequence([seed % 2**64, epoch, _HFLIP_STREAM]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -133,6 +134,7 @@ class _EpochBatches:
             images, labels = next(self.batches)
         except UserError as e:
             raise _without_worker_traceback(e) from e
+        # A flipped batch is a new tensor: with pin_memory its copy to CUDA is no longer asynchronous.
         return (images if self.flips is None else random_hflip(images, self.flips)), labels
 
 
