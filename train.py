@@ -5,6 +5,7 @@ import os
 import sys
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 import training
@@ -17,10 +18,12 @@ log = logging.getLogger("train")
 def main(cfg: DictConfig) -> float:
     try:
         metrics = training.run(cfg)
-    except UserError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except (UserError, InstantiationException) as e:
+        # instantiate wraps whatever a target raises, so a dataset's or model's UserError arrives as the cause.
+        error = e.__cause__ if isinstance(e, InstantiationException) else e
+        if not isinstance(error, UserError) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("%s", e)
+        log.error("%s", error)
         sys.exit(1)
     return metrics["val/acc"]  # the value a sweeper would optimise
 

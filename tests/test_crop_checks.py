@@ -13,6 +13,7 @@ from datasets.crop_csv import read_crops
 from datasets.crops import extract
 from errors import UserError
 from tests import files
+from tests.test_train import train_py
 
 HEADER = ["path", "x0", "y0", "x1", "y1", "label"]
 
@@ -141,3 +142,14 @@ def test_object_npy_is_refused_without_unpickling(tmp_path):
     with pytest.raises(UserError, match=r"line 2: .*hostile\.npy.*object arrays are refused"):
         read_crops(csv_path)
     assert not marker.exists()
+
+
+def test_train_py_prints_the_bad_rows_as_lines(tmp_path):
+    """The dataset is built by Hydra's instantiate, which wraps the UserError: train.py still prints it plainly."""
+    csv_path = write_csv(tmp_path / "crops.csv", [["gone.png", 0, 0, 4, 4, "a"], ["gone.png", 0, 0, 4, 4, ""]])
+    result = train_py(f"dataset.csv={csv_path}", "trainer.device=cpu", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in output and "Error in call to target" not in output
+    assert "2 bad row(s)" in output
+    assert "\n  line 2: " in output and "\n  line 3: gone.png: label is blank" in output
