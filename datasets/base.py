@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from errors import UserError
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "disk")
+MAX_REPORTED = 20  # problems listed in one error; the rest are counted
 
 
 @dataclass
@@ -29,6 +30,8 @@ class DataBundle:
     input_shape: tuple[int, int, int]  # (C, H, W) of every item
     mean: tuple[float, ...]  # per channel, in [0, 1] units (applied after dividing by 255)
     std: tuple[float, ...]
+    hflip: bool = False  # the loader mirrors a seeded random half of each training batch (training/loaders.py)
+    skipped: list[str] = field(default_factory=list)  # bad rows left out (dataset.on_bad_rows=skip), one per line
 
 
 class ArrayStore:
@@ -85,10 +88,31 @@ def per_channel(values: Sequence[float], channels: int, key: str) -> tuple[float
     return values
 
 
-def split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded split, stratified by class so small classes appear in both parts; returns sorted indices."""
+def problem_list(problems: Sequence[str]) -> str:
+    """Every problem on its own indented line, the first MAX_REPORTED of them, then how many more."""
+    shown = "\n  ".join(problems[:MAX_REPORTED])
+    more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+    return f"\n  {shown}{more}"
+
+
+def check_val_fraction(val_fraction: float) -> None:
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"dataset.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+
+
+def check_image_keys(width: int, height: int, channels: int, val_fraction: float) -> None:
+    """The keys every file-based family shares, checked before any file is opened."""
+    if channels not in (1, 3):
+        raise UserError(f"dataset.channels must be 1 or 3, got {channels}")
+    if width <= 0 or height <= 0:
+        raise UserError(f"dataset.width and dataset.height must be positive, got {width}x{height}")
+    # Checked even when the data brings its own split, so a typo never waits for the data that would use it.
+    check_val_fraction(val_fraction)
+
+
+def split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split, stratified by class so small classes appear in both parts; returns sorted indices."""
+    check_val_fraction(val_fraction)
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     train, val = [], []

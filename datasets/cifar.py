@@ -6,8 +6,11 @@ torchvision already holds all 60k images in memory as uint8 (N, 32, 32, 3): we v
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torchvision import datasets as tv
+from torchvision.datasets.utils import check_integrity
 
 from datasets.base import ArrayStore, DataBundle, InMemoryDataset, per_channel
 from errors import UserError
@@ -15,12 +18,27 @@ from errors import UserError
 LAYOUT = "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}"
 
 
+def _bad_files(root: str) -> list[str]:
+    """Which of CIFAR10's files are missing or fail their MD5: torchvision's message does not say."""
+    folder = Path(root) / tv.CIFAR10.base_folder
+    expected = [*tv.CIFAR10.train_list, *tv.CIFAR10.test_list, [tv.CIFAR10.meta["filename"], tv.CIFAR10.meta["md5"]]]
+    bad = []
+    for name, md5 in expected:
+        if not (folder / name).is_file():
+            bad.append(f"{name} missing")
+        elif not check_integrity(str(folder / name), md5):
+            bad.append(f"{name} corrupt (MD5 mismatch)")
+    return bad
+
+
 def _split(root: str, train: bool, download: bool) -> tuple[InMemoryDataset, list[str]]:
     try:
         data = tv.CIFAR10(root, train=train, download=download)
     except RuntimeError as e:
         hint = "set dataset.download=true to fetch it" if not download else "check the files or delete them and retry"
-        raise UserError(f"CIFAR10 at {root}: {e} (expected {root}/{LAYOUT}); {hint}") from e
+        bad = _bad_files(root)
+        which = f" [{', '.join(bad)}]" if bad else ""
+        raise UserError(f"CIFAR10 at {root}: {e}{which} (expected {root}/{LAYOUT}); {hint}") from e
     except OSError as e:  # a download that cannot reach the server
         raise UserError(
             f"CIFAR10: could not download to {root} ({e}); place {tv.CIFAR10.filename} there or its "
@@ -30,7 +48,7 @@ def _split(root: str, train: bool, download: bool) -> tuple[InMemoryDataset, lis
     return InMemoryDataset(ArrayStore(images, torch.tensor(data.targets))), list(data.classes)
 
 
-def build(root: str, download: bool, mean: list[float], std: list[float], seed: int) -> DataBundle:
+def build(root: str, download: bool, mean: list[float], std: list[float], seed: int, hflip: bool = False) -> DataBundle:
     """`seed` is accepted like every family's, and unused: CIFAR10's splits are fixed."""
     train, classes = _split(root, True, download)
     val, _ = _split(root, False, False)  # the first call downloaded everything if asked to
@@ -41,4 +59,5 @@ def build(root: str, download: bool, mean: list[float], std: list[float], seed: 
         input_shape=(3, 32, 32),
         mean=per_channel(mean, 3, "dataset.mean"),
         std=per_channel(std, 3, "dataset.std"),
+        hflip=hflip,
     )

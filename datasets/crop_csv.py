@@ -4,7 +4,7 @@ Box form:   path,x0,y0,x1,y1,label[,split]   half-open pixel ranges; x is the co
 Strip form: path,start,end,label[,split]     columns [start, end) over the full height.
 
 Every row is checked before any pixel is decoded (sizes come from file headers), and all problems are
-reported at once, each with its CSV line number.
+reported at once, each with its CSV line number; or, with on_bad_rows=skip, left out and handed back.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.transforms import image_size
+from datasets.base import problem_list
+from datasets.transforms import DECODE_ERRORS, image_size
 from errors import UserError
 
 BOX_COLUMNS = ("path", "x0", "y0", "x1", "y1", "label")
 STRIP_COLUMNS = ("path", "start", "end", "label")
 SPLITS = ("train", "val")
-MAX_REPORTED = 20
+BAD_ROW_POLICIES = ("error", "skip")
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,15 @@ class Crop:
 
 def _form(header: list[str], csv_path: Path) -> tuple[str, ...]:
     columns = set(header)
-    if set(BOX_COLUMNS) <= columns:
-        return BOX_COLUMNS
-    if set(STRIP_COLUMNS) <= columns:
-        return STRIP_COLUMNS
+    for form in (BOX_COLUMNS, STRIP_COLUMNS):
+        if set(form) <= columns:
+            return form
+    # Name what is missing from the form the header is closest to: start/end mean strip form.
+    closest = STRIP_COLUMNS if {"start", "end"} & columns else BOX_COLUMNS
+    missing = [c for c in closest if c not in columns]
     raise UserError(
-        f"{csv_path}: header {','.join(header)!r} is neither box form ({','.join(BOX_COLUMNS)}[,split]) "
-        f"nor strip form ({','.join(STRIP_COLUMNS)}[,split])"
+        f"{csv_path}: missing column(s) {', '.join(missing)} (header is {','.join(header)!r}); "
+        f"box form is {','.join(BOX_COLUMNS)}[,split], strip form is {','.join(STRIP_COLUMNS)}[,split]"
     )
 
 
@@ -55,14 +58,14 @@ def _int(text: str, column: str) -> int:
         value = float(text)
     except ValueError:
         raise ValueError(f"{column}={text!r} is not an integer") from None
-    if math.isnan(value) or value != int(value):
+    if not math.isfinite(value) or value != int(value):  # NaN and inf included
         raise ValueError(f"{column}={text!r} is not an integer")
     if value < 0:
         raise ValueError(f"{column}={text!r} is negative")
     return int(value)
 
 
-def _parse_row(record: dict[str, str], form: tuple[str, ...], root: Path, line: int) -> Crop:
+def _parse_row(record: dict[str, str], form: tuple[str, ...], root: Path, line: int, allow_outside_root: bool) -> Crop:
     text = {k: (record.get(k) or "").strip() for k in (*form, "split")}
     if not text["path"]:
         raise ValueError("path is blank")
@@ -80,11 +83,28 @@ def _parse_row(record: dict[str, str], form: tuple[str, ...], root: Path, line: 
         y0, y1 = 0, None
         if x1 <= x0:
             raise ValueError(f"empty strip: need start < end, got {x0}..{x1}")
-    return Crop(line, root / text["path"], x0, y0, x1, y1, text["label"], split)
+    path = root / text["path"]
+    # A CSV from elsewhere must not make the trainer read any file it names ("../", absolute, symlinks).
+    if not allow_outside_root and not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(
+            f"resolves to {path.resolve()}, outside the root {root.resolve()}: move it under dataset.root, "
+            "point dataset.root at a folder holding it, or set dataset.allow_outside_root=true"
+        )
+    return Crop(line, path, x0, y0, x1, y1, text["label"], split)
 
 
-def read_crops(csv_path: str | Path, root: str | Path | None = None) -> list[Crop]:
-    """Parse and check every row; raise one UserError listing every bad row (capped at 20 plus a count)."""
+def read_crops(
+    csv_path: str | Path,
+    root: str | Path | None = None,
+    on_bad_rows: str = "error",
+    allow_outside_root: bool = False,
+) -> tuple[list[Crop], list[str]]:
+    """Parse and check every row; returns the good rows and, with on_bad_rows=skip, one line per bad row.
+
+    With on_bad_rows=error, one UserError lists every bad row (the first 20, then a count).
+    """
+    if on_bad_rows not in BAD_ROW_POLICIES:
+        raise UserError(f"dataset.on_bad_rows must be one of {', '.join(BAD_ROW_POLICIES)}, got {on_bad_rows!r}")
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise UserError(f"dataset.csv: file not found: {csv_path.resolve()}")
@@ -96,43 +116,47 @@ def read_crops(csv_path: str | Path, root: str | Path | None = None) -> list[Cro
         header = [h.strip() for h in reader.fieldnames or []]
         reader.fieldnames = header
         form = _form(header, csv_path)
-        crops, problems = [], []
+        parsed, problems = [], {}  # problems: CSV line -> what is wrong with that row
         for record in reader:
             try:
-                crops.append(_parse_row(record, form, root, reader.line_num))
+                parsed.append(_parse_row(record, form, root, reader.line_num, allow_outside_root))
             except ValueError as e:
-                problems.append(f"line {reader.line_num}: {record.get('path', '')}: {e}")
-    problems += _check_bounds(crops)
-    if problems:
-        shown = problems[:MAX_REPORTED]
-        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise UserError(f"{csv_path}: {len(problems)} bad row(s); fix or remove them:\n  " + "\n  ".join(shown) + more)
+                problems[reader.line_num] = f"{record.get('path') or ''}: {e}"
+    problems.update(_check_files(parsed))
+    crops = [crop for crop in parsed if crop.line not in problems]
+    bad = [f"line {line}: {problem}" for line, problem in sorted(problems.items())]
+    if bad and on_bad_rows == "error":
+        raise UserError(
+            f"{csv_path}: {len(bad)} bad row(s); fix or remove them, or set dataset.on_bad_rows=skip:"
+            + problem_list(bad)
+        )
     if not crops:
-        raise UserError(f"{csv_path}: no rows; add one row per example under the header")
-    return crops
+        raise UserError(f"{csv_path}: no usable rows; add one row per example under the header")
+    return crops, bad
 
 
-def _check_bounds(crops: Iterable[Crop]) -> list[str]:
-    """Every region must lie inside its file; sizes come from headers (PIL) or .npy shapes, not decoding."""
+def _check_files(crops: Iterable[Crop]) -> dict[int, str]:
+    """Every region must lie inside its file: CSV line -> problem. Sizes come from PIL's header read or the
+    .npy header (memory-mapped), so validating a large data set decodes no pixels."""
     sizes: dict[Path, tuple[int, int] | str] = {}
-    problems = []
+    problems = {}
     for crop in crops:
         if crop.path not in sizes:
             try:
                 sizes[crop.path] = image_size(crop.path)
             except FileNotFoundError:
                 sizes[crop.path] = "file not found"
-            except (OSError, UserError) as e:
+            except (*DECODE_ERRORS, UserError) as e:
                 sizes[crop.path] = f"unreadable ({e})"
         size = sizes[crop.path]
         if isinstance(size, str):
-            problems.append(f"line {crop.line}: {crop.path}: {size}")
+            problems[crop.line] = f"{crop.path}: {size}"
             continue
         height, width = size
         y1 = height if crop.y1 is None else crop.y1
         if crop.x1 > width or y1 > height:
-            problems.append(
-                f"line {crop.line}: {crop.path}: region x {crop.x0}..{crop.x1}, y {crop.y0}..{y1} "
+            problems[crop.line] = (
+                f"{crop.path}: region x {crop.x0}..{crop.x1}, y {crop.y0}..{y1} "
                 f"is outside the {width}x{height} (width x height) file"
             )
     return problems

@@ -28,11 +28,21 @@ from datasets.base import (
     DataBundle,
     InMemoryDataset,
     check_fits_in_memory,
+    check_image_keys,
     per_channel,
+    problem_list,
     split_indices,
 )
 from datasets.crop_csv import Crop, read_crops
-from datasets.transforms import array_region, is_array_file, load_image, open_array, to_tensor, uint8_scaler
+from datasets.transforms import (
+    DECODE_ERRORS,
+    array_region,
+    is_array_file,
+    load_image,
+    open_array,
+    to_tensor,
+    uint8_scaler,
+)
 from errors import UserError
 
 log = logging.getLogger(__name__)
@@ -74,25 +84,35 @@ class LazyCrops(Dataset):
         crop = self.crops[index]
         try:
             source = FileSource(crop.path, self.channels, self._scalers.get(crop.path))
-        except OSError as e:
+        except DECODE_ERRORS as e:
             raise UserError(f"crop {index} (CSV line {crop.line}): cannot read {crop.path}: {e}") from e
         self._scalers.setdefault(crop.path, source.scale)
         return source.crop(crop, self.height, self.width), self.targets[index]
 
 
 def extract(crops: list[Crop], out: torch.Tensor, desc: str) -> None:
-    """Fill out[i] with crop i, decoding each source file once (rows grouped by file)."""
+    """Fill out[i] with crop i, decoding each source file once (rows grouped by file).
+
+    Headers were checked already; a file whose pixels fail to decode (truncated, corrupt) is listed with
+    every other such file in one error at the end.
+    """
     _, _, height, width = out.shape
     by_file: dict[Path, list[int]] = defaultdict(list)
     for i, crop in enumerate(crops):
         by_file[crop.path].append(i)
+    unreadable = []
     for path, rows in tqdm(by_file.items(), desc=desc, unit="file", leave=False):
         try:
             source = FileSource(path, out.shape[1])
-        except OSError as e:
-            raise UserError(f"{path}: cannot read ({e}); CSV line {crops[rows[0]].line} names it") from e
+        except DECODE_ERRORS as e:
+            unreadable.append(f"{path}: {e} (CSV line(s) {', '.join(str(crops[i].line) for i in rows[:5])}"
+                              f"{', ...' if len(rows) > 5 else ''})")
+            continue
         for i in rows:
             out[i] = source.crop(crops[i], height, width)
+    if unreadable:
+        raise UserError(f"{len(unreadable)} file(s) cannot be decoded; replace them or remove their rows:"
+                        + problem_list(unreadable))
 
 
 def cache_key(csv_path: Path, crops: list[Crop], height: int, width: int, channels: int) -> str:
@@ -166,19 +186,19 @@ def build(
     mean: list[float],
     std: list[float],
     seed: int,
+    on_bad_rows: str = "error",
+    allow_outside_root: bool = False,
+    hflip: bool = False,
 ) -> DataBundle:
-    if channels not in (1, 3):
-        raise UserError(f"dataset.channels must be 1 or 3, got {channels}")
+    check_image_keys(width, height, channels, val_fraction)
     if cache not in CACHE_MODES:
         raise UserError(f"dataset.cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
-    if width <= 0 or height <= 0:
-        raise UserError(f"dataset.width and dataset.height must be positive, got {width}x{height}")
     if csv is None:
         csv_path = demo.ensure_demo()
         root = None
     else:
         csv_path = Path(csv)
-    crops = read_crops(csv_path, root)
+    crops, skipped = read_crops(csv_path, root, on_bad_rows, allow_outside_root)
     classes = _classes([c.label for c in crops])
     class_index = {name: i for i, name in enumerate(classes)}
     targets = [class_index[c.label] for c in crops]
@@ -210,4 +230,6 @@ def build(
         input_shape=shape,
         mean=per_channel(mean, channels, "dataset.mean"),
         std=per_channel(std, channels, "dataset.std"),
+        hflip=hflip,
+        skipped=skipped,
     )

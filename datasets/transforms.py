@@ -18,6 +18,10 @@ from errors import UserError
 NPY_SUFFIX = ".npy"
 # ITU-R 601-2 luma weights, the ones PIL uses for RGB -> L, so a grey .npy matches a grey PNG.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# What a missing, broken or hostile file raises while being opened or decoded: PIL raises OSError (truncated,
+# unidentified), SyntaxError (broken PNG chunks) or DecompressionBombError; numpy raises ValueError (bad
+# header, pickles, a file shorter than its header says).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def is_array_file(path: str | Path) -> bool:
@@ -25,11 +29,17 @@ def is_array_file(path: str | Path) -> bool:
 
 
 def open_array(path: str | Path) -> np.ndarray:
-    """Memory-map a .npy file (pickles refused): only the rows a crop touches are read from disk."""
+    """Memory-map a .npy file: only the rows a crop touches are read from disk.
+
+    allow_pickle=False: loading a pickle runs code the file chooses, so object arrays are refused unread.
+    """
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
-        raise UserError(f"{path}: cannot load as a plain .npy array ({e}); save it with np.save and a numeric dtype")
+        raise UserError(
+            f"{path}: cannot load as a plain .npy array ({e}); pickled and object arrays are refused: "
+            "save a numeric array with np.save"
+        ) from e
     if array.dtype.kind not in "biuf" or array.ndim not in (2, 3):
         raise UserError(f"{path}: expected a numeric array (H, W) or (H, W, C), got {array.dtype} {array.shape}")
     return array

@@ -26,6 +26,14 @@ def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
     return path
 
 
+def write_truncated_png(path: Path, height: int = 48, width: int = 64, seed: int = 0) -> Path:
+    """A PNG cut to half its bytes: the header (size) reads fine, decoding the pixels fails."""
+    write_png(path, random_image(np.random.default_rng(seed), height, width))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
 def write_npy(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, array)

@@ -7,6 +7,11 @@ dataloader  torch's DataLoader over any dataset, with workers for data decoded p
 
 Both take their order from `epoch_order`: a permutation seeded by (seed + epoch), so an epoch is
 reproducible on its own and a resumed run sees the batches an unbroken one would.
+
+Random augmentation (hflip) is done here, on whole training batches after the loader yields them, not per
+item in workers: the flip decisions come from one generator per (seed, epoch), drawn batch by batch in
+the main process. So they differ across epochs and across the batches different workers built, repeat
+exactly for a seed whatever the worker count, and are the same in both modes.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -21,6 +27,8 @@ from datasets.base import InMemoryDataset
 from errors import UserError
 
 MODES = ("auto", "device", "dataloader")
+_HFLIP_STREAM = 1  # keeps the flip generator's seed apart from the order's (seed + epoch)
+_WORKER_ERROR = "Caught UserError in DataLoader worker"
 
 
 def available_cores() -> int:
@@ -37,15 +45,30 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
 
 
+def hflip_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator for one epoch's flip decisions, well mixed and independent of the epoch's order."""
+    # SeedSequence takes non-negative entropy only; torch accepts any seed, so fold negatives in.
+    state = np.random.SeedSequence([seed % 2**64, epoch, _HFLIP_STREAM]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each item of a uint8 batch (N, C, H, W) left-right with probability 1/2, as one tensor op on
+    the batch's device. Decisions are drawn on the CPU (N floats) so every device flips the same items."""
+    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device, non_blocking=True)
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
 class DeviceLoader:
     """Whole batches sliced from uint8 data that lives on the training device."""
 
     num_workers = 0
 
-    def __init__(self, dataset: InMemoryDataset, batch_size: int, shuffle: bool, device: torch.device, seed: int):
+    def __init__(self, dataset: InMemoryDataset, batch_size: int, shuffle: bool, device: torch.device, seed: int,
+                 hflip: bool = False):
         self.images, self.labels = dataset.store.on(device)
         self.indices = dataset.indices.to(device)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.batch_size, self.shuffle, self.seed, self.hflip = batch_size, shuffle, seed, hflip
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -56,9 +79,11 @@ class DeviceLoader:
 
     def __iter__(self):
         order = self.indices[epoch_order(len(self.indices), self.shuffle, self.seed, self.epoch).to(self.indices.device)]
+        flips = hflip_generator(self.seed, self.epoch)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            yield self.images[batch], self.labels[batch]
+            images = self.images[batch]
+            yield (random_hflip(images, flips) if self.hflip else images), self.labels[batch]
 
 
 class EpochSampler(Sampler[int]):
@@ -78,17 +103,48 @@ class EpochSampler(Sampler[int]):
 
 
 class EpochSeededDataLoader(DataLoader):
-    """torch's DataLoader whose order and worker seeds depend only on (seed, epoch)."""
+    """torch's DataLoader whose order, worker seeds and flips depend only on (seed, epoch)."""
 
-    def __init__(self, dataset: Dataset, seed: int, shuffle: bool, **kwargs):
-        self.seed = seed
+    def __init__(self, dataset: Dataset, seed: int, shuffle: bool, hflip: bool = False, **kwargs):
+        self.seed, self.hflip, self.epoch = seed, hflip, 0
         sampler = EpochSampler(len(dataset), shuffle, seed)
         super().__init__(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         self.sampler.set_epoch(epoch)
         # Workers' base seed is drawn from this generator when the epoch's iterator starts.
         self.generator.manual_seed(self.seed + epoch)
+
+    def __iter__(self) -> _EpochBatches:
+        return _EpochBatches(super().__iter__(), hflip_generator(self.seed, self.epoch) if self.hflip else None)
+
+
+class _EpochBatches:
+    """One epoch of a DataLoader's batches, flipped when asked; a worker's UserError comes out as one line."""
+
+    def __init__(self, batches, flips: torch.Generator | None):
+        self.batches, self.flips = batches, flips
+
+    def __iter__(self) -> _EpochBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            images, labels = next(self.batches)
+        except UserError as e:
+            raise _without_worker_traceback(e) from e
+        # A flipped batch is a new tensor: with pin_memory its copy to CUDA is no longer asynchronous.
+        return (images if self.flips is None else random_hflip(images, self.flips)), labels
+
+
+def _without_worker_traceback(error: UserError) -> UserError:
+    """torch re-raises a worker's exception with the worker's traceback as its message; a user error is
+    shown as one line, so keep only the message the worker raised."""
+    text = str(error)
+    if not text.startswith(_WORKER_ERROR):
+        return error
+    return UserError(text.rpartition("UserError: ")[2].strip())
 
 
 def resolve_workers(num_workers: int | str, dataset: Dataset) -> int:
@@ -109,6 +165,7 @@ def build_loader(
     device: torch.device,
     seed: int,
     train: bool,
+    hflip: bool = False,
     mode: str,
     batch_size: int,
     shuffle: bool,
@@ -117,12 +174,12 @@ def build_loader(
     persistent_workers: bool,
     prefetch_factor: int,
 ) -> DeviceLoader | EpochSeededDataLoader:
-    """The loader for one split; `train=False` never shuffles. Config: configs/loader/."""
+    """The loader for one split; `train=False` never shuffles nor flips. Config: configs/loader/."""
     if mode not in MODES:
         raise UserError(f"loader.mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise UserError(f"loader.batch_size must be a positive integer, got {batch_size!r}")
-    shuffle = shuffle and train
+    shuffle, hflip = shuffle and train, hflip and train
     in_memory = isinstance(dataset, InMemoryDataset)
     if mode == "device" and not in_memory:
         raise UserError(
@@ -130,11 +187,11 @@ def build_loader(
             "or use loader.mode=dataloader"
         )
     if mode == "device" or (mode == "auto" and in_memory):
-        return DeviceLoader(dataset, batch_size, shuffle, device, seed)
+        return DeviceLoader(dataset, batch_size, shuffle, device, seed, hflip)
     workers = resolve_workers(num_workers, dataset)
     if pin_memory == "auto":
         pin_memory = device.type == "cuda"
     extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return EpochSeededDataLoader(
-        dataset, seed, batch_size=batch_size, shuffle=shuffle, num_workers=workers, pin_memory=pin_memory, **extra
+        dataset, seed, shuffle, hflip, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, **extra
     )

@@ -116,9 +116,12 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
 
     prep_started = time.perf_counter()
     bundle: DataBundle = build(cfg.dataset, seed=trainer.seed)
+    if bundle.skipped:  # dataset.on_bad_rows=skip: the rows left out are kept with the run
+        (run_dir / "skipped_rows.txt").write_text("\n".join(bundle.skipped) + "\n")
+        log.warning("skipped %d bad row(s), listed in %s", len(bundle.skipped), run_dir / "skipped_rows.txt")
     channels, height, width = bundle.input_shape
     make_loader = build(cfg.loader)
-    train_loader = make_loader(bundle.train, device=device, seed=trainer.seed, train=True)
+    train_loader = make_loader(bundle.train, device=device, seed=trainer.seed, train=True, hflip=bundle.hflip)
     val_loader = make_loader(bundle.val, device=device, seed=trainer.seed, train=False)
     prep_seconds = time.perf_counter() - prep_started
 

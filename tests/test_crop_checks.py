@@ -1,0 +1,155 @@
+"""Crop CSV validation on files the tests break on purpose: every bad row named at once, before decoding."""
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import training
+from datasets.crop_csv import read_crops
+from datasets.crops import extract
+from errors import UserError
+from tests import files
+from tests.test_train import train_py
+
+HEADER = ["path", "x0", "y0", "x1", "y1", "label"]
+
+
+def write_csv(path: Path, rows, header=HEADER) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def scene_root(tmp_path):
+    """root/ with a 40x30 (width x height) PNG, a truncated PNG, a text file named .png and a 20x50 array."""
+    root = tmp_path / "root"
+    files.write_png(root / "scene.png", files.random_image(np.random.default_rng(0), 30, 40))
+    files.write_truncated_png(root / "truncated.png", height=48, width=64)
+    (root / "text.png").write_text("not an image")
+    files.write_npy(root / "strip.npy", np.zeros((20, 50), dtype=np.float32))
+    return root
+
+
+def test_every_bad_row_is_named_with_its_line_and_reason(scene_root):
+    rows = [
+        ["scene.png", 0, 0, 16, 16, "a"],  # line 2: good
+        ["gone.png", 0, 0, 16, 16, "a"],  # 3
+        ["text.png", 0, 0, 16, 16, "a"],  # 4
+        ["scene.png", 1.5, 0, 16, 16, "a"],  # 5
+        ["scene.png", -1, 0, 16, 16, "a"],  # 6
+        ["scene.png", 16, 0, 16, 16, "a"],  # 7: empty box
+        ["scene.png", 0, 0, 41, 16, "a"],  # 8: one column past the 40-wide image
+        ["scene.png", 0, 0, 16, 16, " "],  # 9
+        ["scene.png", 0, "NaN", 16, 16, "a"],  # 10
+        ["scene.png", 0, 0, "inf", 16, "a"],  # 11
+        ["strip.npy", 0, 0, 16, 21, "a"],  # 12: one row past the 20-high array
+        ["truncated.png", 0, 0, 16, 16, "b"],  # 13: its header is fine; only decoding finds the damage
+    ]
+    csv_path = write_csv(scene_root / "crops.csv", rows)
+    with pytest.raises(UserError) as caught:
+        read_crops(csv_path)
+    message = str(caught.value)
+    assert "10 bad row(s)" in message and "dataset.on_bad_rows=skip" in message
+    expected = {
+        3: "file not found",
+        4: "unreadable",
+        5: "x0='1.5' is not an integer",
+        6: "x0='-1' is negative",
+        7: "empty box",
+        8: "outside the 40x30",
+        9: "label is blank",
+        10: "y0='NaN' is not an integer",
+        11: "x1='inf' is not an integer",
+        12: "outside the 50x20",
+    }
+    lines = message.splitlines()[1:]
+    assert [int(line.split(":")[0].removeprefix("  line ")) for line in lines] == list(expected)
+    for line, (number, reason) in zip(lines, expected.items()):
+        assert reason in line, (number, line)
+    assert "truncated.png" not in message
+
+
+def test_sizes_come_from_headers_so_truncated_pixels_fail_only_at_decode(scene_root):
+    csv_path = write_csv(scene_root / "crops.csv", [["truncated.png", 0, 0, 64, 48, "a"]])
+    crops, skipped = read_crops(csv_path)  # validation read the 64x48 header without decoding the pixels
+    assert len(crops) == 1 and skipped == []
+    with pytest.raises(UserError, match=r"truncated\.png.*CSV line\(s\) 2"):
+        extract(crops, torch.empty((1, 3, 8, 8), dtype=torch.uint8), desc="test")
+
+
+def test_bad_rows_are_capped_at_20_with_a_count(scene_root):
+    csv_path = write_csv(scene_root / "crops.csv", [["gone.png", 0, 0, 4, 4, "a"]] * 25)
+    with pytest.raises(UserError) as caught:
+        read_crops(csv_path)
+    message = str(caught.value)
+    assert message.count("file not found") == 20
+    assert message.splitlines()[-1].strip() == "... and 5 more"
+
+
+def test_missing_columns_are_named(scene_root):
+    csv_path = write_csv(scene_root / "crops.csv", [["scene.png", 0, 0, 4, "a"]], header=["path", "x0", "y0", "x1", "label"])
+    with pytest.raises(UserError, match="missing column.s. y1 "):
+        read_crops(csv_path)
+
+
+def test_skip_leaves_bad_rows_out_and_the_run_lists_them(make_cfg, crop_csv, tmp_path):
+    with open(crop_csv, "a", newline="") as f:
+        csv.writer(f).writerows([["gone.png", 0, 0, 16, 16, "dark"], ["scene0.png", 0, 0, 99, 16, "dark"]])
+    cfg = make_cfg(f"dataset.csv={crop_csv}", "dataset.on_bad_rows=skip", "loader.batch_size=16")
+    training.run(cfg)
+    skipped = (Path(cfg.run_dir) / "skipped_rows.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in skipped] == ["line 66", "line 67"]
+    assert "file not found" in skipped[0] and "outside" in skipped[1]
+    assert "skipped 2 bad row(s)" in (Path(cfg.run_dir) / "train.log").read_text()
+
+
+def test_paths_outside_the_root_are_refused(tmp_path):
+    root = tmp_path / "root"
+    elsewhere = files.write_png(tmp_path / "elsewhere.png", np.zeros((16, 16, 3), dtype=np.uint8))
+    files.write_png(root / "inside.png", np.zeros((16, 16, 3), dtype=np.uint8))
+    os.symlink(elsewhere, root / "link.png")
+    rows = [[name, 0, 0, 16, 16, "a"] for name in ("inside.png", "../elsewhere.png", str(elsewhere), "link.png")]
+    csv_path = write_csv(root / "crops.csv", rows)
+    with pytest.raises(UserError) as caught:
+        read_crops(csv_path)
+    message = str(caught.value)
+    assert "3 bad row(s)" in message
+    for line in (3, 4, 5):
+        assert f"line {line}: " in message
+    assert message.count("outside the root") == 3 and "dataset.allow_outside_root=true" in message
+    crops, _ = read_crops(csv_path, allow_outside_root=True)
+    assert len(crops) == 4
+
+
+def test_object_npy_is_refused_without_unpickling(tmp_path):
+    marker = tmp_path / "pickle_ran"
+
+    class Payload:
+        def __reduce__(self):  # what a hostile file would carry: a call made when it is unpickled
+            return Path.touch, (marker,)
+
+    root = tmp_path / "root"
+    root.mkdir()
+    np.save(root / "hostile.npy", np.array([Payload()], dtype=object), allow_pickle=True)
+    csv_path = write_csv(root / "crops.csv", [["hostile.npy", 0, 0, 1, 1, "a"]])
+    with pytest.raises(UserError, match=r"line 2: .*hostile\.npy.*object arrays are refused"):
+        read_crops(csv_path)
+    assert not marker.exists()
+
+
+def test_train_py_prints_the_bad_rows_as_lines(tmp_path):
+    """The dataset is built by Hydra's instantiate, which wraps the UserError: train.py still prints it plainly."""
+    csv_path = write_csv(tmp_path / "crops.csv", [["gone.png", 0, 0, 4, 4, "a"], ["gone.png", 0, 0, 4, 4, ""]])
+    result = train_py(f"dataset.csv={csv_path}", "trainer.device=cpu", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in output and "Error in call to target" not in output
+    assert "2 bad row(s)" in output
+    assert "\n  line 2: " in output and "\n  line 3: gone.png: label is blank" in output

@@ -1,0 +1,39 @@
+"""Keys with impossible values fail up front, in one line naming the key, before any file is decoded."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.crops import build as build_crops
+from datasets.folders import build_imagefolder
+from errors import UserError
+from tests import files
+from training.loaders import build_loader
+
+KEYS = dict(width=16, height=16, channels=3, cache="memory", mean=[0.5], std=[0.5], seed=0)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1.5])
+def test_val_fraction_outside_0_1_fails_even_when_the_data_brings_its_split(tmp_path, fraction):
+    """Both data sets bring their own split, so val_fraction would never be used, and the folder's classes
+    are empty: the key is checked first anyway."""
+    files.write_png(tmp_path / "crops" / "a.png", files.random_image(np.random.default_rng(0), 16, 16))
+    csv_path = tmp_path / "crops" / "crops.csv"
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "x0", "y0", "x1", "y1", "label", "split"],
+                                 ["a.png", 0, 0, 8, 8, "x", "train"], ["a.png", 8, 8, 16, 16, "x", "val"]])
+    for split in ("train", "val"):
+        (tmp_path / "folders" / split / "x").mkdir(parents=True)
+    for build in (lambda: build_crops(str(csv_path), None, cache_dir=None, val_fraction=fraction, **KEYS),
+                  lambda: build_imagefolder(str(tmp_path / "folders"), val_fraction=fraction, **KEYS)):
+        with pytest.raises(UserError, match=f"^dataset.val_fraction must be between 0 and 1 .exclusive., got {fraction}$"):
+            build()
+
+
+@pytest.mark.parametrize("batch_size", [0, -4])
+def test_batch_size_must_be_positive(batch_size):
+    with pytest.raises(UserError, match=f"^loader.batch_size must be a positive integer, got {batch_size}$"):
+        build_loader([], device=torch.device("cpu"), seed=0, train=True, mode="auto", batch_size=batch_size,
+                     shuffle=True, num_workers=0, pin_memory=False, persistent_workers=False, prefetch_factor=2)

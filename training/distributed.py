@@ -1,0 +1,102 @@
+"""torch.distributed under torchrun: which process this is, the process group, and the few collectives we use.
+
+`torchrun --nproc_per_node=N train.py ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without them the run is a
+single process and every helper here is a no-op. Rank 0 alone writes files; every rank trains on its
+shard of each epoch's permutation, and metrics are summed across ranks before anyone logs them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Process:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def from_environment() -> Process:
+    """The process's place in a torchrun launch, read from the variables torchrun sets."""
+    return Process(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def hydra_overrides(process: Process) -> list[str]:
+    """Extra Hydra overrides for ranks other than 0: Hydra would give every process its own run dir (the
+    timestamps differ), so the others log to stdout only and keep their Hydra files out of outputs/; the
+    runner takes rank 0's run dir from rank 0."""
+    if process.is_main:
+        return []
+    scratch = tempfile.mkdtemp(prefix=f"trainer-rank{process.rank}-")
+    return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def init(process: Process, device: torch.device) -> None:
+    """Join the process group: NCCL between GPUs, gloo on CPU."""
+    if not process.distributed or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, rank=process.rank, world_size=process.world_size,
+                            device_id=device if device.type == "cuda" else None)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks, in place; returns it for chaining."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def max_(value: float, device: torch.device) -> float:
+    """The largest value over all ranks (e.g. the slowest rank's wall time)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor(value, device=device, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def from_main(value):
+    """Rank 0's value of a picklable object, on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(order: torch.Tensor, rank: int, world_size: int, pad: bool) -> torch.Tensor:
+    """This rank's part of an epoch's order, as DistributedSampler does: every world_size-th item from rank.
+
+    With pad=True (training) the order is first extended by wrapping around, so every rank takes the same
+    number of steps and DDP's gradient all-reduce never waits for a rank that has run out of data.
+    """
+    if world_size == 1:
+        return order
+    if pad and len(order) % world_size:
+        extra = world_size - len(order) % world_size
+        order = torch.cat([order, order[:extra]])
+    return order[rank::world_size]
