@@ -32,6 +32,18 @@ def make_cfg(tmp_path):
     return make
 
 
+@pytest.fixture
+def make_eval_cfg(tmp_path):
+    """Compose configs/evaluate.yaml like evaluate.py does, on the CPU, with the run dir in tmp_path."""
+
+    def make(*overrides: str, run_dir: Path | None = None):
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            return compose(config_name="evaluate",
+                           overrides=[f"run_dir={run_dir or tmp_path / 'eval'}", "device=cpu", *overrides])
+
+    return make
+
+
 def _is_crops(overrides) -> bool:
     chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("dataset=")]
     return not chosen or chosen[-1] == "crops"

@@ -1,8 +1,10 @@
 """Checkpoints: what they hold, that they load without pickled code, atomic saves, and exact resume."""
 
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -10,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import training
 from errors import UserError
 from models.cnn import TutorialCNN
+from training import checkpoint as checkpoints
 
 # 64 crops, 20% of each class held out: 52 train = 7 batches of 8 per epoch.
 STEPS_PER_EPOCH = 7
@@ -115,14 +118,10 @@ def test_resume_with_other_classes_is_a_user_error(crop_run, make_cfg, tmp_path)
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     """Nothing in today's training draws from the global generators, so the resume test cannot see them;
     augmentation would. Every generator must continue where it was saved."""
-    import random
-
-    import numpy as np
-
-    from training import checkpoint as checkpoints
-
     checkpoints.save({"rng": checkpoints.rng_state()}, tmp_path / "rng.pt")
     expected = (random.random(), np.random.rand(), torch.rand(()).item(), np.random.randn())
-    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
     checkpoints.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(()).item(), np.random.randn()) == expected
