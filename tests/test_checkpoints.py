@@ -1,7 +1,10 @@
 """Checkpoints: what they hold, that they load without pickled code, atomic saves, and exact resume."""
 
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ from errors import UserError
 from models.cnn import TutorialCNN
 from training import checkpoint as checkpoints
 
+ROOT = Path(__file__).resolve().parent.parent
 # 64 crops, 20% of each class held out: 52 train = 7 batches of 8 per epoch.
 STEPS_PER_EPOCH = 7
 # Warm-up restarts with each process, so these two differ between a resumed and an unbroken run.
@@ -107,12 +111,25 @@ def test_resume_past_the_last_epoch_is_a_user_error(crop_run, tmp_path):
         training.run(crop_run("run", "trainer.epochs=1", f"resume={tmp_path / 'run/checkpoints/last.pt'}"))
 
 
-def test_resume_with_other_classes_is_a_user_error(crop_run, make_cfg, tmp_path):
+def test_resume_after_the_classes_changed_is_a_user_error(crop_run, crop_csv, tmp_path):
     training.run(crop_run("run", "trainer.epochs=1"))
-    demo = make_cfg("trainer.epochs=2", "loader.batch_size=8", "scheduler=step",
-                    f"resume={tmp_path / 'run/checkpoints/last.pt'}")
+    crop_csv.write_text(crop_csv.read_text().replace("bright", "light"))
     with pytest.raises(UserError, match="trained on classes"):
-        training.run(demo)
+        training.run(crop_run("run", "trainer.epochs=2", f"resume={tmp_path / 'run/checkpoints/last.pt'}"))
+
+
+def test_train_py_resume_needs_only_the_checkpoint_and_epochs(crop_run, tmp_path):
+    """The checkpoint's config is the run's: no dataset, loader or scheduler overrides to repeat."""
+    training.run(crop_run("run", "trainer.epochs=1"))
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"resume={tmp_path / 'run/checkpoints/last.pt'}", "trainer.epochs=2",
+         "trainer.progress=false"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert (resumed["epoch"], resumed["step"]) == (2, 2 * STEPS_PER_EPOCH)
+    assert resumed["scheduler"]["last_epoch"] == 2
+    assert [step for step, _ in events(tmp_path / "run")["val/acc"]] == [7, 14]
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from datasets.base import DataBundle
 from errors import UserError
 from training import checkpoint as checkpoints
-from training.board import confusion_image, flatten, input_grid, write_hparams
+from training.board import confusion_image, input_grid, write_hparams
 from training.build import build_data, build_model, build_optimizer, resolve_device
 from training.loaders import available_cores
 from training.loop import Normalizer, Window, evaluate, train_one_epoch
@@ -33,8 +33,8 @@ SCALARS = ("train/loss", "train/throughput", "train/data_wait", "val/loss", "val
 DATA_WAIT_WARNING = 0.2  # a window waiting more than this fraction of its time on data is starved
 CHECKPOINT_DIR = "checkpoints"
 HPARAM_METRICS = ("val/acc", "val/loss", "val/acc_best")
-# Settings a resume is expected to change; a change to any other is logged as a warning.
-RESUME_MAY_CHANGE = {"run_dir", "resume", "trainer.epochs", "trainer.progress", "trainer.device"}
+# What a resumed run takes from its own command line; everything else comes from the checkpoint.
+FROM_COMMAND_LINE = ("resume", "trainer.epochs", "trainer.device", "trainer.progress")
 
 
 def seed_everything(seed: int) -> None:
@@ -78,41 +78,34 @@ def torch_threads(workers: int):
 
 def run(cfg: DictConfig) -> dict:
     checkpoint = checkpoints.load(cfg.resume, "resume") if cfg.resume else None
-    run_dir = _resumed_run_dir(Path(cfg.resume)) if checkpoint else None
-    run_dir = run_dir or Path(cfg.run_dir)
+    if checkpoint is not None:
+        cfg = _resumed_config(checkpoint, cfg)
+    run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_log(run_dir):
         return _run(cfg, run_dir, checkpoint)
 
 
-def _resumed_run_dir(path: Path) -> Path | None:
-    """A checkpoint inside a run's checkpoints/ folder continues that run: its events, log and checkpoints.
-    One kept elsewhere starts a new run dir."""
-    path = path.resolve()
-    return path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
+def _resumed_config(checkpoint: dict, cfg: DictConfig) -> DictConfig:
+    """The checkpoint's own config, so `resume=PATH trainer.epochs=N` alone continues that run exactly; only
+    the keys in FROM_COMMAND_LINE come from this command. A checkpoint inside a run's checkpoints/ folder
+    continues that run dir (its events, log and checkpoints); one kept elsewhere starts a new run dir."""
+    resumed = OmegaConf.create(checkpoint["config"])
+    for key in FROM_COMMAND_LINE:
+        OmegaConf.update(resumed, key, OmegaConf.select(cfg, key))
+    path = Path(cfg.resume).resolve()
+    resumed.run_dir = str(path.parent.parent if path.parent.name == CHECKPOINT_DIR else cfg.run_dir)
+    return resumed
 
 
-def _check_resumable(checkpoint: dict, cfg: DictConfig, bundle: DataBundle, scheduler) -> None:
+def _check_resumable(checkpoint: dict, cfg: DictConfig, bundle: DataBundle) -> None:
     where = f"resume={cfg.resume}"
     if checkpoint["classes"] != bundle.classes:
-        raise UserError(f"{where} was trained on classes {checkpoint['classes']} but the data has "
-                        f"{bundle.classes}: resume with the dataset overrides of that run (see its config.yaml)")
-    if tuple(checkpoint["input_shape"]) != bundle.input_shape:
-        raise UserError(f"{where} takes inputs {tuple(checkpoint['input_shape'])} (C, H, W) but the data gives "
-                        f"{bundle.input_shape}: set dataset.channels, dataset.height and dataset.width as in that run")
-    if (checkpoint["scheduler"] is None) != (scheduler is None):
-        had = "a scheduler" if checkpoint["scheduler"] is not None else "no scheduler"
-        raise UserError(f"{where} was trained with {had}: choose the same scheduler= as that run (see its config.yaml)")
+        raise UserError(f"{where} was trained on classes {checkpoint['classes']} but its data now has "
+                        f"{bundle.classes}: restore that data, or train a new run")
     if checkpoint["epoch"] >= cfg.trainer.epochs:
         raise UserError(f"{where} has already trained {checkpoint['epoch']} epochs: "
                         f"set trainer.epochs above {checkpoint['epoch']} to train further")
-    saved = flatten(checkpoint["config"])
-    current = flatten(OmegaConf.to_container(cfg, resolve=True))
-    changed = sorted(k for k in saved.keys() | current.keys()
-                     if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))
-    if changed:
-        log.warning("resuming with settings that differ from the checkpoint's run: %s",
-                    ", ".join(f"{k}={saved.get(k)!r} -> {current.get(k)!r}" for k in changed))
 
 
 def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
@@ -134,7 +127,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
 
     start_epoch, step, best_acc = 0, 0, -1.0
     if checkpoint is not None:
-        _check_resumable(checkpoint, cfg, bundle, scheduler)
+        _check_resumable(checkpoint, cfg, bundle)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None:
@@ -143,7 +136,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
         # Last, so that building the model above (which draws initial weights) does not shift the streams.
         checkpoints.restore_rng(checkpoint["rng"])
         start_epoch, step, best_acc = checkpoint["epoch"], checkpoint["step"], checkpoint["metrics"]["val/acc_best"]
-        log.info("resuming %s after epoch %d (step %d) in %s", cfg.resume, start_epoch, step, run_dir)
+        log.info("resuming %s after epoch %d (step %d) in %s with its config; from this command: %s", cfg.resume,
+                 start_epoch, step, run_dir, ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in FROM_COMMAND_LINE))
 
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / "classes.json").write_text(json.dumps(bundle.classes, indent=1))
