@@ -90,6 +90,9 @@ def _resumed_config(checkpoint: dict, cfg: DictConfig) -> DictConfig:
     """The checkpoint's own config, so `resume=PATH trainer.epochs=N` alone continues that run exactly; only
     the keys in FROM_COMMAND_LINE come from this command. A checkpoint inside a run's checkpoints/ folder
     continues that run dir (its events, log and checkpoints); one kept elsewhere starts a new run dir."""
+    if checkpoint["epoch"] >= cfg.trainer.epochs:
+        raise UserError(f"resume={cfg.resume} has already trained {checkpoint['epoch']} epochs: "
+                        f"set trainer.epochs above {checkpoint['epoch']} to train further")
     resumed = OmegaConf.create(checkpoint["config"])
     for key in FROM_COMMAND_LINE:
         OmegaConf.update(resumed, key, OmegaConf.select(cfg, key))
@@ -98,14 +101,11 @@ def _resumed_config(checkpoint: dict, cfg: DictConfig) -> DictConfig:
     return resumed
 
 
-def _check_resumable(checkpoint: dict, cfg: DictConfig, bundle: DataBundle) -> None:
-    where = f"resume={cfg.resume}"
+def _check_classes(checkpoint: dict, cfg: DictConfig, bundle: DataBundle) -> None:
+    """The same config can meet other data: a CSV or folder edited since the checkpoint was saved."""
     if checkpoint["classes"] != bundle.classes:
-        raise UserError(f"{where} was trained on classes {checkpoint['classes']} but its data now has "
+        raise UserError(f"resume={cfg.resume} was trained on classes {checkpoint['classes']} but its data now has "
                         f"{bundle.classes}: restore that data, or train a new run")
-    if checkpoint["epoch"] >= cfg.trainer.epochs:
-        raise UserError(f"{where} has already trained {checkpoint['epoch']} epochs: "
-                        f"set trainer.epochs above {checkpoint['epoch']} to train further")
 
 
 def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
@@ -127,7 +127,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
 
     start_epoch, step, best_acc = 0, 0, -1.0
     if checkpoint is not None:
-        _check_resumable(checkpoint, cfg, bundle)
+        _check_classes(checkpoint, cfg, bundle)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None:
