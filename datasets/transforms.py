@@ -105,9 +105,8 @@ def array_region(array: np.ndarray, rows: slice, cols: slice, scale, channels: i
 
 def to_tensor(hwc: np.ndarray, height: int, width: int) -> torch.Tensor:
     """uint8 (h, w, C) -> uint8 tensor (C, height, width); resized (bilinear, antialiased) only when needed."""
-    if not hwc.flags.writeable:  # a slice of a read-only .npy map: torch will not share that buffer
-        hwc = hwc.copy()
-    chw = torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1)
+    # A whole memory-mapped .npy arrives read-only; torch needs its own writable copy then, and only then.
+    chw = torch.from_numpy(np.require(hwc, requirements=["C", "W"])).permute(2, 0, 1)
     if chw.shape[1:] != (height, width):
         chw = TF.resize(chw, [height, width], antialias=True)
     return chw.contiguous()

@@ -74,6 +74,12 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.epoch = state["seed"], state["epoch"]
+
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
 
@@ -115,6 +121,15 @@ class EpochSeededDataLoader(DataLoader):
         self.sampler.set_epoch(epoch)
         # Workers' base seed is drawn from this generator when the epoch's iterator starts.
         self.generator.manual_seed(self.seed + epoch)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.sampler.epoch, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = self.sampler.seed = state["seed"]
+        self.set_epoch(state["epoch"])
+        if "generator" in state:  # absent when the checkpoint came from the device loader
+            self.generator.set_state(state["generator"])
 
     def __iter__(self) -> _EpochBatches:
         return _EpochBatches(super().__iter__(), hflip_generator(self.seed, self.epoch) if self.hflip else None)

@@ -134,7 +134,8 @@ def _close_window(step, loss_sum, steps, samples, wait, started, device, on_wind
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, normalize: Normalizer, device: torch.device, num_classes: int) -> dict:
-    """Mean loss, accuracy and the confusion matrix (rows: true class, columns: predicted) over a loader."""
+    """Mean loss, accuracy, per-class accuracy (None for a class with no items) and the confusion matrix
+    (counts; rows: true class, columns: predicted) over a loader."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
@@ -146,8 +147,10 @@ def evaluate(model: nn.Module, loader, normalize: Normalizer, device: torch.devi
         confusion += torch.bincount(targets * num_classes + logits.argmax(1), minlength=num_classes**2)
     confusion = confusion.view(num_classes, num_classes).cpu()
     total = int(confusion.sum())
+    per_class = confusion.sum(1).tolist()
     return {
         "loss": loss_sum.item() / max(total, 1),
         "acc": confusion.diagonal().sum().item() / max(total, 1),
+        "per_class_acc": [hits / n if n else None for hits, n in zip(confusion.diagonal().tolist(), per_class)],
         "confusion": confusion,
     }

@@ -1,7 +1,7 @@
 """training.run(cfg): build everything from the config, train, evaluate, log, and return the final metrics.
 
-The only module that writes files or logs: the run dir gets the resolved config, classes.json,
-TensorBoard events, train.log and metrics.json. All `instantiate` calls live here.
+The only module that writes files or logs during training: the run dir gets the resolved config,
+classes.json, TensorBoard events, train.log, metrics.json and checkpoints/{last,best}.pt.
 """
 
 from __future__ import annotations
@@ -15,50 +15,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from datasets.base import DataBundle
 from errors import UserError
+from training import checkpoint as checkpoints
+from training.board import confusion_image, input_grid, write_hparams
+from training.build import build_data, build_model, build_optimizer, resolve_device
 from training.loaders import available_cores
 from training.loop import Normalizer, Window, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
 
-SCALARS = ("train/loss", "train/throughput", "train/data_wait", "val/loss", "val/acc")
 DATA_WAIT_WARNING = 0.2  # a window waiting more than this fraction of its time on data is starved
-
-
-def build(node: DictConfig, **runtime):
-    """hydra's instantiate, letting a UserError raised by the target reach the user as itself (Hydra wraps
-    it in a multi-line InstantiationException otherwise)."""
-    try:
-        return instantiate(node, **runtime)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, UserError):
-            raise e.__cause__ from None
-        raise
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when available, else CPU. Asking for CUDA without it fails here, before any work."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"trainer.device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"trainer.device={name} but CUDA is not available here: use trainer.device=cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"trainer.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type != "cpu":
-        raise UserError(f"trainer.device={name!r} is not supported: use auto, cpu, cuda or cuda:N")
-    return device
+CHECKPOINT_DIR = "checkpoints"
+HPARAM_METRICS = ("val/acc", "val/loss", "val/acc_best")
+# What a resumed run takes from its own command line; everything else comes from the checkpoint.
+FROM_COMMAND_LINE = ("resume", "trainer.epochs", "trainer.device", "trainer.progress")
 
 
 def seed_everything(seed: int) -> None:
@@ -101,13 +76,38 @@ def torch_threads(workers: int):
 
 
 def run(cfg: DictConfig) -> dict:
+    checkpoint = checkpoints.load(cfg.resume, "resume") if cfg.resume else None
+    if checkpoint is not None:
+        cfg = _resumed_config(checkpoint, cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_log(run_dir):
-        return _run(cfg, run_dir)
+        return _run(cfg, run_dir, checkpoint)
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> dict:
+def _resumed_config(checkpoint: dict, cfg: DictConfig) -> DictConfig:
+    """The checkpoint's own config, so `resume=PATH trainer.epochs=N` alone continues that run exactly; only
+    the keys in FROM_COMMAND_LINE come from this command. A checkpoint inside a run's checkpoints/ folder
+    continues that run dir (its events, log and checkpoints); one kept elsewhere starts a new run dir."""
+    if checkpoint["epoch"] >= cfg.trainer.epochs:
+        raise UserError(f"resume={cfg.resume} has already trained {checkpoint['epoch']} epochs: "
+                        f"set trainer.epochs above {checkpoint['epoch']} to train further")
+    resumed = OmegaConf.create(checkpoint["config"])
+    for key in FROM_COMMAND_LINE:
+        OmegaConf.update(resumed, key, OmegaConf.select(cfg, key))
+    path = Path(cfg.resume).resolve()
+    resumed.run_dir = str(path.parent.parent if path.parent.name == CHECKPOINT_DIR else cfg.run_dir)
+    return resumed
+
+
+def _check_classes(checkpoint: dict, cfg: DictConfig, bundle: DataBundle) -> None:
+    """The same config can meet other data: a CSV or folder edited since the checkpoint was saved."""
+    if checkpoint["classes"] != bundle.classes:
+        raise UserError(f"resume={cfg.resume} was trained on classes {checkpoint['classes']} but its data now has "
+                        f"{bundle.classes}: restore that data, or train a new run")
+
+
+def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
     trainer = cfg.trainer
     if trainer.epochs < 1:
         raise UserError(f"trainer.epochs must be at least 1, got {trainer.epochs}")
@@ -115,20 +115,31 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(trainer.seed)
 
     prep_started = time.perf_counter()
-    bundle: DataBundle = build(cfg.dataset, seed=trainer.seed)
+    data = build_data(cfg.dataset, cfg.loader, trainer.seed, device)
+    bundle, train_loader = data.bundle, data.train_loader
     if bundle.skipped:  # dataset.on_bad_rows=skip: the rows left out are kept with the run
         (run_dir / "skipped_rows.txt").write_text("\n".join(bundle.skipped) + "\n")
         log.warning("skipped %d bad row(s), listed in %s", len(bundle.skipped), run_dir / "skipped_rows.txt")
-    channels, height, width = bundle.input_shape
-    make_loader = build(cfg.loader)
-    train_loader = make_loader(bundle.train, device=device, seed=trainer.seed, train=True, hflip=bundle.hflip)
-    val_loader = make_loader(bundle.val, device=device, seed=trainer.seed, train=False)
     prep_seconds = time.perf_counter() - prep_started
 
-    model = build(cfg.model, in_channels=channels, height=height, width=width,
-                        num_classes=len(bundle.classes)).to(device)
-    optimizer = build(cfg.optim, params=model.parameters())
+    model = build_model(cfg.model, bundle.input_shape, len(bundle.classes), device)
+    optimizer, scheduler = build_optimizer(cfg.optim, cfg.get("scheduler"), model)
     normalize = Normalizer(bundle.mean, bundle.std, device)
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    start_epoch, step, best_acc = 0, 0, -1.0
+    if checkpoint is not None:
+        _check_classes(checkpoint, cfg, bundle)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        train_loader.load_state_dict(checkpoint["loader"])
+        # Last, so that building the model above (which draws initial weights) does not shift the streams.
+        checkpoints.restore_rng(checkpoint["rng"])
+        start_epoch, step, best_acc = checkpoint["epoch"], checkpoint["step"], checkpoint["metrics"]["val/acc_best"]
+        log.info("resuming %s after epoch %d (step %d) in %s with its config; from this command: %s", cfg.resume,
+                 start_epoch, step, run_dir, ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in FROM_COMMAND_LINE))
 
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / "classes.json").write_text(json.dumps(bundle.classes, indent=1))
@@ -138,7 +149,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         type(train_loader).__name__, train_loader.num_workers, prep_seconds, device,
     )
 
-    writer = SummaryWriter(log_dir=str(run_dir))
+    # A resumed run drops whatever the interrupted one logged after its checkpoint, so no step is logged twice.
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=step + 1 if checkpoint is not None else None)
     final: dict = {}
     warned_starved = False
 
@@ -161,28 +173,66 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
                 100 * window.data_wait, window.step,
             )
 
-    step = 0
-    best_acc = -1.0
+    def log_scalars(values: dict) -> None:
+        for tag, value in values.items():
+            writer.add_scalar(tag, value, step)
+        final.update(values)
+
+    warmup_until = step + trainer.warmup_steps  # warm-up is per process: a resumed run warms up again
     with torch_threads(train_loader.num_workers):
-        for epoch in range(trainer.epochs):
+        train_loader.set_epoch(start_epoch)
+        first_images, _ = next(iter(train_loader))
+        writer.add_image("train/first_batch", input_grid(normalize(first_images.to(device)), bundle.mean, bundle.std),
+                         step)
+        for epoch in range(start_epoch, trainer.epochs):
             train_loader.set_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            epoch_started = time.perf_counter()
             with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{trainer.epochs}", unit="batch",
                       leave=False, disable=not trainer.progress) as bar:
                 stats = train_one_epoch(model, optimizer, train_loader, normalize, device, step,
-                                        trainer.warmup_steps, trainer.log_every, on_window, lambda: bar.update())
+                                        warmup_until, trainer.log_every, on_window, lambda: bar.update())
+            epoch_seconds = time.perf_counter() - epoch_started
             step += len(train_loader)
-            val = evaluate(model, val_loader, normalize, device, len(bundle.classes))
-            writer.add_scalar("val/loss", val["loss"], step)
-            writer.add_scalar("val/acc", val["acc"], step)
+            val = evaluate(model, data.val_loader, normalize, device, len(bundle.classes))
+            improved = val["acc"] > best_acc
             best_acc = max(best_acc, val["acc"])
-            final.update({"val/loss": val["loss"], "val/acc": val["acc"], "val/acc_best": best_acc})
+            log_scalars({"train/lr": lr, "train/epoch_seconds": epoch_seconds,
+                         "val/loss": val["loss"], "val/acc": val["acc"], "val/acc_best": best_acc})
+            log_scalars({f"val/acc_class/{name}": acc for name, acc in zip(bundle.classes, val["per_class_acc"])
+                         if acc is not None})
+            writer.add_image("val/confusion", confusion_image(val["confusion"], bundle.classes), step,
+                             dataformats="HWC")
             if stats.throughput is not None:
                 final["train/throughput"] = stats.throughput
+            if scheduler is not None:
+                scheduler.step()
+            checkpoint = {
+                "format": checkpoints.FORMAT,
+                "epoch": epoch + 1,  # epochs completed: a resume starts at this index
+                "step": step,
+                "model": checkpoints.unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": checkpoints.rng_state(),
+                "loader": train_loader.state_dict(),
+                "classes": bundle.classes,
+                "input_shape": list(bundle.input_shape),  # (C, H, W)
+                "channels": bundle.input_shape[0],
+                "normalization": {"mean": list(bundle.mean), "std": list(bundle.std)},
+                "metrics": {"val/loss": val["loss"], "val/acc": val["acc"], "val/acc_best": best_acc},
+                "config": config,
+            }
+            checkpoints.save(checkpoint, run_dir / CHECKPOINT_DIR / "last.pt")
+            if improved:
+                checkpoints.save(checkpoint, run_dir / CHECKPOINT_DIR / "best.pt")
             log.info(
-                "epoch %d/%d: train loss %.4f, %s samples/s | val loss %.4f, acc %.2f%%",
+                "epoch %d/%d: train loss %.4f, %s samples/s, %.1f s | val loss %.4f, acc %.2f%%%s",
                 epoch + 1, trainer.epochs, stats.loss,
-                f"{stats.throughput:.0f}" if stats.throughput else "n/a", val["loss"], 100 * val["acc"],
+                f"{stats.throughput:.0f}" if stats.throughput else "n/a", epoch_seconds,
+                val["loss"], 100 * val["acc"], " (best)" if improved else "",
             )
+    write_hparams(writer, config, {tag: final[tag] for tag in HPARAM_METRICS})
     writer.close()
 
     metrics = {**final, "data/prep_seconds": prep_seconds, "world_size": 1}

@@ -1,0 +1,144 @@
+"""Checkpoints: what they hold, that they load without pickled code, atomic saves, and exact resume."""
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import training
+from errors import UserError
+from models.cnn import TutorialCNN
+from training import checkpoint as checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+# 64 crops, 20% of each class held out: 52 train = 7 batches of 8 per epoch.
+STEPS_PER_EPOCH = 7
+# Warm-up restarts with each process, so these two differ between a resumed and an unbroken run.
+TIMING_TAGS = {"train/throughput", "train/data_wait", "train/epoch_seconds"}
+
+
+@pytest.fixture
+def crop_run(make_cfg, crop_csv, tmp_path):
+    """Compose a crop run with batch 8 and a step schedule (so the scheduler's state matters on resume)."""
+
+    def make(name: str, *overrides: str):
+        return make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=8", "scheduler=step", "scheduler.step_size=1",
+                        "scheduler.gamma=0.5", *overrides, run_dir=tmp_path / name)
+
+    return make
+
+
+def events(run_dir: Path) -> dict:
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def test_checkpoints_load_weights_only_and_hold_the_run(crop_run, tmp_path):
+    metrics = training.run(crop_run("run", "trainer.epochs=2"))
+    folder = tmp_path / "run" / "checkpoints"
+    last = torch.load(folder / "last.pt", weights_only=True)
+    best = torch.load(folder / "best.pt", weights_only=True)
+    assert (last["epoch"], last["step"]) == (2, 2 * STEPS_PER_EPOCH)
+    assert best["metrics"]["val/acc"] == metrics["val/acc_best"] == last["metrics"]["val/acc_best"]
+    for checkpoint in (last, best):
+        assert checkpoint["classes"] == ["bright", "dark"]
+        assert checkpoint["input_shape"] == [3, 32, 32] and checkpoint["channels"] == 3
+        assert checkpoint["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+        assert checkpoint["config"]["scheduler"]["_target_"] == "torch.optim.lr_scheduler.StepLR"
+        assert type(checkpoint["config"]) is dict
+        assert set(checkpoint["rng"]) == {"python", "numpy", "torch", "cuda"}
+        assert checkpoint["loader"]["seed"] == 0
+        assert checkpoint["scheduler"]["last_epoch"] == checkpoint["epoch"]
+        assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01 * 0.5 ** checkpoint["epoch"])
+        TutorialCNN(3, 32, 32, 2).load_state_dict(checkpoint["model"])  # strict: every key, every shape
+
+
+def test_failed_save_leaves_previous_checkpoint_whole(crop_run, tmp_path, monkeypatch):
+    training.run(crop_run("run", "trainer.epochs=1"))
+    folder = tmp_path / "run" / "checkpoints"
+    before = (folder / "last.pt").read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        training.run(crop_run("resumed", "trainer.epochs=2", f"resume={folder / 'last.pt'}"))
+    assert (folder / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt"]  # no temp file left behind
+    assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_resume_is_bitwise_equal_to_an_unbroken_run(crop_run, tmp_path):
+    training.run(crop_run("unbroken", "trainer.epochs=2"))
+    training.run(crop_run("broken", "trainer.epochs=1"))
+    folder = tmp_path / "broken" / "checkpoints"
+    shutil.copy(folder / "last.pt", folder / "epoch1.pt")
+    # An attempt that logged epoch 2 and then "died": its events after the checkpoint must not survive.
+    training.run(crop_run("elsewhere", "trainer.epochs=2", f"resume={folder / 'epoch1.pt'}"))
+    metrics = training.run(crop_run("elsewhere", "trainer.epochs=2", f"resume={folder / 'epoch1.pt'}"))
+
+    assert not (tmp_path / "elsewhere").exists()  # a checkpoint in a run's checkpoints/ continues that run
+    unbroken = torch.load(tmp_path / "unbroken" / "checkpoints" / "last.pt", weights_only=True)
+    resumed = torch.load(folder / "last.pt", weights_only=True)
+    assert resumed["epoch"] == unbroken["epoch"] == 2
+    for name, tensor in unbroken["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    for index, state in unbroken["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert resumed["scheduler"] == unbroken["scheduler"]
+    assert torch.equal(resumed["rng"]["torch"], unbroken["rng"]["torch"])
+
+    expected, logged = events(tmp_path / "unbroken"), events(tmp_path / "broken")
+    assert set(logged) == set(expected)
+    for tag in set(expected) - TIMING_TAGS:
+        assert logged[tag] == expected[tag], tag  # same steps, once each, in order, and the same values
+    assert metrics["val/acc_best"] == unbroken["metrics"]["val/acc_best"]
+
+
+def test_resume_past_the_last_epoch_is_a_user_error(crop_run, tmp_path):
+    training.run(crop_run("run", "trainer.epochs=1"))
+    with pytest.raises(UserError, match="trainer.epochs above 1"):
+        training.run(crop_run("run", "trainer.epochs=1", f"resume={tmp_path / 'run/checkpoints/last.pt'}"))
+
+
+def test_resume_after_the_classes_changed_is_a_user_error(crop_run, crop_csv, tmp_path):
+    training.run(crop_run("run", "trainer.epochs=1"))
+    crop_csv.write_text(crop_csv.read_text().replace("bright", "light"))
+    with pytest.raises(UserError, match="trained on classes"):
+        training.run(crop_run("run", "trainer.epochs=2", f"resume={tmp_path / 'run/checkpoints/last.pt'}"))
+
+
+def test_train_py_resume_needs_only_the_checkpoint_and_epochs(crop_run, tmp_path):
+    """The checkpoint's config is the run's: no dataset, loader or scheduler overrides to repeat."""
+    training.run(crop_run("run", "trainer.epochs=1"))
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"resume={tmp_path / 'run/checkpoints/last.pt'}", "trainer.epochs=2",
+         "trainer.progress=false"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert (resumed["epoch"], resumed["step"]) == (2, 2 * STEPS_PER_EPOCH)
+    assert resumed["scheduler"]["last_epoch"] == 2
+    assert [step for step, _ in events(tmp_path / "run")["val/acc"]] == [7, 14]
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    """Nothing in today's training draws from the global generators, so the resume test cannot see them;
+    augmentation would. Every generator must continue where it was saved."""
+    checkpoints.save({"rng": checkpoints.rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(()).item(), np.random.randn())
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    checkpoints.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(()).item(), np.random.randn()) == expected
