@@ -25,6 +25,8 @@ def main(cfg: DictConfig) -> float:
             raise
         log.error("%s", e)
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)  # the shell's code for Ctrl-C; the runner has saved last.pt and closed TensorBoard
     return metrics["val/acc"]  # the value a sweeper would optimise
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from datasets.base import DataBundle
@@ -72,7 +72,9 @@ def build_model(model_cfg: DictConfig, input_shape: tuple[int, int, int], num_cl
 
 
 def build_optimizer(optim_cfg: DictConfig, scheduler_cfg: DictConfig | None, model: nn.Module):
-    """The optimizer, and its epoch-stepped learning-rate scheduler (None for a constant rate)."""
-    optimizer = _instantiate(optim_cfg, params=model.parameters())
+    """The optimizer, and its epoch-stepped learning-rate scheduler (None for a constant rate).
+    optim.clip_grad_norm belongs to the training step, not the optimizer's constructor: it is left out."""
+    constructor_args = OmegaConf.masked_copy(optim_cfg, [k for k in optim_cfg if k != "clip_grad_norm"])
+    optimizer = _instantiate(constructor_args, params=model.parameters())
     scheduler = _instantiate(scheduler_cfg)(optimizer) if scheduler_cfg is not None else None
     return optimizer, scheduler

@@ -29,6 +29,7 @@ from errors import UserError
 MODES = ("auto", "device", "dataloader")
 _HFLIP_STREAM = 1  # keeps the flip generator's seed apart from the order's (seed + epoch)
 _WORKER_ERROR = "Caught UserError in DataLoader worker"
+_WORKER_DIED = "DataLoader worker (pid"  # torch's words for a worker killed by a signal or exited
 
 
 def available_cores() -> int:
@@ -52,6 +53,12 @@ def hflip_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def skip_flips(generator: torch.Generator, batches: int, batch_size: int) -> None:
+    """Advance the flip generator past batches a resumed epoch skips, drawing what they would have drawn."""
+    for _ in range(batches):
+        torch.rand(batch_size, generator=generator)
+
+
 def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror each item of a uint8 batch (N, C, H, W) left-right with probability 1/2, as one tensor op on
     the batch's device. Decisions are drawn on the CPU (N floats) so every device flips the same items."""
@@ -69,10 +76,12 @@ class DeviceLoader:
         self.images, self.labels = dataset.store.on(device)
         self.indices = dataset.indices.to(device)
         self.batch_size, self.shuffle, self.seed, self.hflip = batch_size, shuffle, seed, hflip
-        self.epoch = 0
+        self.epoch = self.skip_batches = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The next iteration yields this epoch's batches, less the first `skip_batches` (a run stopped
+        mid-epoch resumes where it stopped)."""
+        self.epoch, self.skip_batches = epoch, skip_batches
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch}
@@ -81,12 +90,14 @@ class DeviceLoader:
         self.seed, self.epoch = state["seed"], state["epoch"]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size)
+        return math.ceil(len(self.indices) / self.batch_size) - self.skip_batches
 
     def __iter__(self):
         order = self.indices[epoch_order(len(self.indices), self.shuffle, self.seed, self.epoch).to(self.indices.device)]
         flips = hflip_generator(self.seed, self.epoch)
-        for start in range(0, len(order), self.batch_size):
+        if self.hflip:
+            skip_flips(flips, self.skip_batches, self.batch_size)
+        for start in range(self.skip_batches * self.batch_size, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             images = self.images[batch]
             yield (random_hflip(images, flips) if self.hflip else images), self.labels[batch]
@@ -96,29 +107,30 @@ class EpochSampler(Sampler[int]):
     """Yields `epoch_order` for the epoch set last."""
 
     def __init__(self, n: int, shuffle: bool, seed: int):
-        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.n, self.shuffle, self.seed, self.epoch, self.skip = n, shuffle, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.n
+        return self.n - self.skip
 
     def __iter__(self):
-        return iter(epoch_order(self.n, self.shuffle, self.seed, self.epoch).tolist())
+        return iter(epoch_order(self.n, self.shuffle, self.seed, self.epoch)[self.skip :].tolist())
 
 
 class EpochSeededDataLoader(DataLoader):
     """torch's DataLoader whose order, worker seeds and flips depend only on (seed, epoch)."""
 
     def __init__(self, dataset: Dataset, seed: int, shuffle: bool, hflip: bool = False, **kwargs):
-        self.seed, self.hflip, self.epoch = seed, hflip, 0
+        self.seed, self.hflip, self.epoch, self.skip_batches = seed, hflip, 0, 0
         sampler = EpochSampler(len(dataset), shuffle, seed)
         super().__init__(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """As DeviceLoader.set_epoch."""
+        self.epoch, self.skip_batches = epoch, skip_batches
+        self.sampler.set_epoch(epoch, skip_batches * self.batch_size)
         # Workers' base seed is drawn from this generator when the epoch's iterator starts.
         self.generator.manual_seed(self.seed + epoch)
 
@@ -132,7 +144,11 @@ class EpochSeededDataLoader(DataLoader):
             self.generator.set_state(state["generator"])
 
     def __iter__(self) -> _EpochBatches:
-        return _EpochBatches(super().__iter__(), hflip_generator(self.seed, self.epoch) if self.hflip else None)
+        flips = None
+        if self.hflip:
+            flips = hflip_generator(self.seed, self.epoch)
+            skip_flips(flips, self.skip_batches, self.batch_size)
+        return _EpochBatches(super().__iter__(), flips)
 
 
 class _EpochBatches:
@@ -149,6 +165,14 @@ class _EpochBatches:
             images, labels = next(self.batches)
         except UserError as e:
             raise _without_worker_traceback(e) from e
+        except RuntimeError as e:
+            if _WORKER_DIED not in str(e):
+                raise
+            raise UserError(
+                f"a DataLoader worker died ({str(e).splitlines()[0].rstrip('. ')}): set loader.num_workers=0 to load "
+                "in the main process, or, if it ran out of shared memory (/dev/shm is small in containers), give it "
+                "more, e.g. docker run --shm-size=2g"
+            ) from None
         # A flipped batch is a new tensor: with pin_memory its copy to CUDA is no longer asynchronous.
         return (images if self.flips is None else random_hflip(images, self.flips)), labels
 

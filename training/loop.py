@@ -7,12 +7,15 @@ clock read that closes a window, and `.item()` runs only when a window closes.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from errors import UserError
 
 
 @dataclass
@@ -28,12 +31,18 @@ class Window:
 @dataclass
 class EpochStats:
     loss: float
+    steps: int  # optimizer steps taken in this call
     samples: int  # timed samples (warm-up excluded)
     seconds: float  # wall time of the timed part
+    interrupted: bool = False  # stopped early on request (Ctrl-C), at a step boundary
 
     @property
     def throughput(self) -> float | None:
         return self.samples / self.seconds if self.seconds > 0 else None
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite: training cannot recover, so the run stops and says where."""
 
 
 class Normalizer:
@@ -53,11 +62,14 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor):
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
+               clip_grad_norm: float | None = None):
     """One optimizer step; returns the detached loss tensor (no host sync)."""
     optimizer.zero_grad(set_to_none=True)
     loss = nn.functional.cross_entropy(model(inputs), targets)
     loss.backward()
+    if clip_grad_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     optimizer.step()
     return loss.detach()
 
@@ -73,18 +85,24 @@ def train_one_epoch(
     log_every: int,
     on_window: Callable[[Window], None],
     on_step: Callable[[], None] = lambda: None,
+    clip_grad_norm: float | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> EpochStats:
     model.train()
     step = start_step
     epoch_loss = torch.zeros((), device=device)
     epoch_steps = epoch_samples = 0
     epoch_started = None
-    window_loss = torch.zeros((), device=device)
-    window_steps = window_samples = 0
+    window_losses: list[torch.Tensor] = []  # stacked and read once per window: one host sync, exact bad step
+    window_samples = 0
     window_wait = 0.0
     window_started = None
+    interrupted = False
     batches = iter(loader)
     while True:
+        if should_stop():
+            interrupted = True
+            break
         timed = step >= warmup_steps
         if timed and window_started is None:
             window_started = _clock(device)
@@ -98,37 +116,45 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         waited = time.perf_counter() - fetch_started
 
-        loss = train_step(model, optimizer, normalize(images), targets)
+        loss = train_step(model, optimizer, normalize(images), targets, clip_grad_norm)
         step += 1
-        window_loss += loss
+        window_losses.append(loss)
         epoch_loss += loss
-        window_steps += 1
         epoch_steps += 1
         if timed:
             window_wait += waited
             window_samples += len(targets)
             epoch_samples += len(targets)
         on_step()
-        if window_steps == log_every:
-            window_started = _close_window(step, window_loss, window_steps, window_samples, window_wait,
-                                           window_started, device, on_window)
-            window_loss = torch.zeros((), device=device)
-            window_steps = window_samples = 0
+        if len(window_losses) == log_every:
+            window_started = _close_window(step, window_losses, window_samples, window_wait, window_started, device,
+                                           on_window)
+            window_losses = []
+            window_samples = 0
             window_wait = 0.0
-    if window_steps:
-        _close_window(step, window_loss, window_steps, window_samples, window_wait, window_started, device, on_window)
+    if window_losses:
+        _close_window(step, window_losses, window_samples, window_wait, window_started, device, on_window)
     seconds = _clock(device) - epoch_started if epoch_started is not None else 0.0
-    return EpochStats(loss=(epoch_loss / max(epoch_steps, 1)).item(), samples=epoch_samples, seconds=seconds)
+    return EpochStats(loss=(epoch_loss / max(epoch_steps, 1)).item(), steps=epoch_steps, samples=epoch_samples,
+                      seconds=seconds, interrupted=interrupted)
 
 
-def _close_window(step, loss_sum, steps, samples, wait, started, device, on_window) -> float | None:
-    """Report a window; returns the clock the next window starts from (None while in warm-up)."""
+def _close_window(step, losses, samples, wait, started, device, on_window) -> float | None:
+    """Check and report a window; returns the clock the next window starts from (None while in warm-up)."""
+    values = torch.stack(losses).tolist()
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(
+                f"the training loss became {value} at step {step - len(values) + offset + 1}: training stopped and "
+                "checkpoints/last.pt keeps the last good epoch; lower optim.lr or set optim.clip_grad_norm (e.g. 1.0)"
+            )
+    loss = sum(values) / len(values)
     if started is None or samples == 0:
-        on_window(Window(step, (loss_sum / steps).item(), None, None))
+        on_window(Window(step, loss, None, None))
         return started
     now = _clock(device)
     elapsed = now - started
-    on_window(Window(step, (loss_sum / steps).item(), samples / elapsed, min(wait / elapsed, 1.0)))
+    on_window(Window(step, loss, samples / elapsed, min(wait / elapsed, 1.0)))
     return now
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +28,7 @@ from training import checkpoint as checkpoints
 from training.board import confusion_image, input_grid, write_hparams
 from training.build import build_data, build_model, build_optimizer, resolve_device
 from training.loaders import available_cores
-from training.loop import Normalizer, Window, evaluate, train_one_epoch
+from training.loop import NonFiniteLoss, Normalizer, Window, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,34 @@ def run_log(run_dir: Path):
         handler.close()
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) asks the loop to stop at the next step boundary, so the run can save a consistent
+    last.pt and close TensorBoard; a second Ctrl-C interrupts at once, as usual."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+
+        def on_sigint(signum, frame):
+            self.requested = True
+            signal.signal(signal.SIGINT, previous)
+            log.warning("Ctrl-C: stopping after this step and saving checkpoints/last.pt (Ctrl-C again to abort)")
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 @contextmanager
 def torch_threads(workers: int):
     """Leave a core to each loader worker: 2 workers plus 2 torch threads oversubscribe 2 cores."""
@@ -80,6 +111,10 @@ def run(cfg: DictConfig) -> dict:
     if checkpoint is not None:
         cfg = _resumed_config(checkpoint, cfg)
     run_dir = Path(cfg.run_dir)
+    resuming_here = checkpoint is not None and Path(cfg.resume).resolve().parent == (run_dir / CHECKPOINT_DIR).resolve()
+    if not resuming_here and any((run_dir / name).exists() for name in ("metrics.json", CHECKPOINT_DIR)):
+        raise UserError(f"{run_dir} already holds another run: a run never writes into another's folder; "
+                        f"pick a new hydra.run.dir, or continue it with resume={run_dir / CHECKPOINT_DIR / 'last.pt'}")
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_log(run_dir):
         return _run(cfg, run_dir, checkpoint)
@@ -124,10 +159,11 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
 
     model = build_model(cfg.model, bundle.input_shape, len(bundle.classes), device)
     optimizer, scheduler = build_optimizer(cfg.optim, cfg.get("scheduler"), model)
+    clip_grad_norm = cfg.optim.get("clip_grad_norm")
     normalize = Normalizer(bundle.mean, bundle.std, device)
     config = OmegaConf.to_container(cfg, resolve=True)
 
-    start_epoch, step, best_acc = 0, 0, -1.0
+    start_epoch, batches_done, step, best_acc = 0, 0, 0, -1.0
     if checkpoint is not None:
         _check_classes(checkpoint, cfg, bundle)
         model.load_state_dict(checkpoint["model"])
@@ -137,7 +173,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
         train_loader.load_state_dict(checkpoint["loader"])
         # Last, so that building the model above (which draws initial weights) does not shift the streams.
         checkpoints.restore_rng(checkpoint["rng"])
-        start_epoch, step, best_acc = checkpoint["epoch"], checkpoint["step"], checkpoint["metrics"]["val/acc_best"]
+        start_epoch, batches_done, step = checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"]
+        best_acc = checkpoint["metrics"]["val/acc_best"]
         log.info("resuming %s after epoch %d (step %d) in %s with its config; from this command: %s", cfg.resume,
                  start_epoch, step, run_dir, ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in FROM_COMMAND_LINE))
 
@@ -179,61 +216,83 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
         final.update(values)
 
     warmup_until = step + trainer.warmup_steps  # warm-up is per process: a resumed run warms up again
-    with torch_threads(train_loader.num_workers):
-        train_loader.set_epoch(start_epoch)
-        first_images, _ = next(iter(train_loader))
-        writer.add_image("train/first_batch", input_grid(normalize(first_images.to(device)), bundle.mean, bundle.std),
-                         step)
-        for epoch in range(start_epoch, trainer.epochs):
-            train_loader.set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            epoch_started = time.perf_counter()
-            with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{trainer.epochs}", unit="batch",
-                      leave=False, disable=not trainer.progress) as bar:
-                stats = train_one_epoch(model, optimizer, train_loader, normalize, device, step,
-                                        warmup_until, trainer.log_every, on_window, lambda: bar.update())
-            epoch_seconds = time.perf_counter() - epoch_started
-            step += len(train_loader)
-            val = evaluate(model, data.val_loader, normalize, device, len(bundle.classes))
-            improved = val["acc"] > best_acc
-            best_acc = max(best_acc, val["acc"])
-            log_scalars({"train/lr": lr, "train/epoch_seconds": epoch_seconds,
-                         "val/loss": val["loss"], "val/acc": val["acc"], "val/acc_best": best_acc})
-            log_scalars({f"val/acc_class/{name}": acc for name, acc in zip(bundle.classes, val["per_class_acc"])
-                         if acc is not None})
-            writer.add_image("val/confusion", confusion_image(val["confusion"], bundle.classes), step,
-                             dataformats="HWC")
-            if stats.throughput is not None:
-                final["train/throughput"] = stats.throughput
-            if scheduler is not None:
-                scheduler.step()
-            checkpoint = {
-                "format": checkpoints.FORMAT,
-                "epoch": epoch + 1,  # epochs completed: a resume starts at this index
-                "step": step,
-                "model": checkpoints.unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": checkpoints.rng_state(),
-                "loader": train_loader.state_dict(),
-                "classes": bundle.classes,
-                "input_shape": list(bundle.input_shape),  # (C, H, W)
-                "channels": bundle.input_shape[0],
-                "normalization": {"mean": list(bundle.mean), "std": list(bundle.std)},
-                "metrics": {"val/loss": val["loss"], "val/acc": val["acc"], "val/acc_best": best_acc},
-                "config": config,
-            }
-            checkpoints.save(checkpoint, run_dir / CHECKPOINT_DIR / "last.pt")
-            if improved:
-                checkpoints.save(checkpoint, run_dir / CHECKPOINT_DIR / "best.pt")
-            log.info(
-                "epoch %d/%d: train loss %.4f, %s samples/s, %.1f s | val loss %.4f, acc %.2f%%%s",
-                epoch + 1, trainer.epochs, stats.loss,
-                f"{stats.throughput:.0f}" if stats.throughput else "n/a", epoch_seconds,
-                val["loss"], 100 * val["acc"], " (best)" if improved else "",
-            )
-    write_hparams(writer, config, {tag: final[tag] for tag in HPARAM_METRICS})
-    writer.close()
+    last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
+    stop = StopRequest()
+
+    def snapshot(epochs_done: int, batches_in_epoch: int) -> dict:
+        return {
+            "format": checkpoints.FORMAT,
+            "epoch": epochs_done,  # a resume starts at this epoch index...
+            "batches_done": batches_in_epoch,  # ...after this many of its batches (non-zero after Ctrl-C)
+            "step": step,
+            "model": checkpoints.unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": checkpoints.rng_state(),
+            "loader": train_loader.state_dict(),
+            "classes": bundle.classes,
+            "input_shape": list(bundle.input_shape),  # (C, H, W)
+            "channels": bundle.input_shape[0],
+            "normalization": {"mean": list(bundle.mean), "std": list(bundle.std)},
+            "metrics": last_val,
+            "config": config,
+        }
+
+    try:
+        with torch_threads(train_loader.num_workers), stop.installed():
+            train_loader.set_epoch(start_epoch, batches_done)
+            first_images, _ = next(iter(train_loader))
+            writer.add_image("train/first_batch",
+                             input_grid(normalize(first_images.to(device)), bundle.mean, bundle.std), step)
+            for epoch in range(start_epoch, trainer.epochs):
+                skip = batches_done if epoch == start_epoch else 0
+                train_loader.set_epoch(epoch, skip)
+                lr = optimizer.param_groups[0]["lr"]
+                epoch_started = time.perf_counter()
+                with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{trainer.epochs}", unit="batch",
+                          leave=False, disable=not trainer.progress) as bar:
+                    stats = train_one_epoch(model, optimizer, train_loader, normalize, device, step, warmup_until,
+                                            trainer.log_every, on_window, lambda: bar.update(), clip_grad_norm, stop)
+                epoch_seconds = time.perf_counter() - epoch_started
+                step += stats.steps
+                if stats.interrupted:
+                    checkpoints.save(snapshot(epoch, skip + stats.steps), run_dir / CHECKPOINT_DIR / "last.pt")
+                    log.warning("interrupted at step %d (epoch %d, batch %d): saved %s; continue with resume=%s",
+                                step, epoch + 1, skip + stats.steps, run_dir / CHECKPOINT_DIR / "last.pt",
+                                run_dir / CHECKPOINT_DIR / "last.pt")
+                    raise KeyboardInterrupt
+                val = evaluate(model, data.val_loader, normalize, device, len(bundle.classes))
+                if not math.isfinite(val["loss"]):  # never let a broken model become best.pt or last.pt
+                    raise NonFiniteLoss(
+                        f"the validation loss became {val['loss']} after epoch {epoch + 1} (step {step}): training "
+                        "stopped and checkpoints/last.pt keeps the last good epoch; lower optim.lr or set "
+                        "optim.clip_grad_norm (e.g. 1.0)"
+                    )
+                improved = val["acc"] > best_acc
+                best_acc = max(best_acc, val["acc"])
+                last_val = {"val/loss": val["loss"], "val/acc": val["acc"], "val/acc_best": best_acc}
+                log_scalars({"train/lr": lr, "train/epoch_seconds": epoch_seconds, **last_val})
+                log_scalars({f"val/acc_class/{name}": acc for name, acc in zip(bundle.classes, val["per_class_acc"])
+                             if acc is not None})
+                writer.add_image("val/confusion", confusion_image(val["confusion"], bundle.classes), step,
+                                 dataformats="HWC")
+                if stats.throughput is not None:
+                    final["train/throughput"] = stats.throughput
+                if scheduler is not None:
+                    scheduler.step()
+                state = snapshot(epoch + 1, 0)
+                checkpoints.save(state, run_dir / CHECKPOINT_DIR / "last.pt")
+                if improved:
+                    checkpoints.save(state, run_dir / CHECKPOINT_DIR / "best.pt")
+                log.info(
+                    "epoch %d/%d: train loss %.4f, %s samples/s, %.1f s | val loss %.4f, acc %.2f%%%s",
+                    epoch + 1, trainer.epochs, stats.loss,
+                    f"{stats.throughput:.0f}" if stats.throughput else "n/a", epoch_seconds,
+                    val["loss"], 100 * val["acc"], " (best)" if improved else "",
+                )
+        write_hparams(writer, config, {tag: final[tag] for tag in HPARAM_METRICS})
+    finally:
+        writer.close()  # flushes what was logged, also when the run stops on an error or Ctrl-C
 
     metrics = {**final, "data/prep_seconds": prep_seconds, "world_size": 1}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

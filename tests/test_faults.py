@@ -1,0 +1,147 @@
+"""Training faults: non-finite loss, gradient clipping, dying workers, Ctrl-C, unsafe checkpoints, run dirs."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import Dataset
+
+import training
+from errors import UserError
+from training import checkpoint as checkpoints
+from training.build import build_optimizer
+from training.loaders import build_loader
+from training.loop import NonFiniteLoss, train_step
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(make_cfg, crop_csv, tmp_path):
+    run_dir = tmp_path / "run"
+    # Epoch 1 trains at lr 0.01; the schedule then multiplies it by 1e30, which no network survives.
+    cfg = make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=8", "trainer.epochs=3", "scheduler=step",
+                   "scheduler.step_size=1", "scheduler.gamma=1e30", run_dir=run_dir)
+    with pytest.raises(NonFiniteLoss, match=r"at step (\d+): .*optim.clip_grad_norm") as error:
+        training.run(cfg)
+    assert int(error.value.args[0].split("at step ")[1].split(":")[0]) > 7  # in epoch 2 (7 steps an epoch)
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert (last["epoch"], last["step"]) == (1, 7)
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert best["step"] == 7
+    assert not (run_dir / "metrics.json").exists()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert events.Scalars("train/loss")  # what was logged before the stop was flushed
+
+
+def test_clip_grad_norm_bounds_each_step(make_cfg):
+    cfg = make_cfg("optim.clip_grad_norm=0.001", "optim.momentum=0")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    optimizer, _ = build_optimizer(cfg.optim, None, model)
+    before = [p.detach().clone() for p in model.parameters()]
+    inputs, targets = torch.randn(8, 3, 2, 2) * 100, torch.randint(0, 3, (8,))
+
+    def step_size(clip):
+        for p, b in zip(model.parameters(), before):
+            p.data.copy_(b)
+        train_step(model, optimizer, inputs, targets, clip)
+        return torch.sqrt(sum(((p - b).double() ** 2).sum() for p, b in zip(model.parameters(), before)))
+
+    # SGD without momentum moves by lr * gradient, whose norm the clip caps at 0.001 (1% for float32 rounding).
+    assert 0 < step_size(cfg.optim.clip_grad_norm) <= cfg.optim.lr * 0.001 * 1.01
+    assert step_size(None) > 100 * cfg.optim.lr * 0.001
+
+
+class DiesInWorker(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        os._exit(3)  # as the OOM killer or a segfault would end a worker
+
+
+def test_a_dying_worker_raises_with_a_hint():
+    loader = build_loader(DiesInWorker(), device=torch.device("cpu"), seed=0, train=True, mode="dataloader",
+                          batch_size=2, shuffle=False, num_workers=1, pin_memory=False, persistent_workers=False,
+                          prefetch_factor=2)
+    with pytest.raises(UserError, match="DataLoader worker died .*loader.num_workers=0.*shm"):
+        next(iter(loader))
+
+
+def test_ctrl_c_saves_last_pt_closes_tensorboard_and_exits_non_zero(crop_csv, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), f"dataset.csv={crop_csv}", "dataset.cache=none",
+         "loader.mode=dataloader", "loader.num_workers=0", "loader.batch_size=2", "trainer.epochs=1000",
+         "trainer.progress=false", "trainer.device=cpu", "hydra.run.dir=run"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 60
+    while not last.exists() and time.monotonic() < deadline:  # at least one epoch done
+        time.sleep(0.2)
+    first_epoch = torch.load(last, weights_only=True)
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=60)
+    assert run.returncode == 130, output
+    assert "interrupted at step" in output and "Traceback" not in output
+    saved = torch.load(last, weights_only=True)
+    assert saved["step"] > first_epoch["step"]
+    assert saved["step"] == saved["epoch"] * 26 + saved["batches_done"]  # 52 training crops / batch 2
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    assert events.Scalars("train/loss")[-1].step <= saved["step"]
+
+
+class Payload:
+    """What a malicious checkpoint carries: unpickling it would run code (here, create a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_with_a_pickle_payload_is_refused_without_running(make_cfg, make_eval_cfg, crop_csv, tmp_path):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": checkpoints.FORMAT, "model": Payload(marker)}, evil)
+    with pytest.raises(UserError, match="not a checkpoint this trainer can read"):
+        training.run(make_cfg(f"resume={evil}", "trainer.epochs=2"))
+    from training.evaluation import run_evaluation
+
+    with pytest.raises(UserError, match="not a checkpoint this trainer can read"):
+        run_evaluation(make_eval_cfg(f"checkpoint={evil}"))
+    assert not marker.exists()
+    with open(evil, "rb") as f:  # the payload is real: plain unpickling would have run it
+        assert b"touch" in f.read()
+
+
+def test_a_run_never_writes_into_another_runs_dir(make_cfg, crop_csv, tmp_path):
+    run_dir = tmp_path / "run"
+    training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=run_dir))
+    before = (run_dir / "metrics.json").read_bytes()
+    with pytest.raises(UserError, match="already holds another run.*resume="):
+        training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=run_dir))
+    assert (run_dir / "metrics.json").read_bytes() == before
+
+
+def test_resume_appends_to_the_log_and_events(make_cfg, crop_csv, tmp_path):
+    run_dir = tmp_path / "run"
+    training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=run_dir))
+    log_before = (run_dir / "train.log").read_text()
+    events_before = {p.name: p.read_bytes() for p in run_dir.glob("events.out.tfevents.*")}
+    training.run(make_cfg(f"resume={run_dir / 'checkpoints' / 'last.pt'}", "trainer.epochs=2",
+                          run_dir=tmp_path / "elsewhere"))
+    assert (run_dir / "train.log").read_text().startswith(log_before)
+    for name, content in events_before.items():
+        assert (run_dir / name).read_bytes()[: len(content)] == content
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == len(events_before) + 1
