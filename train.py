@@ -10,6 +10,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import training
+from training import distributed
 from errors import UserError
 
 log = logging.getLogger("train")
@@ -31,4 +32,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    # Under torchrun, ranks other than 0 keep Hydra's files out of outputs/: rank 0's run dir is the run's.
+    sys.argv += distributed.hydra_overrides(distributed.from_environment())
     main()

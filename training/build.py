@@ -54,13 +54,16 @@ class Data:
     val_loader: object
 
 
-def build_data(dataset_cfg: DictConfig, loader_cfg: DictConfig, seed: int, device: torch.device) -> Data:
+def build_data(dataset_cfg: DictConfig, loader_cfg: DictConfig, seed: int, device: torch.device, rank: int = 0,
+               world_size: int = 1) -> Data:
+    """The data and its loaders; under DDP each rank's loaders yield that rank's shard."""
     bundle: DataBundle = _instantiate(dataset_cfg, seed=seed)
     make_loader = _instantiate(loader_cfg)  # a partial: the data set, device and seed are known only here
     return Data(
         bundle=bundle,
-        train_loader=make_loader(bundle.train, device=device, seed=seed, train=True, hflip=bundle.hflip),
-        val_loader=make_loader(bundle.val, device=device, seed=seed, train=False),
+        train_loader=make_loader(bundle.train, device=device, seed=seed, train=True, hflip=bundle.hflip, rank=rank,
+                                 world_size=world_size),
+        val_loader=make_loader(bundle.val, device=device, seed=seed, train=False, rank=rank, world_size=world_size),
     )
 
 

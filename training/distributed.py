@@ -7,6 +7,7 @@ shard of each epoch's permutation, and metrics are summed across ranks before an
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ def hydra_overrides(process: Process) -> list[str]:
     runner takes rank 0's run dir from rank 0."""
     if process.is_main:
         return []
-    scratch = tempfile.mkdtemp(prefix=f"trainer-rank{process.rank}-")
+    scratch = os.path.join(tempfile.gettempdir(), f"trainer-rank{process.rank}")  # stays empty; reused by each run
     return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
@@ -61,6 +62,10 @@ def init(process: Process, device: torch.device) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def sum_(tensor: torch.Tensor) -> torch.Tensor:
@@ -86,6 +91,13 @@ def from_main(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shard_size(n: int, rank: int, world_size: int, pad: bool) -> int:
+    """How many of n items `shard` gives this rank."""
+    if pad:
+        return math.ceil(n / world_size)
+    return len(range(rank, n, world_size))
 
 
 def shard(order: torch.Tensor, rank: int, world_size: int, pad: bool) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datasets.base import InMemoryDataset
 from errors import UserError
+from training.distributed import shard, shard_size
 
 MODES = ("auto", "device", "dataloader")
 _HFLIP_STREAM = 1  # keeps the flip generator's seed apart from the order's (seed + epoch)
@@ -46,10 +47,12 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
 
 
-def hflip_generator(seed: int, epoch: int) -> torch.Generator:
-    """The CPU generator for one epoch's flip decisions, well mixed and independent of the epoch's order."""
+def hflip_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The CPU generator for one epoch's flip decisions (per rank under DDP), well mixed and independent of
+    the epoch's order."""
     # SeedSequence takes non-negative entropy only; torch accepts any seed, so fold negatives in.
-    state = np.random.SeedSequence([seed % 2**64, epoch, _HFLIP_STREAM]).generate_state(1, dtype=np.uint64)[0]
+    entropy = [seed % 2**64, epoch, _HFLIP_STREAM, rank]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -72,10 +75,11 @@ class DeviceLoader:
     num_workers = 0
 
     def __init__(self, dataset: InMemoryDataset, batch_size: int, shuffle: bool, device: torch.device, seed: int,
-                 hflip: bool = False):
+                 hflip: bool = False, rank: int = 0, world_size: int = 1, pad: bool = False):
         self.images, self.labels = dataset.store.on(device)
         self.indices = dataset.indices.to(device)
         self.batch_size, self.shuffle, self.seed, self.hflip = batch_size, shuffle, seed, hflip
+        self.rank, self.world_size, self.pad = rank, world_size, pad
         self.epoch = self.skip_batches = 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -90,11 +94,13 @@ class DeviceLoader:
         self.seed, self.epoch = state["seed"], state["epoch"]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size) - self.skip_batches
+        items = shard_size(len(self.indices), self.rank, self.world_size, self.pad)
+        return math.ceil(items / self.batch_size) - self.skip_batches
 
     def __iter__(self):
-        order = self.indices[epoch_order(len(self.indices), self.shuffle, self.seed, self.epoch).to(self.indices.device)]
-        flips = hflip_generator(self.seed, self.epoch)
+        order = epoch_order(len(self.indices), self.shuffle, self.seed, self.epoch)
+        order = self.indices[shard(order, self.rank, self.world_size, self.pad).to(self.indices.device)]
+        flips = hflip_generator(self.seed, self.epoch, self.rank)
         if self.hflip:
             skip_flips(flips, self.skip_batches, self.batch_size)
         for start in range(self.skip_batches * self.batch_size, len(order), self.batch_size):
@@ -106,25 +112,28 @@ class DeviceLoader:
 class EpochSampler(Sampler[int]):
     """Yields `epoch_order` for the epoch set last."""
 
-    def __init__(self, n: int, shuffle: bool, seed: int):
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, pad: bool = False):
         self.n, self.shuffle, self.seed, self.epoch, self.skip = n, shuffle, seed, 0, 0
+        self.rank, self.world_size, self.pad = rank, world_size, pad
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return shard_size(self.n, self.rank, self.world_size, self.pad) - self.skip
 
     def __iter__(self):
-        return iter(epoch_order(self.n, self.shuffle, self.seed, self.epoch)[self.skip :].tolist())
+        order = shard(epoch_order(self.n, self.shuffle, self.seed, self.epoch), self.rank, self.world_size, self.pad)
+        return iter(order[self.skip :].tolist())
 
 
 class EpochSeededDataLoader(DataLoader):
     """torch's DataLoader whose order, worker seeds and flips depend only on (seed, epoch)."""
 
-    def __init__(self, dataset: Dataset, seed: int, shuffle: bool, hflip: bool = False, **kwargs):
-        self.seed, self.hflip, self.epoch, self.skip_batches = seed, hflip, 0, 0
-        sampler = EpochSampler(len(dataset), shuffle, seed)
+    def __init__(self, dataset: Dataset, seed: int, shuffle: bool, hflip: bool = False, rank: int = 0,
+                 world_size: int = 1, pad: bool = False, **kwargs):
+        self.seed, self.hflip, self.epoch, self.skip_batches, self.rank = seed, hflip, 0, 0, rank
+        sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size, pad)
         super().__init__(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -146,7 +155,7 @@ class EpochSeededDataLoader(DataLoader):
     def __iter__(self) -> _EpochBatches:
         flips = None
         if self.hflip:
-            flips = hflip_generator(self.seed, self.epoch)
+            flips = hflip_generator(self.seed, self.epoch, self.rank)
             skip_flips(flips, self.skip_batches, self.batch_size)
         return _EpochBatches(super().__iter__(), flips)
 
@@ -205,6 +214,8 @@ def build_loader(
     seed: int,
     train: bool,
     hflip: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
     mode: str,
     batch_size: int,
     shuffle: bool,
@@ -213,7 +224,10 @@ def build_loader(
     persistent_workers: bool,
     prefetch_factor: int,
 ) -> DeviceLoader | EpochSeededDataLoader:
-    """The loader for one split; `train=False` never shuffles nor flips. Config: configs/loader/."""
+    """The loader for one split; `train=False` never shuffles nor flips. Config: configs/loader/.
+
+    Under DDP each rank loads every world_size-th item of the epoch's order; training pads the order so
+    all ranks take the same number of steps, validation does not, so every item is scored exactly once."""
     if mode not in MODES:
         raise UserError(f"loader.mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
@@ -226,11 +240,11 @@ def build_loader(
             "or use loader.mode=dataloader"
         )
     if mode == "device" or (mode == "auto" and in_memory):
-        return DeviceLoader(dataset, batch_size, shuffle, device, seed, hflip)
+        return DeviceLoader(dataset, batch_size, shuffle, device, seed, hflip, rank, world_size, pad=train)
     workers = resolve_workers(num_workers, dataset)
     if pin_memory == "auto":
         pin_memory = device.type == "cuda"
     extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return EpochSeededDataLoader(
-        dataset, seed, shuffle, hflip, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, **extra
+        dataset, seed, shuffle, hflip, rank, world_size, train, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, **extra
     )

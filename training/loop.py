@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from errors import UserError
+from training import distributed
 
 
 @dataclass
@@ -135,13 +136,22 @@ def train_one_epoch(
     if window_losses:
         _close_window(step, window_losses, window_samples, window_wait, window_started, device, on_window)
     seconds = _clock(device) - epoch_started if epoch_started is not None else 0.0
-    return EpochStats(loss=(epoch_loss / max(epoch_steps, 1)).item(), steps=epoch_steps, samples=epoch_samples,
+    # Under DDP every rank took the same steps: the epoch's loss is the ranks' mean, its samples their sum.
+    totals = distributed.sum_(torch.stack([epoch_loss / max(epoch_steps, 1), torch.tensor(float(epoch_samples),
+                                                                                              device=device)]))
+    return EpochStats(loss=totals[0].item() / distributed.world_size(), steps=epoch_steps, samples=int(totals[1]),
                       seconds=seconds, interrupted=interrupted)
 
 
 def _close_window(step, losses, samples, wait, started, device, on_window) -> float | None:
-    """Check and report a window; returns the clock the next window starts from (None while in warm-up)."""
-    values = torch.stack(losses).tolist()
+    """Check and report a window; returns the clock the next window starts from (None while in warm-up).
+    Under DDP all ranks close windows at the same steps, so losses are averaged and samples summed here."""
+    ranks = distributed.world_size()
+    packed = distributed.sum_(torch.cat([torch.stack(losses).float(),
+                                         torch.tensor([samples, wait], device=losses[0].device)]))
+    *values, samples, wait = packed.tolist()
+    values = [v / ranks for v in values]
+    samples, wait = int(samples), wait / ranks
     for offset, value in enumerate(values):
         if not math.isfinite(value):
             raise NonFiniteLoss(
@@ -161,7 +171,7 @@ def _close_window(step, losses, samples, wait, started, device, on_window) -> fl
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, normalize: Normalizer, device: torch.device, num_classes: int) -> dict:
     """Mean loss, accuracy, per-class accuracy (None for a class with no items) and the confusion matrix
-    (counts; rows: true class, columns: predicted) over a loader."""
+    (counts; rows: true class, columns: predicted) over a loader, summed over DDP ranks' shards."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
@@ -171,6 +181,8 @@ def evaluate(model: nn.Module, loader, normalize: Normalizer, device: torch.devi
         logits = model(normalize(images))
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
         confusion += torch.bincount(targets * num_classes + logits.argmax(1), minlength=num_classes**2)
+    distributed.sum_(loss_sum)
+    distributed.sum_(confusion)
     confusion = confusion.view(num_classes, num_classes).cpu()
     total = int(confusion.sum())
     per_class = confusion.sum(1).tolist()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -19,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from datasets.base import DataBundle
 from errors import UserError
 from training import checkpoint as checkpoints
+from training import distributed
 from training.board import confusion_image, input_grid, write_hparams
 from training.build import build_data, build_model, build_optimizer, resolve_device
 from training.loaders import available_cores
@@ -94,12 +97,28 @@ class StopRequest:
             signal.signal(signal.SIGINT, previous)
 
 
+class NoWriter:
+    """What ranks other than 0 log to: nothing."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def add_image(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @contextmanager
-def torch_threads(workers: int):
-    """Leave a core to each loader worker: 2 workers plus 2 torch threads oversubscribe 2 cores."""
+def torch_threads(workers: int, process: distributed.Process):
+    """Share the cores: each DDP process on this node gets its part, and each loader worker a core of it
+    (2 workers plus 2 torch threads oversubscribe 2 cores)."""
     before = torch.get_num_threads()
-    if workers:
-        torch.set_num_threads(max(1, min(before, available_cores() - workers)))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if process.distributed else 1
+    budget = max(1, available_cores() // local_processes)
+    if workers or local_processes > 1:
+        torch.set_num_threads(max(1, min(before, budget - workers)))
     try:
         yield
     finally:
@@ -110,14 +129,28 @@ def run(cfg: DictConfig) -> dict:
     checkpoint = checkpoints.load(cfg.resume, "resume") if cfg.resume else None
     if checkpoint is not None:
         cfg = _resumed_config(checkpoint, cfg)
-    run_dir = Path(cfg.run_dir)
-    resuming_here = checkpoint is not None and Path(cfg.resume).resolve().parent == (run_dir / CHECKPOINT_DIR).resolve()
-    if not resuming_here and any((run_dir / name).exists() for name in ("metrics.json", CHECKPOINT_DIR)):
-        raise UserError(f"{run_dir} already holds another run: a run never writes into another's folder; "
-                        f"pick a new hydra.run.dir, or continue it with resume={run_dir / CHECKPOINT_DIR / 'last.pt'}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with run_log(run_dir):
-        return _run(cfg, run_dir, checkpoint)
+    if cfg.trainer.epochs < 1:
+        raise UserError(f"trainer.epochs must be at least 1, got {cfg.trainer.epochs}")
+    process = distributed.from_environment()
+    device = resolve_device(cfg.trainer.device)
+    if process.distributed and device.type == "cuda":
+        device = torch.device("cuda", process.local_rank)  # one GPU per process, as torchrun lays them out
+        torch.cuda.set_device(device)
+    distributed.init(process, device)
+    try:
+        run_dir = Path(distributed.from_main(str(cfg.run_dir)))  # every rank's Hydra made its own; rank 0's wins
+        if not process.is_main:
+            return _run(cfg, run_dir, checkpoint, process, device)
+        resuming_here = (checkpoint is not None
+                         and Path(cfg.resume).resolve().parent == (run_dir / CHECKPOINT_DIR).resolve())
+        if not resuming_here and any((run_dir / name).exists() for name in ("metrics.json", CHECKPOINT_DIR)):
+            raise UserError(f"{run_dir} already holds another run: a run never writes into another's folder; pick a "
+                            f"new hydra.run.dir, or continue it with resume={run_dir / CHECKPOINT_DIR / 'last.pt'}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with run_log(run_dir):
+            return _run(cfg, run_dir, checkpoint, process, device)
+    finally:
+        distributed.shutdown()
 
 
 def _resumed_config(checkpoint: dict, cfg: DictConfig) -> DictConfig:
@@ -142,17 +175,16 @@ def _check_classes(checkpoint: dict, cfg: DictConfig, bundle: DataBundle) -> Non
                         f"{bundle.classes}: restore that data, or train a new run")
 
 
-def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
+def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distributed.Process,
+         device: torch.device) -> dict:
     trainer = cfg.trainer
-    if trainer.epochs < 1:
-        raise UserError(f"trainer.epochs must be at least 1, got {trainer.epochs}")
-    device = resolve_device(trainer.device)
-    seed_everything(trainer.seed)
+    main = process.is_main  # rank 0 alone writes files and TensorBoard
+    seed_everything(trainer.seed)  # the same on every rank: identical initial weights, one shared epoch order
 
     prep_started = time.perf_counter()
-    data = build_data(cfg.dataset, cfg.loader, trainer.seed, device)
+    data = build_data(cfg.dataset, cfg.loader, trainer.seed, device, process.rank, process.world_size)
     bundle, train_loader = data.bundle, data.train_loader
-    if bundle.skipped:  # dataset.on_bad_rows=skip: the rows left out are kept with the run
+    if bundle.skipped and main:  # dataset.on_bad_rows=skip: the rows left out are kept with the run
         (run_dir / "skipped_rows.txt").write_text("\n".join(bundle.skipped) + "\n")
         log.warning("skipped %d bad row(s), listed in %s", len(bundle.skipped), run_dir / "skipped_rows.txt")
     prep_seconds = time.perf_counter() - prep_started
@@ -177,9 +209,12 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
         best_acc = checkpoint["metrics"]["val/acc_best"]
         log.info("resuming %s after epoch %d (step %d) in %s with its config; from this command: %s", cfg.resume,
                  start_epoch, step, run_dir, ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in FROM_COMMAND_LINE))
+    if process.distributed:  # after loading weights: DDP copies rank 0's parameters to every rank as it wraps
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (run_dir / "classes.json").write_text(json.dumps(bundle.classes, indent=1))
+    if main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / "classes.json").write_text(json.dumps(bundle.classes, indent=1))
     log.info(
         "data: %d train / %d val items of %s, %d classes, %s loader (%d workers), prepared in %.2f s; device %s",
         len(bundle.train), len(bundle.val), bundle.input_shape, len(bundle.classes),
@@ -187,7 +222,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
     )
 
     # A resumed run drops whatever the interrupted one logged after its checkpoint, so no step is logged twice.
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=step + 1 if checkpoint is not None else None)
+    writer = (SummaryWriter(log_dir=str(run_dir), purge_step=step + 1 if checkpoint is not None else None)
+              if main else NoWriter())
     final: dict = {}
     warned_starved = False
 
@@ -239,7 +275,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
         }
 
     try:
-        with torch_threads(train_loader.num_workers), stop.installed():
+        with torch_threads(train_loader.num_workers, process), stop.installed():
             train_loader.set_epoch(start_epoch, batches_done)
             first_images, _ = next(iter(train_loader))
             writer.add_image("train/first_batch",
@@ -250,18 +286,20 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
                 lr = optimizer.param_groups[0]["lr"]
                 epoch_started = time.perf_counter()
                 with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{trainer.epochs}", unit="batch",
-                          leave=False, disable=not trainer.progress) as bar:
+                          leave=False, disable=not (trainer.progress and main)) as bar:
                     stats = train_one_epoch(model, optimizer, train_loader, normalize, device, step, warmup_until,
                                             trainer.log_every, on_window, lambda: bar.update(), clip_grad_norm, stop)
                 epoch_seconds = time.perf_counter() - epoch_started
                 step += stats.steps
                 if stats.interrupted:
-                    checkpoints.save(snapshot(epoch, skip + stats.steps), run_dir / CHECKPOINT_DIR / "last.pt")
+                    if main:
+                        checkpoints.save(snapshot(epoch, skip + stats.steps), run_dir / CHECKPOINT_DIR / "last.pt")
                     log.warning("interrupted at step %d (epoch %d, batch %d): saved %s; continue with resume=%s",
                                 step, epoch + 1, skip + stats.steps, run_dir / CHECKPOINT_DIR / "last.pt",
                                 run_dir / CHECKPOINT_DIR / "last.pt")
                     raise KeyboardInterrupt
-                val = evaluate(model, data.val_loader, normalize, device, len(bundle.classes))
+                # The bare model: DDP's forward would sync buffers, and ranks hold different numbers of val batches.
+                val = evaluate(checkpoints.unwrap(model), data.val_loader, normalize, device, len(bundle.classes))
                 if not math.isfinite(val["loss"]):  # never let a broken model become best.pt or last.pt
                     raise NonFiniteLoss(
                         f"the validation loss became {val['loss']} after epoch {epoch + 1} (step {step}): training "
@@ -280,21 +318,24 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict:
                     final["train/throughput"] = stats.throughput
                 if scheduler is not None:
                     scheduler.step()
-                state = snapshot(epoch + 1, 0)
-                checkpoints.save(state, run_dir / CHECKPOINT_DIR / "last.pt")
-                if improved:
-                    checkpoints.save(state, run_dir / CHECKPOINT_DIR / "best.pt")
+                if main:
+                    state = snapshot(epoch + 1, 0)
+                    checkpoints.save(state, run_dir / CHECKPOINT_DIR / "last.pt")
+                    if improved:
+                        checkpoints.save(state, run_dir / CHECKPOINT_DIR / "best.pt")
                 log.info(
                     "epoch %d/%d: train loss %.4f, %s samples/s, %.1f s | val loss %.4f, acc %.2f%%%s",
                     epoch + 1, trainer.epochs, stats.loss,
                     f"{stats.throughput:.0f}" if stats.throughput else "n/a", epoch_seconds,
                     val["loss"], 100 * val["acc"], " (best)" if improved else "",
                 )
-        write_hparams(writer, config, {tag: final[tag] for tag in HPARAM_METRICS})
+        if main:
+            write_hparams(writer, config, {tag: final[tag] for tag in HPARAM_METRICS})
     finally:
         writer.close()  # flushes what was logged, also when the run stops on an error or Ctrl-C
 
-    metrics = {**final, "data/prep_seconds": prep_seconds, "world_size": 1}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    metrics = {**final, "data/prep_seconds": prep_seconds, "world_size": process.world_size}
+    if main:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     log.info("done: val acc %.2f%% (best %.2f%%); run dir %s", 100 * final["val/acc"], 100 * best_acc, run_dir)
     return metrics
