@@ -9,9 +9,11 @@ import hydra
 from omegaconf import DictConfig
 
 from errors import UserError
+from training import schema
 from training.evaluation import run_evaluation
 
 log = logging.getLogger("evaluate")
+schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base
 
 
 def table(result: dict) -> str:

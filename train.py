@@ -12,8 +12,10 @@ from omegaconf import DictConfig
 import training
 from training import distributed
 from errors import UserError
+from training import schema
 
 log = logging.getLogger("train")
+schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

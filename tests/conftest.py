@@ -8,8 +8,10 @@ from hydra import compose, initialize_config_dir
 from torchvision import datasets as tv
 
 from tests import files
+from training import schema
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+schema.register()  # before any test composes, as train.py and evaluate.py do
 
 
 @pytest.fixture(autouse=True)

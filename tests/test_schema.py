@@ -1,0 +1,126 @@
+"""The config schema (training/schema.py): wrong types and misspelt keys fail at composition, naming the key,
+and the schema changes nothing else in the composed config."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from torch import nn
+
+from errors import UserError
+from tests.conftest import CONFIGS
+from tests.test_train import train_py
+from training import schema
+from training.build import build_optimizer
+from training.loaders import build_loader
+
+
+def compose_without_schema(config_name: str, overrides: list[str]):
+    """The config as it composed before the schema: each schema's name stands for an empty config."""
+    store = ConfigStore.instance()
+    for group, names in schema.GROUPS.items():
+        for name in names:
+            store.store(group=group, name=name, node={})
+    for name in schema.PRIMARY:
+        store.store(name=name, node={})
+    try:
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides)
+    finally:
+        schema.register()
+
+
+def composition_error(make, *overrides: str) -> str:
+    """Hydra's message for a config that does not compose, with the OmegaConf error it wraps (what train.py
+    prints)."""
+    with pytest.raises(ConfigCompositionException) as error:
+        make(*overrides)
+    return f"{error.value}\n{error.value.__cause__}"
+
+
+@pytest.mark.parametrize(
+    "config_name, overrides",
+    [
+        ("train", []),
+        ("train", ["experiment=tutorial"]),
+        ("train", ["dataset=imagefolder", "dataset.root=x"]),
+        ("train", ["dataset=datasetfolder", "dataset.root=x"]),
+        ("train", ["scheduler=cosine"]),
+        ("train", ["scheduler=step"]),
+        ("evaluate", []),
+        ("evaluate", ["dataset=imagefolder", "dataset.root=x"]),
+    ],
+    ids=lambda value: value if isinstance(value, str) else " ".join(value) or "defaults",
+)
+def test_schema_changes_nothing_in_the_composed_config(config_name, overrides):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        typed = compose(config_name=config_name, overrides=overrides)
+    assert OmegaConf.to_yaml(typed) == OmegaConf.to_yaml(compose_without_schema(config_name, overrides))
+
+
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("dataset.width=abc", "dataset.width", "Integer"),
+        ("trainer.epochs=1.5", "trainer.epochs", "Integer"),
+        ("loader.shuffle=maybe", "loader.shuffle", "not a valid bool"),
+        ("dataset.mean=[a]", "dataset.mean[0]", "Float"),
+        ("optim.lr=fast", "optim.lr", "Float"),
+        ("resume=[a.pt]", "resume", "to string"),
+    ],
+)
+def test_wrong_type_fails_at_composition_naming_key_and_type(make_cfg, override, key, expected):
+    message = composition_error(make_cfg, override)
+    assert f"full_key: {key}\n" in message and expected in message
+
+
+def test_wrong_type_fails_in_evaluate_config(make_eval_cfg):
+    message = composition_error(make_eval_cfg, "dataset=imagefolder", "dataset.root=x", "dataset.verify=sometimes")
+    assert "full_key: dataset.verify\n" in message and "not a valid bool" in message
+
+
+@pytest.mark.parametrize("override", ["dataset.widht=40", "trainer.epoch=2", "epochs=2", "+dataset.width=40"])
+def test_unknown_or_doubled_key_fails_at_composition(make_cfg, override):
+    message = composition_error(make_cfg, override)
+    assert override.lstrip("+").split("=")[0].split(".")[-1] in message
+
+
+def test_added_key_reaches_the_constructor(make_cfg):
+    """`+key=value` still adds what a constructor takes and the config does not list."""
+    cfg = make_cfg("+optim.weight_decay=0.0005")
+    optimizer, _ = build_optimizer(cfg.optim, None, nn.Linear(2, 2))
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0005
+
+
+def test_num_workers_keeps_its_own_check(make_cfg):
+    """num_workers takes auto or an int, which a schema cannot say: the loader's check still speaks."""
+    cfg = make_cfg("loader.num_workers=many")
+    keys = {key: value for key, value in OmegaConf.to_container(cfg.loader).items() if not key.startswith("_")}
+    with pytest.raises(UserError, match="^loader.num_workers must be auto or an integer >= 0, got 'many'$"):
+        build_loader([0], device=torch.device("cpu"), seed=0, train=True, **{**keys, "mode": "dataloader"})
+
+
+def test_train_py_wrong_type_fails_before_anything_runs(tmp_path):
+    result = train_py("dataset.width=abc", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "full_key: dataset.width" in result.stderr and "could not be converted to Integer" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("override, error", [
+    ("trainer.epochs=0", "trainer.epochs must be at least 1, got 0"),
+    ("trainer.device=cuda", "trainer.device=cuda but CUDA is not available here: use trainer.device=cpu or auto"),
+])
+def test_train_py_range_checks_stay_one_line(override, error, tmp_path):
+    """Values of the right type that the code refuses: one line, no traceback, as before the schema."""
+    if "cuda" in override and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = train_py(override, "trainer.progress=false", cwd=tmp_path)
+    assert result.returncode == 1
+    output = result.stderr + result.stdout
+    assert "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert line.endswith(error)
+
