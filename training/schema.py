@@ -99,6 +99,7 @@ class SGDSchema:
     _target_: str
     lr: float
     momentum: float
+    clip_grad_norm: Optional[float]
 
 
 @dataclass
