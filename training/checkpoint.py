@@ -18,7 +18,7 @@ from torch import nn
 from errors import UserError
 
 FORMAT = 1  # bump when the keys below change meaning
-KEYS = ("format", "epoch", "batches_done", "step", "model", "optimizer", "scheduler", "rng", "loader", "classes", "input_shape",
+KEYS = ("format", "epoch", "batches_done", "step", "model", "optimizer", "scheduler", "scaler", "rng", "loader", "classes", "input_shape",
         "channels", "normalization", "metrics", "config")
 
 

@@ -17,6 +17,9 @@ from torch import nn
 
 from errors import UserError
 from training import distributed
+from training.speed import MixedPrecision
+
+FP32 = MixedPrecision("fp32", torch.device("cpu"))  # plain float32 steps: no autocast, no scaler
 
 
 @dataclass
@@ -49,12 +52,15 @@ class NonFiniteLoss(UserError):
 class Normalizer:
     """uint8 (N, C, H, W) on the device -> float32 normalised, as whole-batch ops: (x / 255 - mean) / std."""
 
-    def __init__(self, mean: Iterable[float], std: Iterable[float], device: torch.device):
+    def __init__(self, mean: Iterable[float], std: Iterable[float], device: torch.device,
+                 memory_format: torch.memory_format = torch.contiguous_format):
+        self.memory_format = memory_format  # channels_last when the model runs NHWC
         self.mean = torch.tensor(list(mean), device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(list(std), device=device).view(1, -1, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().div_(255.0).sub_(self.mean).div_(self.std)
+        x = x.float().div_(255.0).sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=self.memory_format)  # a no-op when the batch is already laid out so
 
 
 def _clock(device: torch.device) -> float:
@@ -64,14 +70,13 @@ def _clock(device: torch.device) -> float:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-               clip_grad_norm: float | None = None):
+               clip_grad_norm: float | None = None, amp: MixedPrecision = FP32):
     """One optimizer step; returns the detached loss tensor (no host sync)."""
     optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(inputs), targets)
-    loss.backward()
-    if clip_grad_norm is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-    optimizer.step()
+    with amp.autocast():
+        logits = model(inputs)
+    loss = nn.functional.cross_entropy(logits.float(), targets)  # the loss in fp32 whatever the forward ran in
+    amp.backward_and_step(loss, optimizer, model, clip_grad_norm)
     return loss.detach()
 
 
@@ -88,6 +93,7 @@ def train_one_epoch(
     on_step: Callable[[], None] = lambda: None,
     clip_grad_norm: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    amp: MixedPrecision = FP32,
 ) -> EpochStats:
     model.train()
     step = start_step
@@ -117,7 +123,7 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         waited = time.perf_counter() - fetch_started
 
-        loss = train_step(model, optimizer, normalize(images), targets, clip_grad_norm)
+        loss = train_step(model, optimizer, normalize(images), targets, clip_grad_norm, amp)
         step += 1
         window_losses.append(loss)
         epoch_loss += loss
@@ -169,7 +175,8 @@ def _close_window(step, losses, samples, wait, started, device, on_window) -> fl
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, normalize: Normalizer, device: torch.device, num_classes: int) -> dict:
+def evaluate(model: nn.Module, loader, normalize: Normalizer, device: torch.device, num_classes: int,
+             amp: MixedPrecision = FP32) -> dict:
     """Mean loss, accuracy, per-class accuracy (None for a class with no items) and the confusion matrix
     (counts; rows: true class, columns: predicted) over a loader, summed over DDP ranks' shards."""
     model.eval()
@@ -178,7 +185,8 @@ def evaluate(model: nn.Module, loader, normalize: Normalizer, device: torch.devi
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        logits = model(normalize(images))
+        with amp.autocast():
+            logits = model(normalize(images)).float()
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
         confusion += torch.bincount(targets * num_classes + logits.argmax(1), minlength=num_classes**2)
     distributed.sum_(loss_sum)

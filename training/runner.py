@@ -28,6 +28,7 @@ from datasets.base import DataBundle
 from errors import UserError
 from training import checkpoint as checkpoints
 from training import distributed
+from training import speed as speeds
 from training.board import confusion_image, input_grid, write_hparams
 from training.build import build_data, build_model, build_optimizer, resolve_device
 from training.loaders import available_cores
@@ -192,7 +193,9 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     model = build_model(cfg.model, bundle.input_shape, len(bundle.classes), device)
     optimizer, scheduler = build_optimizer(cfg.optim, cfg.get("scheduler"), model)
     clip_grad_norm = cfg.optim.get("clip_grad_norm")
-    normalize = Normalizer(bundle.mean, bundle.std, device)
+    speed = speeds.resolve(trainer.precision, trainer.channels_last, trainer.compile, trainer.deterministic, device)
+    amp = speeds.MixedPrecision(speed.precision, device)
+    normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
     config = OmegaConf.to_container(cfg, resolve=True)
 
     start_epoch, batches_done, step, best_acc = 0, 0, 0, -1.0
@@ -202,6 +205,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(checkpoint["scheduler"])
+        amp.load_state_dict(checkpoint["scaler"])
         train_loader.load_state_dict(checkpoint["loader"])
         # Last, so that building the model above (which draws initial weights) does not shift the streams.
         checkpoints.restore_rng(checkpoint["rng"])
@@ -209,8 +213,12 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
         best_acc = checkpoint["metrics"]["val/acc_best"]
         log.info("resuming %s after epoch %d (step %d) in %s with its config; from this command: %s", cfg.resume,
                  start_epoch, step, run_dir, ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in FROM_COMMAND_LINE))
+    model = speeds.prepare(speed, model)
     if process.distributed:  # after loading weights: DDP copies rank 0's parameters to every rank as it wraps
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if speed.compile:
+        model = torch.compile(model)
+    log.info("speed: %s", ", ".join(f"{k}={v}" for k, v in vars(speed).items()))
 
     if main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -264,6 +272,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
             "model": checkpoints.unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": amp.state_dict(),
             "rng": checkpoints.rng_state(),
             "loader": train_loader.state_dict(),
             "classes": bundle.classes,
@@ -288,7 +297,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
                 with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{trainer.epochs}", unit="batch",
                           leave=False, disable=not (trainer.progress and main)) as bar:
                     stats = train_one_epoch(model, optimizer, train_loader, normalize, device, step, warmup_until,
-                                            trainer.log_every, on_window, lambda: bar.update(), clip_grad_norm, stop)
+                                            trainer.log_every, on_window, lambda: bar.update(), clip_grad_norm, stop,
+                                            amp)
                 epoch_seconds = time.perf_counter() - epoch_started
                 step += stats.steps
                 if stats.interrupted:
@@ -299,7 +309,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
                                 run_dir / CHECKPOINT_DIR / "last.pt")
                     raise KeyboardInterrupt
                 # The bare model: DDP's forward would sync buffers, and ranks hold different numbers of val batches.
-                val = evaluate(checkpoints.unwrap(model), data.val_loader, normalize, device, len(bundle.classes))
+                val = evaluate(checkpoints.unwrap(model), data.val_loader, normalize, device, len(bundle.classes), amp)
                 if not math.isfinite(val["loss"]):  # never let a broken model become best.pt or last.pt
                     raise NonFiniteLoss(
                         f"the validation loss became {val['loss']} after epoch {epoch + 1} (step {step}): training "

@@ -126,6 +126,10 @@ class TrainerSchema:
     log_every: int
     warmup_steps: int
     progress: bool
+    precision: str
+    channels_last: Any  # auto, true or false: checked by training/speed.py
+    compile: Any  # likewise
+    deterministic: bool
 
 
 @dataclass
