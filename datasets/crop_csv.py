@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ SPLITS = ("train", "val")
 MAX_REPORTED = 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ~100 bytes less per row, which adds up over 50k-row CSVs
 class Crop:
     """One example: a half-open region [y0, y1) x [x0, x1) of a file; y1 = None means the full height."""
 
@@ -62,7 +63,8 @@ def _int(text: str, column: str) -> int:
     return int(value)
 
 
-def _parse_row(record: dict[str, str], form: tuple[str, ...], root: Path, line: int) -> Crop:
+def _parse_row(record: dict[str, str], form: tuple[str, ...], root: Path, line: int, paths: dict[str, Path]) -> Crop:
+    """Rows of one file share one Path (from `paths`) and rows of one class one label string, not copies."""
     text = {k: (record.get(k) or "").strip() for k in (*form, "split")}
     if not text["path"]:
         raise ValueError("path is blank")
@@ -80,14 +82,20 @@ def _parse_row(record: dict[str, str], form: tuple[str, ...], root: Path, line: 
         y0, y1 = 0, None
         if x1 <= x0:
             raise ValueError(f"empty strip: need start < end, got {x0}..{x1}")
-    return Crop(line, root / text["path"], x0, y0, x1, y1, text["label"], split)
+    path = paths.get(text["path"]) or paths.setdefault(text["path"], root / text["path"])
+    return Crop(line, path, x0, y0, x1, y1, sys.intern(text["label"]), split)
+
+
+def require_csv(csv_path: str | Path) -> Path:
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"dataset.csv: file not found: {csv_path.resolve()}")
+    return csv_path
 
 
 def read_crops(csv_path: str | Path, root: str | Path | None = None) -> list[Crop]:
     """Parse and check every row; raise one UserError listing every bad row (capped at 20 plus a count)."""
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise UserError(f"dataset.csv: file not found: {csv_path.resolve()}")
+    csv_path = require_csv(csv_path)
     root = Path(root) if root is not None else csv_path.parent
     if not root.is_dir():
         raise UserError(f"dataset.root: folder not found: {root.resolve()}")
@@ -96,10 +104,10 @@ def read_crops(csv_path: str | Path, root: str | Path | None = None) -> list[Cro
         header = [h.strip() for h in reader.fieldnames or []]
         reader.fieldnames = header
         form = _form(header, csv_path)
-        crops, problems = [], []
+        crops, problems, paths = [], [], {}
         for record in reader:
             try:
-                crops.append(_parse_row(record, form, root, reader.line_num))
+                crops.append(_parse_row(record, form, root, reader.line_num, paths))
             except ValueError as e:
                 problems.append(f"line {reader.line_num}: {record.get('path', '')}: {e}")
     problems += _check_bounds(crops)
