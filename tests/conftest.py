@@ -4,8 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from torchvision import datasets as tv
 
+from datasets import crops
 from tests import files
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
@@ -30,6 +32,19 @@ def make_cfg(tmp_path):
             return compose(config_name="train", overrides=[*base, *overrides])
 
     return make
+
+
+@pytest.fixture
+def build_crops(make_cfg):
+    """The crop dataset as the composed config describes it, called directly: Hydra's instantiate would wrap
+    a UserError in its own exception."""
+
+    def build(*overrides: str):
+        keys = OmegaConf.to_container(make_cfg(*overrides).dataset, resolve=True)
+        assert keys.pop("_target_") == "datasets.crops.build"
+        return crops.build(**keys, seed=0)
+
+    return build
 
 
 def _is_crops(overrides) -> bool:

@@ -6,19 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from datasets import crops
 from datasets.crop_csv import write_crops
 from errors import UserError
 from tests import files
-
-
-def build(make_cfg, *overrides):
-    """The crop dataset as the composed config describes it (called directly: Hydra would wrap a UserError)."""
-    keys = OmegaConf.to_container(make_cfg(*overrides).dataset, resolve=True)
-    assert keys.pop("_target_") == "datasets.crops.build"
-    return crops.build(**keys, seed=0)
 
 
 def all_images(bundle) -> torch.Tensor:
@@ -42,9 +33,9 @@ def cache_files(tmp_path):
     return sorted(p.name for p in (tmp_path / "cache").iterdir())
 
 
-def test_disk_cache_equals_memory_and_is_reused_without_reading_sources(make_cfg, npy_crops, tmp_path):
-    memory = build(make_cfg, f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16")
-    first = build(make_cfg, f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
+def test_disk_cache_equals_memory_and_is_reused_without_reading_sources(build_crops, npy_crops, tmp_path):
+    memory = build_crops(f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16")
+    first = build_crops(f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
     assert torch.equal(all_images(first), all_images(memory))
     written = cache_files(tmp_path)
     assert sorted(Path(name).suffix for name in written) == [".json", ".npy"]  # a manifest and one array
@@ -54,40 +45,40 @@ def test_disk_cache_equals_memory_and_is_reused_without_reading_sources(make_cfg
     stat = source.stat()
     files.write_npy(source, 255 - np.load(source))
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    again = build(make_cfg, f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
+    again = build_crops(f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
     assert torch.equal(all_images(again), all_images(memory))
     assert cache_files(tmp_path) == written
     assert again.classes == first.classes and torch.equal(again.train.indices, first.train.indices)
 
 
-def test_disk_cache_never_reused_after_a_source_changes(make_cfg, npy_crops, tmp_path):
+def test_disk_cache_never_reused_after_a_source_changes(build_crops, npy_crops, tmp_path):
     overrides = (f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
-    before = all_images(build(make_cfg, *overrides)).clone()
+    before = all_images(build_crops(*overrides)).clone()
     source = npy_crops.parent / "a0.npy"
     files.write_npy(source, 255 - np.load(source))
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
-    after = all_images(build(make_cfg, *overrides))
+    after = all_images(build_crops(*overrides))
     assert torch.equal(after[:4], 255 - before[:4])  # a0's strips come first in the CSV
     assert torch.equal(after[4:], before[4:])
     assert len(cache_files(tmp_path)) == 2  # the stale array was replaced, not kept beside the new one
 
 
-def test_disk_cache_never_reused_after_the_csv_changes(make_cfg, npy_crops, tmp_path):
+def test_disk_cache_never_reused_after_the_csv_changes(build_crops, npy_crops, tmp_path):
     overrides = (f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
-    before = all_images(build(make_cfg, *overrides)).clone()
+    before = all_images(build_crops(*overrides)).clone()
     lines = npy_crops.read_text().splitlines()
     lines[1] = lines[1].replace("a0.npy,0,16", "a0.npy,8,24")  # first row: strip moved by 8 columns
     npy_crops.write_text("\n".join(lines) + "\n")
-    after = build(make_cfg, *overrides)
+    after = build_crops(*overrides)
     source = np.load(npy_crops.parent / "a0.npy")
     assert torch.equal(all_images(after)[0], torch.from_numpy(source[:, 8:24]).permute(2, 0, 1))
     assert torch.equal(all_images(after)[1:], before[1:])
 
 
-def test_failed_extraction_leaves_no_cache(make_cfg, crop_csv, tmp_path):
+def test_failed_extraction_leaves_no_cache(build_crops, crop_csv, tmp_path):
     """A source whose header reads but whose pixels do not: the run fails, and no file is left to be reused."""
     scene = crop_csv.parent / "scene3.png"
     scene.write_bytes(scene.read_bytes()[: scene.stat().st_size // 2])
     with pytest.raises(UserError, match="scene3.png: cannot read"):
-        build(make_cfg, f"dataset.csv={crop_csv}", "dataset.cache=disk")
+        build_crops(f"dataset.csv={crop_csv}", "dataset.cache=disk")
     assert not (tmp_path / "cache").exists() or cache_files(tmp_path) == []

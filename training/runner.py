@@ -78,7 +78,8 @@ def run_log(run_dir: Path):
 
 @contextmanager
 def torch_threads(workers: int):
-    """Leave a core to each loader worker: 2 workers plus 2 torch threads oversubscribe 2 cores."""
+    """Fewer torch threads while loader workers run (at least one): 2 workers plus 2 torch threads
+    oversubscribe 2 cores, and torch's threads then spin in their barriers waiting for each other."""
     before = torch.get_num_threads()
     if workers:
         torch.set_num_threads(max(1, min(before, available_cores() - workers)))
