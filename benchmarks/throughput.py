@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -49,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOADER_DEFAULTS = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(ROOT / "configs/loader/default.yaml")).items()
                    if not k.startswith("_")}
 SETTINGS = {
-    "quick": {"rows": 10_000, "memory_rows": 20_000, "seconds": 1.0, "repeats": 2},
+    "quick": {"rows": 10_000, "memory_rows": 20_000, "seconds": 0.75, "repeats": 3},
     "full": {"rows": 50_000, "memory_rows": 50_000, "seconds": 4.0, "repeats": 3},
 }
 BATCHES = (4, 64, 256)
@@ -234,7 +235,7 @@ def define_cases(bundles: dict, device, seconds: float) -> dict[str, Callable[[]
         for cache, modes in (("memory", ("device", "dataloader")), ("disk", ("device", "dataloader")),
                              ("none", ("dataloader",))):
             for mode in modes:
-                for kind in ("loader", "train"):
+                for kind in ("train", "loader"):  # memory/device/train/B right after compute/B: compared
                     cases[f"{cache}/{mode}/{kind}/{batch}"] = app_case(bundles[cache].train, mode, batch, kind == "train")
     for workers in range(available_cores() + 1):
         for kind in ("loader", "train"):
@@ -298,7 +299,13 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs and less data (under 5 min on 2 cores)")
     parser.add_argument("--out", type=Path, help="JSON file to write (default: outputs/benchmarks/throughput[-quick].json)")
+    parser.add_argument("--threads", type=int, help=f"torch threads for every case (default: torch's, {torch.get_num_threads()} here); "
+                        "1 keeps results steady on a machine others are using: two threads stall each other "
+                        "whenever another process takes a core")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     settings = SETTINGS["quick" if args.quick else "full"]
     out = args.out or ROOT / "outputs" / "benchmarks" / f"throughput{'-quick' if args.quick else ''}.json"
     device = torch.device("cpu")
@@ -312,10 +319,12 @@ def main(argv=None) -> dict:
         cases = measure(define_cases(bundles, device, settings["seconds"]), settings["repeats"])
     found = ratios(cases, prep, memory)
     report = {
-        "command": "python -m benchmarks.throughput" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m benchmarks.throughput", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cores": available_cores(), "torch_threads": torch.get_num_threads(), "device": str(device),
                     "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    # 1-min load averages: anything above what this benchmark adds (~1-2) is other work
+                    "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
         "settings": {**settings, "batches": BATCHES, "warmup_batches": WARMUP_BATCHES, "shape": [3, 32, 32]},
         "cases": {name: round(value, 1) for name, value in cases.items()},
         "prep_seconds": {name: round(value, 4) for name, value in prep.items()},
