@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ SPLITS = ("train", "val")
 BAD_ROW_POLICIES = ("error", "skip")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ~100 bytes less per row, which adds up over 50k-row CSVs
 class Crop:
     """One example: a half-open region [y0, y1) x [x0, x1) of a file; y1 = None means the full height."""
 
@@ -65,7 +66,9 @@ def _int(text: str, column: str) -> int:
     return int(value)
 
 
-def _parse_row(record: dict[str, str], form: tuple[str, ...], root: Path, line: int, allow_outside_root: bool) -> Crop:
+def _parse_row(record: dict[str, str], form: tuple[str, ...], root: Path, line: int, paths: dict[str, Path],
+               allow_outside_root: bool) -> Crop:
+    """Rows of one file share one Path (from `paths`) and rows of one class one label string, not copies."""
     text = {k: (record.get(k) or "").strip() for k in (*form, "split")}
     if not text["path"]:
         raise ValueError("path is blank")
@@ -83,14 +86,21 @@ def _parse_row(record: dict[str, str], form: tuple[str, ...], root: Path, line: 
         y0, y1 = 0, None
         if x1 <= x0:
             raise ValueError(f"empty strip: need start < end, got {x0}..{x1}")
-    path = root / text["path"]
+    path = paths.get(text["path"]) or paths.setdefault(text["path"], root / text["path"])
     # A CSV from elsewhere must not make the trainer read any file it names ("../", absolute, symlinks).
     if not allow_outside_root and not path.resolve().is_relative_to(root.resolve()):
         raise ValueError(
             f"resolves to {path.resolve()}, outside the root {root.resolve()}: move it under dataset.root, "
             "point dataset.root at a folder holding it, or set dataset.allow_outside_root=true"
         )
-    return Crop(line, path, x0, y0, x1, y1, text["label"], split)
+    return Crop(line, path, x0, y0, x1, y1, sys.intern(text["label"]), split)
+
+
+def require_csv(csv_path: str | Path) -> Path:
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"dataset.csv: file not found: {csv_path.resolve()}")
+    return csv_path
 
 
 def read_crops(
@@ -105,9 +115,7 @@ def read_crops(
     """
     if on_bad_rows not in BAD_ROW_POLICIES:
         raise UserError(f"dataset.on_bad_rows must be one of {', '.join(BAD_ROW_POLICIES)}, got {on_bad_rows!r}")
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise UserError(f"dataset.csv: file not found: {csv_path.resolve()}")
+    csv_path = require_csv(csv_path)
     root = Path(root) if root is not None else csv_path.parent
     if not root.is_dir():
         raise UserError(f"dataset.root: folder not found: {root.resolve()}")
@@ -116,10 +124,10 @@ def read_crops(
         header = [h.strip() for h in reader.fieldnames or []]
         reader.fieldnames = header
         form = _form(header, csv_path)
-        parsed, problems = [], {}  # problems: CSV line -> what is wrong with that row
+        parsed, problems, paths = [], {}, {}  # problems: CSV line -> what is wrong with that row
         for record in reader:
             try:
-                parsed.append(_parse_row(record, form, root, reader.line_num, allow_outside_root))
+                parsed.append(_parse_row(record, form, root, reader.line_num, paths, allow_outside_root))
             except ValueError as e:
                 problems[reader.line_num] = f"{record.get('path') or ''}: {e}"
     problems.update(_check_files(parsed))

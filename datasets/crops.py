@@ -3,15 +3,13 @@
 Cache modes (the lesson behind this project: decoding from disk per item starves training):
   none    decode the file and cut the crop on every __getitem__ (for data larger than RAM);
   memory  decode each file once, cut all its crops, hold one uint8 array (N, C, H, W);
-  disk    as memory, but the array is written once to a cache file and memory-mapped by later runs.
+  disk    as memory, but the array is written once to a cache file and memory-mapped by later runs
+          (datasets/crop_cache.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from datasets import demo
+from datasets import crop_cache, demo
 from datasets.base import (
     CACHE_MODES,
     ArrayStore,
@@ -33,7 +31,7 @@ from datasets.base import (
     problem_list,
     split_indices,
 )
-from datasets.crop_csv import Crop, read_crops
+from datasets.crop_csv import Crop, read_crops, require_csv
 from datasets.transforms import (
     DECODE_ERRORS,
     array_region,
@@ -48,7 +46,6 @@ from errors import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "crops"
-_CACHE_FORMAT = 1  # bump when the cached array's layout or pixel pipeline changes
 
 
 class FileSource:
@@ -115,39 +112,6 @@ def extract(crops: list[Crop], out: torch.Tensor, desc: str) -> None:
                         + problem_list(unreadable))
 
 
-def cache_key(csv_path: Path, crops: list[Crop], height: int, width: int, channels: int) -> str:
-    """Changes whenever the CSV, any source file (size or mtime) or the crop geometry changes."""
-    digest = hashlib.sha256(json.dumps([_CACHE_FORMAT, height, width, channels]).encode())
-    digest.update(csv_path.read_bytes())
-    for path in sorted({crop.path for crop in crops}):
-        stat = path.stat()
-        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:24]
-
-
-def load_or_extract_cached(
-    csv_path: Path, crops: list[Crop], shape: tuple[int, int, int], cache_dir: Path
-) -> torch.Tensor:
-    """cache=disk: memory-map the cached array, or extract it once into a temp file and rename it in place."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"crops-{cache_key(csv_path, crops, *shape[1:], shape[0])}.npy"
-    if path.exists():
-        log.info("crop cache: reusing %s", path)
-    else:
-        log.info("crop cache: writing %s", path)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(crops), *shape))
-            extract(crops, torch.from_numpy(array), desc="caching crops")
-            array.flush()
-            del array
-            os.replace(tmp, path)  # atomic: a killed run leaves a stray tmp file, never a half cache
-        finally:
-            tmp.unlink(missing_ok=True)
-    # Copy-on-write mapping: writable for torch, yet nothing is ever written back to the cache file.
-    return torch.from_numpy(np.load(path, mmap_mode="c"))
-
-
 def _classes(labels: list[str]) -> list[str]:
     """Sorted class names; integer labels sort as numbers so '10' comes after '2'."""
     unique = set(labels)
@@ -156,11 +120,11 @@ def _classes(labels: list[str]) -> list[str]:
     return sorted(unique)
 
 
-def _split(crops: list[Crop], targets: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def _split(splits: list[str | None], targets: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Rows with a split column keep it; the rest get a seeded, class-stratified split."""
-    fixed_train = [i for i, c in enumerate(crops) if c.split == "train"]
-    fixed_val = [i for i, c in enumerate(crops) if c.split == "val"]
-    free = [i for i, c in enumerate(crops) if c.split is None]
+    fixed_train = [i for i, split in enumerate(splits) if split == "train"]
+    fixed_val = [i for i, split in enumerate(splits) if split == "val"]
+    free = [i for i, split in enumerate(splits) if split is None]
     train, val = fixed_train, fixed_val
     if free:
         free_train, free_val = split_indices([targets[i] for i in free], val_fraction, seed)
@@ -198,27 +162,33 @@ def build(
         root = None
     else:
         csv_path = Path(csv)
-    crops, skipped = read_crops(csv_path, root, on_bad_rows, allow_outside_root)
-    classes = _classes([c.label for c in crops])
-    class_index = {name: i for i, name in enumerate(classes)}
-    targets = [class_index[c.label] for c in crops]
-    train, val = _split(crops, targets, val_fraction, seed)
     shape = (channels, height, width)
+    rows = (on_bad_rows, allow_outside_root)  # which rows count: they change what a cache holds
 
-    if cache == "none":
-        def subset(rows):
-            return LazyCrops([crops[i] for i in rows], [targets[i] for i in rows], height, width, channels)
-
-        train_set, val_set = subset(train), subset(val)
+    started = time.perf_counter()
+    images = None
+    if cache == "disk":
+        cached = _load_or_cache(csv_path, root, shape, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR, rows)
+        images, labels, splits, skipped = cached.images, cached.labels, cached.splits, cached.skipped
     else:
-        started = time.perf_counter()
+        crops, skipped = read_crops(csv_path, root, *rows)
+        labels, splits = [c.label for c in crops], [c.split for c in crops]
         if cache == "memory":
             check_fits_in_memory(len(crops) * int(np.prod(shape)), f"{csv_path} at {width}x{height}x{channels}")
             images = torch.empty((len(crops), *shape), dtype=torch.uint8)
             extract(crops, images, desc="decoding crops")
-        else:
-            images = load_or_extract_cached(csv_path, crops, shape, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
-        log.info("crops: %d x %s uint8 (%.1f MiB) ready in %.2f s", len(crops), shape,
+    classes = _classes(labels)
+    class_index = {name: i for i, name in enumerate(classes)}
+    targets = [class_index[label] for label in labels]
+    train, val = _split(splits, targets, val_fraction, seed)
+
+    if images is None:
+        def subset(indices):
+            return LazyCrops([crops[i] for i in indices], [targets[i] for i in indices], height, width, channels)
+
+        train_set, val_set = subset(train), subset(val)
+    else:
+        log.info("crops: %d x %s uint8 (%.1f MiB) ready in %.2f s", len(images), shape,
                  images.numel() / 2**20, time.perf_counter() - started)
         store = ArrayStore(images, torch.tensor(targets))
         train_set, val_set = InMemoryDataset(store, train), InMemoryDataset(store, val)
@@ -233,3 +203,17 @@ def build(
         hflip=hflip,
         skipped=skipped,
     )
+
+
+def _load_or_cache(csv_path: Path, root: str | None, shape: tuple[int, int, int], cache_dir: Path,
+                   rows: tuple[str, bool]) -> crop_cache.CachedCrops:
+    """cache=disk: the crops from the cache, or from the CSV and files, cached on the way."""
+    root_path = Path(root) if root is not None else csv_path.parent
+    manifest = crop_cache.manifest_path(cache_dir, require_csv(csv_path), root_path, shape, rows)
+    cached = crop_cache.load(manifest)
+    if cached is not None:
+        log.info("crop cache: reusing %s", manifest)
+        return cached
+    log.info("crop cache: writing %s", manifest)
+    crops, skipped = read_crops(csv_path, root, *rows)
+    return crop_cache.write(manifest, crops, skipped, shape, lambda out: extract(crops, out, desc="caching crops"))

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from torchvision import datasets as tv
 
+from datasets import crops
 from tests import files
 from training import schema
 
@@ -53,6 +55,19 @@ def make_eval_cfg(tmp_path):
                            overrides=[f"run_dir={run_dir or tmp_path / 'eval'}", "device=cpu", *overrides])
 
     return make
+
+
+@pytest.fixture
+def build_crops(make_cfg, tmp_path):
+    """The crop dataset as the composed config describes it, called directly, with disk caches in tmp_path."""
+
+    def build(*overrides: str):
+        cfg = make_cfg(f"dataset.cache_dir={tmp_path / 'cache'}", *overrides)
+        keys = OmegaConf.to_container(cfg.dataset, resolve=True)
+        assert keys.pop("_target_") == "datasets.crops.build"
+        return crops.build(**keys, seed=0)
+
+    return build
 
 
 @pytest.fixture

@@ -1,42 +1,62 @@
-"""Device and DataLoader modes give the same batches, in the same order, with identical values."""
+"""loader.mode=device and loader.mode=dataloader feed the same uint8 batches; num_workers=auto picks by data."""
 
-import pytest
 import torch
+from hydra.utils import instantiate
 
-from datasets.crops import build
-from training.loaders import DeviceLoader, EpochSeededDataLoader, build_loader
+from training.distributed import Process
+from training.loaders import DeviceLoader, EpochSeededDataLoader, available_cores
+from training.runner import torch_threads
 
-LOADER = dict(mode="auto", batch_size=8, shuffle=True, num_workers=0, pin_memory=False, persistent_workers=False,
-              prefetch_factor=2)
-
-
-@pytest.fixture
-def bundle(crop_csv):
-    return build(str(crop_csv), None, 16, 16, 3, "memory", None, 0.25, [0.5], [0.5], seed=0)
+CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_device_and_dataloader_modes_yield_identical_batches(bundle, workers):
-    cpu = torch.device("cpu")
-    device = build_loader(bundle.train, device=cpu, seed=3, train=True, **LOADER)
-    loader = build_loader(bundle.train, device=cpu, seed=3, train=True, **{**LOADER, "mode": "dataloader",
-                                                                           "num_workers": workers})
-    assert isinstance(device, DeviceLoader) and isinstance(loader, EpochSeededDataLoader)
-    for epoch in (0, 1):
-        device.set_epoch(epoch)
+def epochs_of(loader, epochs=2) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    batches = []
+    for epoch in range(epochs):
         loader.set_epoch(epoch)
-        pairs = list(zip(device, loader, strict=True))
-        for (x_dev, y_dev), (x_dl, y_dl) in pairs:
-            assert torch.equal(x_dev, x_dl) and torch.equal(y_dev, y_dl)
-        assert sum(len(y) for (_, y), _ in pairs) == len(bundle.train)
-    # A new epoch draws a new order.
-    device.set_epoch(0)
-    first = torch.cat([x.flatten() for x, _ in device])
-    device.set_epoch(1)
-    assert not torch.equal(first, torch.cat([x.flatten() for x, _ in device]))
+        batches.append(list(loader))
+    return batches
 
 
-def test_validation_loader_never_shuffles(bundle):
-    val = build_loader(bundle.val, device=torch.device("cpu"), seed=0, train=False, **LOADER)
-    images = torch.cat([x for x, _ in val])
-    assert torch.equal(images, bundle.val.store.images[bundle.val.indices])
+def test_device_and_dataloader_give_the_same_batches_each_epoch(make_cfg, build_crops, crop_csv):
+    memory = build_crops(f"dataset.csv={crop_csv}")
+    lazy = build_crops(f"dataset.csv={crop_csv}", "dataset.cache=none")
+    make_loader = instantiate(make_cfg("loader.batch_size=8").loader)
+    device = make_loader(memory.train, device=CPU, seed=3, train=True, mode="device")
+    in_workers = make_loader(lazy.train, device=CPU, seed=3, train=True, mode="dataloader", num_workers=1)
+    assert isinstance(device, DeviceLoader) and isinstance(in_workers, EpochSeededDataLoader)
+
+    expected = epochs_of(device)
+    got = epochs_of(in_workers)
+    assert len(got[0]) == len(expected[0]) == 7  # 52 training crops in batches of 8
+    for epoch_got, epoch_expected in zip(got, expected):
+        for (images, labels), (images_expected, labels_expected) in zip(epoch_got, epoch_expected):
+            assert images.dtype == torch.uint8
+            assert torch.equal(images, images_expected)
+            assert torch.equal(labels, labels_expected)
+    first, second = (torch.cat([labels for _, labels in epoch]) for epoch in expected)
+    assert not torch.equal(first, second)  # each epoch draws its own order
+    assert sorted(first.tolist()) == sorted(second.tolist())  # of the same samples
+
+
+def test_num_workers_auto(make_cfg, build_crops, crop_csv):
+    make_loader = instantiate(make_cfg().loader)  # num_workers=auto by default
+    memory = build_crops(f"dataset.csv={crop_csv}")
+    lazy = build_crops(f"dataset.csv={crop_csv}", "dataset.cache=none")
+    assert make_loader(memory.train, device=CPU, seed=0, train=True, mode="dataloader").num_workers == 0
+    workers = make_loader(lazy.train, device=CPU, seed=0, train=True).num_workers
+    assert workers == available_cores()  # decoding per item: every core decodes
+
+    before = torch.get_num_threads()
+    with torch_threads(workers, Process()):
+        assert torch.get_num_threads() == max(1, min(before, available_cores() - workers))
+    assert torch.get_num_threads() == before
+
+
+def test_validation_loader_never_shuffles(make_cfg, build_crops, crop_csv):
+    memory = build_crops(f"dataset.csv={crop_csv}")
+    make_loader = instantiate(make_cfg("loader.batch_size=8").loader)
+    for mode in ("device", "dataloader"):
+        val = make_loader(memory.val, device=CPU, seed=0, train=False, mode=mode)
+        images = torch.cat([x for x, _ in val])
+        assert torch.equal(images, memory.val.store.images[memory.val.indices]), mode

@@ -114,7 +114,8 @@ class NoWriter:
 @contextmanager
 def torch_threads(workers: int, process: distributed.Process):
     """Share the cores: each DDP process on this node gets its part, and each loader worker a core of it
-    (2 workers plus 2 torch threads oversubscribe 2 cores)."""
+    (2 workers plus 2 torch threads oversubscribe 2 cores, and torch's threads then spin in their barriers
+    waiting for each other)."""
     before = torch.get_num_threads()
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if process.distributed else 1
     budget = max(1, available_cores() // local_processes)

@@ -1,0 +1,49 @@
+"""Peak resident memory of building the crop dataset with cache=memory, in its own process.
+
+python -m benchmarks.peak_memory CROPS.csv  ->  prints JSON {"rows", "uint8_bytes", "peak_bytes", "ratio"}
+
+The baseline is taken after a warm-up build of the CSV's first rows, so the one-time cost of paging in
+torch's and PIL's code is not counted as data; the peak is the kernel's high-water mark (VmHWM), reset
+just before the measured build.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from datasets import crops
+
+WARMUP_ROWS = 200
+
+
+def _status_bytes(key: str) -> int:
+    kib = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)
+    return int(kib) * 1024
+
+
+def _build(csv_path: Path, root: Path):
+    return crops.build(csv=str(csv_path), root=str(root), width=32, height=32, channels=3, cache="memory",
+                       cache_dir=None, val_fraction=0.2, mean=[0.5], std=[0.5], seed=0)
+
+
+def main(csv_path: Path) -> dict:
+    lines = csv_path.read_text().splitlines(keepends=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        warmup = Path(tmp) / "warmup.csv"
+        warmup.write_text("".join(lines[: WARMUP_ROWS + 1]))
+        _build(warmup, csv_path.parent)
+    baseline = _status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    bundle = _build(csv_path, csv_path.parent)
+    peak = _status_bytes("VmHWM") - baseline
+    uint8_bytes = bundle.train.store.images.numel()
+    return {"rows": len(bundle.train.store), "uint8_bytes": uint8_bytes, "peak_bytes": peak,
+            "ratio": peak / uint8_bytes}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1]))))

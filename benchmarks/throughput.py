@@ -1,0 +1,349 @@
+"""How fast data reaches the tutorial CNN: the app's data paths against the tutorial pipeline and the
+compute-only ceiling, measured side by side in one process on the same generated data.
+
+    python -m benchmarks.throughput [--quick] [--out FILE.json]
+
+Data: the demo's 30 scenes (480x480 PNGs, datasets/demo.py) and a CSV of random boxes 24-48 px on them,
+resized to 32x32x3 (CIFAR's shape), 10 random classes. Cases, each in samples/s:
+  compute/B                    training steps on normalised float batches already in place (the ceiling)
+  tutorial/{loader,train}/4    the PyTorch CIFAR10 tutorial as written: a CIFAR10-style dataset of PIL
+                               images, ToTensor + Normalize, DataLoader(batch 4, shuffle, 2 workers), SGD
+  CACHE/MODE/{loader,train}/B  the app: datasets.crops.build (cache none|memory|disk) and
+                               training.loaders.build_loader (mode device|dataloader, workers auto), then
+                               Normalizer (loader) or training.loop.train_one_epoch (train)
+  none/dataloader-wN/...       cache=none with N loader workers, to choose loader.num_workers=auto
+Each case runs for a fixed time after warm-up batches, cycling epochs; every case is repeated in
+round-robin order and the best run is kept, so a burst of load from elsewhere shows as less noise.
+Also: data preparation time per cache mode (disk twice: write, then reuse) and the peak memory of a
+cache=memory build against its uint8 bytes (benchmarks/peak_memory.py, in a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from datasets import crops, demo
+from datasets.crop_csv import write_crops
+from models.cnn import TutorialCNN
+from training.loaders import available_cores, build_loader
+from training.loop import Normalizer, train_one_epoch, train_step
+from training.runner import torch_threads
+
+ROOT = Path(__file__).resolve().parent.parent
+LOADER_DEFAULTS = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(ROOT / "configs/loader/default.yaml")).items()
+                   if not k.startswith("_")}
+SETTINGS = {
+    "quick": {"rows": 10_000, "memory_rows": 20_000, "seconds": 0.75, "repeats": 3},
+    "full": {"rows": 50_000, "memory_rows": 50_000, "seconds": 4.0, "repeats": 3},
+}
+BATCHES = (4, 64, 256)
+CLASSES = 10
+WARMUP_BATCHES = 3  # allocator, worker start-up, and draining batches the workers prefetched meanwhile
+TUTORIAL = {"lr": 0.001, "momentum": 0.9, "batch_size": 4, "num_workers": 2}
+TARGETS = {  # name: (what, minimum ratio) or (what, maximum ratio) for the memory one
+    "app_vs_ceiling_256": ("memory/device/train/256 / compute/256", 0.95),
+    "app_vs_tutorial_256": ("memory/device/train/256 / tutorial/train/4", 12.0),
+    "cache_vs_none_loader": ("best of memory,disk device loader / none loader, each batch", 100.0),
+    "cache_vs_none_train": ("best of memory,disk device train / none train, each batch", 10.0),
+    "disk_second_prep_speedup": ("first / second prep seconds with cache=disk", 10.0),
+    "peak_memory_vs_uint8": ("peak RSS growth of a cache=memory build / its uint8 bytes (at most)", 1.2),
+}
+
+
+def random_boxes(folder: Path, rows: int) -> Path:
+    """A CSV of `rows` random boxes (24-48 px a side, 10 classes) on the demo scenes in `folder`."""
+    rng = np.random.default_rng(0)
+    side = demo.GRID * demo.SLOT
+    boxes = []
+    for _ in range(rows):
+        h, w = (int(v) for v in rng.integers(24, 49, size=2))
+        y0, x0 = int(rng.integers(0, side - h + 1)), int(rng.integers(0, side - w + 1))
+        boxes.append({"path": f"scene_{int(rng.integers(demo.N_IMAGES)):02d}.png", "x0": x0, "y0": y0,
+                      "x1": x0 + w, "y1": y0 + h, "label": int(rng.integers(CLASSES))})
+    return write_crops(folder / f"boxes-{rows}.csv", boxes)
+
+
+class Timed:
+    """A loader cut off `seconds` after its first WARMUP_BATCHES batches, cycling epochs as needed.
+    Counts the samples and seconds of the timed part, for loader-only cases."""
+
+    def __init__(self, loader, seconds: float):
+        self.loader, self.seconds = loader, seconds
+        self.samples, self.elapsed = 0, 0.0
+
+    def __iter__(self):
+        started = None
+        for epoch in range(10**9):
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(epoch)
+            for n, batch in enumerate(self.loader, start=epoch * len(self.loader)):
+                now = time.perf_counter()
+                if n == WARMUP_BATCHES:
+                    started = now
+                elif started is not None:
+                    self.elapsed = now - started
+                    if self.elapsed > self.seconds:
+                        return
+                yield batch
+                if started is not None:
+                    self.samples += len(batch[1])
+
+    @property
+    def throughput(self) -> float:
+        return self.samples / self.elapsed
+
+
+def new_model(device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = TutorialCNN(3, 32, 32, CLASSES).to(device)
+    return model, torch.optim.SGD(model.parameters(), lr=TUTORIAL["lr"], momentum=TUTORIAL["momentum"])
+
+
+def app_loader_only(loader, normalize: Normalizer, device, seconds: float) -> float:
+    timed = Timed(loader, seconds)
+    for images, _ in timed:
+        normalize(images.to(device))
+    return timed.throughput
+
+
+def app_train(loader, normalize: Normalizer, device, seconds: float) -> float:
+    model, optimizer = new_model(device)
+    stats = train_one_epoch(model, optimizer, Timed(loader, seconds), normalize, device, start_step=0,
+                            warmup_steps=WARMUP_BATCHES, log_every=10**9, on_window=lambda window: None)
+    return stats.throughput
+
+
+def compute_only(images: torch.Tensor, labels: torch.Tensor, normalize: Normalizer, device, batch: int,
+                 seconds: float) -> float:
+    """The ceiling: train_step on batches that are already normalised floats on the device."""
+    model, optimizer = new_model(device)
+    batches = [(normalize(images[i : i + batch].to(device)), labels[i : i + batch].to(device))
+               for i in range(0, 8 * batch, batch)]
+    for inputs, targets in batches[:WARMUP_BATCHES]:
+        train_step(model, optimizer, inputs, targets)
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        inputs, targets = batches[steps % len(batches)]
+        loss = train_step(model, optimizer, inputs, targets)
+        steps += 1
+    loss.item()  # waits for queued device work before the clock is read
+    return steps * batch / (time.perf_counter() - started)
+
+
+class TutorialCIFAR(Dataset):
+    """torchvision's CIFAR10 as the tutorial uses it: HWC uint8 rows, a PIL image per item, then transform."""
+
+    def __init__(self, data: np.ndarray, targets: list[int], transform):
+        self.data, self.targets, self.transform = data, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.data[index])
+        return self.transform(img), self.targets[index]
+
+
+def tutorial_loader(images: torch.Tensor, labels: torch.Tensor) -> DataLoader:
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    trainset = TutorialCIFAR(images.permute(0, 2, 3, 1).numpy(), labels.tolist(), transform)
+    return DataLoader(trainset, batch_size=TUTORIAL["batch_size"], shuffle=True, num_workers=TUTORIAL["num_workers"])
+
+
+def tutorial_train(trainloader: DataLoader, seconds: float) -> float:
+    """The tutorial's training loop, verbatim but for the clock (on the CPU, as the tutorial runs it)."""
+    net, optimizer = new_model("cpu")
+    criterion = nn.CrossEntropyLoss()
+    timed = Timed(trainloader, seconds)
+    running_loss = 0.0
+    for inputs, labels in timed:
+        optimizer.zero_grad()
+        outputs = net(inputs)
+        loss = criterion(outputs, labels)
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item()
+    return timed.throughput
+
+
+def tutorial_loader_only(trainloader: DataLoader, seconds: float) -> float:
+    timed = Timed(trainloader, seconds)
+    for _ in timed:
+        pass
+    return timed.throughput
+
+
+def build_crops(csv_path: Path, cache: str, cache_dir: Path):
+    return crops.build(csv=str(csv_path), root=None, width=32, height=32, channels=3, cache=cache,
+                       cache_dir=str(cache_dir), val_fraction=0.2, mean=[0.5], std=[0.5], seed=0)
+
+
+def app_loader(dataset, device, mode: str, batch: int, workers="auto"):
+    return build_loader(dataset, device=device, seed=0, train=True,
+                        **{**LOADER_DEFAULTS, "mode": mode, "batch_size": batch, "num_workers": workers})
+
+
+def prepare(csv_path: Path, cache_dir: Path, device) -> tuple[dict, dict]:
+    """Build each cache mode as a run would (dataset + loader); disk twice. Returns bundles and seconds."""
+    bundles, seconds = {}, {}
+    for name, cache in (("none", "none"), ("memory", "memory"), ("disk_first", "disk"), ("disk", "disk")):
+        started = time.perf_counter()
+        bundle = build_crops(csv_path, cache, cache_dir)
+        app_loader(bundle.train, device, "auto", 64)
+        seconds[name] = time.perf_counter() - started
+        bundles[name] = bundle
+    del bundles["disk_first"]
+    return bundles, seconds
+
+
+def define_cases(bundles: dict, device, seconds: float) -> dict[str, Callable[[], float]]:
+    memory = bundles["memory"].train
+    normalize = Normalizer(bundles["memory"].mean, bundles["memory"].std, device)
+    images, labels = memory.store.images[memory.indices], memory.store.labels[memory.indices]
+    trainloader = tutorial_loader(images, labels)
+    cases = {
+        "tutorial/loader/4": lambda: tutorial_loader_only(trainloader, seconds),
+        "tutorial/train/4": lambda: tutorial_train(trainloader, seconds),
+    }
+
+    def app_case(dataset, mode, batch, train, workers="auto"):
+        def run():
+            loader = app_loader(dataset, device, mode, batch, workers)
+            with torch_threads(loader.num_workers):  # as training.run does
+                return (app_train if train else app_loader_only)(loader, normalize, device, seconds)
+        return run
+
+    for batch in BATCHES:
+        cases[f"compute/{batch}"] = lambda b=batch: compute_only(images, labels, normalize, device, b, seconds)
+        for cache, modes in (("memory", ("device", "dataloader")), ("disk", ("device", "dataloader")),
+                             ("none", ("dataloader",))):
+            for mode in modes:
+                for kind in ("train", "loader"):  # memory/device/train/B right after compute/B: compared
+                    cases[f"{cache}/{mode}/{kind}/{batch}"] = app_case(bundles[cache].train, mode, batch, kind == "train")
+    for workers in range(available_cores() + 1):
+        for kind in ("loader", "train"):
+            cases[f"none/dataloader-w{workers}/{kind}/64"] = app_case(bundles["none"].train, "dataloader", 64,
+                                                                     kind == "train", workers)
+    return cases
+
+
+def measure(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    best = dict.fromkeys(cases, 0.0)
+    for round_ in range(repeats):
+        for name, case in cases.items():
+            best[name] = max(best[name], case())
+            print(f"  round {round_ + 1}/{repeats} {name:34s} {best[name]:10.0f} samples/s", file=sys.stderr)
+    return best
+
+
+def peak_memory(csv_path: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", str(csv_path)], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def ratios(cases: dict[str, float], prep: dict[str, float], memory: dict) -> dict[str, float]:
+    found = {
+        "app_vs_ceiling_256": cases["memory/device/train/256"] / cases["compute/256"],
+        "app_vs_tutorial_256": cases["memory/device/train/256"] / cases["tutorial/train/4"],
+        "disk_second_prep_speedup": prep["disk_first"] / prep["disk"],
+        "peak_memory_vs_uint8": memory["ratio"],
+    }
+    for kind in ("loader", "train"):
+        per_batch = [max(cases[f"{cache}/device/{kind}/{b}"] for cache in ("memory", "disk"))
+                     / cases[f"none/dataloader/{kind}/{b}"] for b in BATCHES]
+        for batch, ratio in zip(BATCHES, per_batch):
+            found[f"cache_vs_none_{kind}_{batch}"] = ratio
+        found[f"cache_vs_none_{kind}"] = min(per_batch)  # the target holds only if it holds at every batch size
+    return found
+
+
+def targets(found: dict[str, float]) -> dict[str, dict]:
+    result = {}
+    for name, (what, bound) in TARGETS.items():
+        ratio = found[name]
+        met = ratio <= bound if name == "peak_memory_vs_uint8" else ratio >= bound
+        result[name] = {"what": what, "ratio": round(ratio, 3), "target": bound, "met": met}
+    return result
+
+
+def table(cases: dict[str, float]) -> str:
+    """Markdown: one row per case, with training throughput as a fraction of the ceiling at its batch size."""
+    lines = ["| case | samples/s | vs compute-only |", "| --- | ---: | ---: |"]
+    for name, value in cases.items():
+        batch = name.rsplit("/", 1)[1]
+        ceiling = cases.get(f"compute/{batch}")
+        share = f"{value / ceiling:.2f}x" if "/train/" in name and ceiling else ""
+        lines.append(f"| `{name}` | {value:,.0f} | {share} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs and less data (under 5 min on 2 cores)")
+    parser.add_argument("--out", type=Path, help="JSON file to write (default: outputs/benchmarks/throughput[-quick].json)")
+    parser.add_argument("--threads", type=int, help=f"torch threads for every case (default: torch's, {torch.get_num_threads()} here); "
+                        "1 keeps results steady on a machine others are using: two threads stall each other "
+                        "whenever another process takes a core")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    settings = SETTINGS["quick" if args.quick else "full"]
+    out = args.out or ROOT / "outputs" / "benchmarks" / f"throughput{'-quick' if args.quick else ''}.json"
+    device = torch.device("cpu")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        demo.generate(folder)
+        csv_path = random_boxes(folder, settings["rows"])
+        memory = peak_memory(random_boxes(folder, settings["memory_rows"]))
+        bundles, prep = prepare(csv_path, folder / "cache", device)
+        cases = measure(define_cases(bundles, device, settings["seconds"]), settings["repeats"])
+    found = ratios(cases, prep, memory)
+    report = {
+        "command": " ".join(["python -m benchmarks.throughput", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {"cores": available_cores(), "torch_threads": torch.get_num_threads(), "device": str(device),
+                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    "python": platform.python_version(),
+                    # 1-min load averages: anything above what this benchmark adds (~1-2) is other work
+                    "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
+        "settings": {**settings, "batches": BATCHES, "warmup_batches": WARMUP_BATCHES, "shape": [3, 32, 32]},
+        "cases": {name: round(value, 1) for name, value in cases.items()},
+        "prep_seconds": {name: round(value, 4) for name, value in prep.items()},
+        "peak_memory": memory,
+        "ratios": {name: round(value, 3) for name, value in found.items()},
+        "targets": targets(found),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(table(cases))
+    print()
+    print("| target | measured | needed | met |\n| --- | ---: | ---: | --- |")
+    for name, target in report["targets"].items():
+        sign = "<=" if name == "peak_memory_vs_uint8" else ">="
+        print(f"| {target['what']} | {target['ratio']:.2f}x | {sign} {target['target']}x | {'yes' if target['met'] else 'no'} |")
+    print(f"\nprep seconds: {report['prep_seconds']}; total {report['seconds']} s; JSON: {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""dataset.cache=disk for crops: the uint8 array is written once and memory-mapped by later runs.
+
+Two files per (CSV content, root, crop geometry, which rows count), named by a hash of those:
+  crops-<key>.json              the manifest: every source file's size and mtime, every row's label and
+                                split, the rows left out (on_bad_rows=skip), and the array's file name;
+  crops-<key>-<sources>.npy     the array (N, C, H, W), named also by the sources' sizes and mtimes.
+A later run hashes the CSV's bytes and stats the source files, nothing per row: no CSV parsing, no bounds
+checks, no decoding (parsing alone is ~17 us per row, 0.3 s for 20k rows, longer than the rest of a cached
+run). A changed CSV gives a new key; a changed source size or mtime makes the manifest stale and the crops
+are extracted again. Both files go to a temp name first and are renamed into place, array before manifest,
+so a killed run never leaves a manifest pointing at a half-written array.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datasets.crop_csv import Crop
+
+FORMAT = 3  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
+
+
+@dataclass
+class CachedCrops:
+    images: torch.Tensor  # uint8 (N, C, H, W), memory-mapped copy-on-write: nothing is written back
+    labels: list[str]  # per row, in CSV order
+    splits: list[str | None]
+    skipped: list[str]  # one line per row on_bad_rows=skip left out
+
+
+def manifest_path(cache_dir: Path, csv_path: Path, root: Path, shape: tuple[int, int, int], rows: tuple) -> Path:
+    """`rows`: the settings that decide which rows count (on_bad_rows, allow_outside_root)."""
+    digest = hashlib.sha256(json.dumps([FORMAT, str(root.resolve()), *shape, *rows]).encode())
+    digest.update(csv_path.read_bytes())
+    return cache_dir / f"crops-{digest.hexdigest()[:24]}.json"
+
+
+def _source_stats(paths) -> dict[str, list[int]]:
+    """{resolved path: [size in bytes, mtime in ns]}, sorted by path."""
+    stats = {}
+    for path in sorted(str(Path(p).resolve()) for p in paths):
+        stat = os.stat(path)
+        stats[path] = [stat.st_size, stat.st_mtime_ns]
+    return stats
+
+
+def load(manifest: Path) -> CachedCrops | None:
+    """The cached crops, or None when there are none or any source file changed (or vanished) since."""
+    try:
+        entry = json.loads(manifest.read_text())
+        if _source_stats(entry["sources"]) != entry["sources"]:
+            return None
+        images = np.load(manifest.with_name(entry["array"]), mmap_mode="c")
+    except (OSError, ValueError, KeyError):  # missing, vanished or unreadable: extract again
+        return None
+    return CachedCrops(torch.from_numpy(images), entry["labels"], entry["splits"], entry["skipped"])
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # atomic on one file system
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[int, int, int],
+          fill: Callable[[torch.Tensor], None]) -> CachedCrops:
+    """Extract the crops (`fill` writes them into the array it is given) into a new cache; return it mapped."""
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    # Stats taken before extraction: a file edited meanwhile makes this cache stale next time, never wrongly fresh.
+    sources = _source_stats({crop.path for crop in crops})
+    sources_key = hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:12]
+    array_path = manifest.with_name(f"{manifest.stem}-{sources_key}.npy")
+
+    def write_array(tmp: Path) -> None:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(crops), *shape))
+        fill(torch.from_numpy(array))
+        array.flush()
+
+    labels, splits = [c.label for c in crops], [c.split for c in crops]
+
+    def write_manifest(tmp: Path) -> None:
+        tmp.write_text(json.dumps({"array": array_path.name, "sources": sources, "labels": labels, "splits": splits,
+                                   "skipped": skipped}))
+
+    previous = _previous_array(manifest)
+    _replace_atomically(array_path, write_array)
+    _replace_atomically(manifest, write_manifest)
+    if previous is not None and previous != array_path:
+        previous.unlink(missing_ok=True)  # the stale array of the same CSV; runs mapping it keep their copy
+    return CachedCrops(torch.from_numpy(np.load(array_path, mmap_mode="c")), labels, splits, skipped)
+
+
+def _previous_array(manifest: Path) -> Path | None:
+    try:
+        return manifest.with_name(json.loads(manifest.read_text())["array"])
+    except (OSError, ValueError, KeyError):
+        return None

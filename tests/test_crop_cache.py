@@ -1,0 +1,98 @@
+"""dataset.cache=disk: written once, reused while nothing changed, never stale, never half-written."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.crop_csv import write_crops
+from errors import UserError
+from tests import files
+
+
+def all_images(bundle) -> torch.Tensor:
+    """Every crop in CSV order (train and val share one store)."""
+    return bundle.train.store.images
+
+
+@pytest.fixture
+def npy_crops(tmp_path):
+    """Two .npy sources with 4 strips each; .npy so a source can be rewritten at exactly the same size."""
+    root = tmp_path / "arrays"
+    rng = np.random.default_rng(1)
+    rows = []
+    for n in range(2):
+        files.write_npy(root / f"a{n}.npy", files.random_image(rng, 16, 64))
+        rows += [{"path": f"a{n}.npy", "start": 16 * i, "end": 16 * i + 16, "label": i % 2} for i in range(4)]
+    return write_crops(root / "crops.csv", rows, strip=True)
+
+
+def cache_files(tmp_path):
+    return sorted(p.name for p in (tmp_path / "cache").iterdir())
+
+
+def test_disk_cache_equals_memory_and_is_reused_without_reading_sources(build_crops, npy_crops, tmp_path):
+    memory = build_crops(f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16")
+    first = build_crops(f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
+    assert torch.equal(all_images(first), all_images(memory))
+    written = cache_files(tmp_path)
+    assert sorted(Path(name).suffix for name in written) == [".json", ".npy"]  # a manifest and one array
+
+    # New pixels at the same size and mtime: a reused cache still shows the old ones, so nothing was decoded.
+    source = npy_crops.parent / "a0.npy"
+    stat = source.stat()
+    files.write_npy(source, 255 - np.load(source))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = build_crops(f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
+    assert torch.equal(all_images(again), all_images(memory))
+    assert cache_files(tmp_path) == written
+    assert again.classes == first.classes and torch.equal(again.train.indices, first.train.indices)
+
+
+def test_disk_cache_never_reused_after_a_source_changes(build_crops, npy_crops, tmp_path):
+    overrides = (f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
+    before = all_images(build_crops(*overrides)).clone()
+    source = npy_crops.parent / "a0.npy"
+    files.write_npy(source, 255 - np.load(source))
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    after = all_images(build_crops(*overrides))
+    assert torch.equal(after[:4], 255 - before[:4])  # a0's strips come first in the CSV
+    assert torch.equal(after[4:], before[4:])
+    assert len(cache_files(tmp_path)) == 2  # the stale array was replaced, not kept beside the new one
+
+
+def test_disk_cache_never_reused_after_the_csv_changes(build_crops, npy_crops, tmp_path):
+    overrides = (f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
+    before = all_images(build_crops(*overrides)).clone()
+    lines = npy_crops.read_text().splitlines()
+    lines[1] = lines[1].replace("a0.npy,0,16", "a0.npy,8,24")  # first row: strip moved by 8 columns
+    npy_crops.write_text("\n".join(lines) + "\n")
+    after = build_crops(*overrides)
+    source = np.load(npy_crops.parent / "a0.npy")
+    assert torch.equal(all_images(after)[0], torch.from_numpy(source[:, 8:24]).permute(2, 0, 1))
+    assert torch.equal(all_images(after)[1:], before[1:])
+
+
+def test_failed_extraction_leaves_no_cache(build_crops, crop_csv, tmp_path):
+    """A source whose header reads but whose pixels do not: the run fails, and no file is left to be reused."""
+    scene = crop_csv.parent / "scene3.png"
+    scene.write_bytes(scene.read_bytes()[: scene.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"cannot be decoded.*\n.*scene3.png: image file is truncated"):
+        build_crops(f"dataset.csv={crop_csv}", "dataset.cache=disk")
+    assert not (tmp_path / "cache").exists() or cache_files(tmp_path) == []
+
+
+def test_skipped_rows_are_cached_with_the_array_they_shaped(build_crops, crop_csv, tmp_path):
+    """on_bad_rows decides which rows the array holds, so it is part of the cache key, and a reused cache
+    still reports what it left out."""
+    with open(crop_csv, "a") as f:
+        f.write("scene0.png,0,0,999,16,dark\n")  # outside the 64x64 image
+    overrides = (f"dataset.csv={crop_csv}", "dataset.cache=disk", "dataset.on_bad_rows=skip")
+    first, again = build_crops(*overrides), build_crops(*overrides)
+    assert len(first.skipped) == 1 and "outside" in first.skipped[0]
+    assert again.skipped == first.skipped
+    assert len(again.train.store.images) == 64  # the bad row is not in the array
+    with pytest.raises(UserError, match="1 bad row"):  # error mode never reuses the skip-mode cache
+        build_crops(f"dataset.csv={crop_csv}", "dataset.cache=disk")
