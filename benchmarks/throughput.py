@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
@@ -42,20 +43,35 @@ from torchvision import transforms
 from datasets import crops, demo
 from datasets.crop_csv import write_crops
 from models.cnn import TutorialCNN
+from training.distributed import Process
 from training.loaders import available_cores, build_loader
 from training.loop import Normalizer, train_one_epoch, train_step
+from training import schema
 from training.runner import torch_threads
 
 ROOT = Path(__file__).resolve().parent.parent
-LOADER_DEFAULTS = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(ROOT / "configs/loader/default.yaml")).items()
-                   if not k.startswith("_")}
+
+def _loader_defaults() -> dict:
+    """The loader keys exactly as `python train.py` composes them."""
+    schema.register()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        loader = compose(config_name="train").loader
+    return {k: v for k, v in OmegaConf.to_container(loader).items() if not k.startswith("_")}
+
+
+LOADER_DEFAULTS = _loader_defaults()
 SETTINGS = {
-    "quick": {"rows": 10_000, "memory_rows": 20_000, "seconds": 0.75, "repeats": 3},
-    "full": {"rows": 50_000, "memory_rows": 50_000, "seconds": 4.0, "repeats": 3},
+    "quick": {"rows": 10_000, "memory_rows": 20_000, "seconds": 0.75, "repeats": 3, "warmup_batches": 3,
+              "worker_sweep": True},
+    "full": {"rows": 50_000, "memory_rows": 50_000, "seconds": 4.0, "repeats": 3, "warmup_batches": 3,
+             "worker_sweep": True},
+    # Every case once on a little data: proves the benchmark still runs (tests/test_benchmark.py); its
+    # numbers mean nothing.
+    "smoke": {"rows": 300, "memory_rows": 300, "seconds": 0.02, "repeats": 1, "warmup_batches": 1,
+              "worker_sweep": False},
 }
 BATCHES = (4, 64, 256)
 CLASSES = 10
-WARMUP_BATCHES = 3  # allocator, worker start-up, and draining batches the workers prefetched meanwhile
 TUTORIAL = {"lr": 0.001, "momentum": 0.9, "batch_size": 4, "num_workers": 2}
 TARGETS = {  # name: (what, minimum ratio) or (what, maximum ratio) for the memory one
     "app_vs_ceiling_256": ("memory/device/train/256 / compute/256", 0.95),
@@ -81,11 +97,12 @@ def random_boxes(folder: Path, rows: int) -> Path:
 
 
 class Timed:
-    """A loader cut off `seconds` after its first WARMUP_BATCHES batches, cycling epochs as needed.
+    """A loader cut off `seconds` after its first `warmup` batches (allocator, worker start-up, and draining
+    batches the workers prefetched meanwhile), cycling epochs as needed.
     Counts the samples and seconds of the timed part, for loader-only cases."""
 
-    def __init__(self, loader, seconds: float):
-        self.loader, self.seconds = loader, seconds
+    def __init__(self, loader, seconds: float, warmup: int):
+        self.loader, self.seconds, self.warmup = loader, seconds, warmup
         self.samples, self.elapsed = 0, 0.0
 
     def __iter__(self):
@@ -95,7 +112,7 @@ class Timed:
                 self.loader.set_epoch(epoch)
             for n, batch in enumerate(self.loader, start=epoch * len(self.loader)):
                 now = time.perf_counter()
-                if n == WARMUP_BATCHES:
+                if n == self.warmup:
                     started = now
                 elif started is not None:
                     self.elapsed = now - started
@@ -116,27 +133,27 @@ def new_model(device) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.SGD(model.parameters(), lr=TUTORIAL["lr"], momentum=TUTORIAL["momentum"])
 
 
-def app_loader_only(loader, normalize: Normalizer, device, seconds: float) -> float:
-    timed = Timed(loader, seconds)
+def app_loader_only(loader, normalize: Normalizer, device, seconds: float, warmup: int) -> float:
+    timed = Timed(loader, seconds, warmup)
     for images, _ in timed:
         normalize(images.to(device))
     return timed.throughput
 
 
-def app_train(loader, normalize: Normalizer, device, seconds: float) -> float:
+def app_train(loader, normalize: Normalizer, device, seconds: float, warmup: int) -> float:
     model, optimizer = new_model(device)
-    stats = train_one_epoch(model, optimizer, Timed(loader, seconds), normalize, device, start_step=0,
-                            warmup_steps=WARMUP_BATCHES, log_every=10**9, on_window=lambda window: None)
+    stats = train_one_epoch(model, optimizer, Timed(loader, seconds, warmup), normalize, device, start_step=0,
+                            warmup_steps=warmup, log_every=10**9, on_window=lambda window: None)
     return stats.throughput
 
 
 def compute_only(images: torch.Tensor, labels: torch.Tensor, normalize: Normalizer, device, batch: int,
-                 seconds: float) -> float:
+                 seconds: float, warmup: int) -> float:
     """The ceiling: train_step on batches that are already normalised floats on the device."""
     model, optimizer = new_model(device)
     batches = [(normalize(images[i : i + batch].to(device)), labels[i : i + batch].to(device))
                for i in range(0, 8 * batch, batch)]
-    for inputs, targets in batches[:WARMUP_BATCHES]:
+    for inputs, targets in batches[:warmup]:
         train_step(model, optimizer, inputs, targets)
     steps, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -167,11 +184,11 @@ def tutorial_loader(images: torch.Tensor, labels: torch.Tensor) -> DataLoader:
     return DataLoader(trainset, batch_size=TUTORIAL["batch_size"], shuffle=True, num_workers=TUTORIAL["num_workers"])
 
 
-def tutorial_train(trainloader: DataLoader, seconds: float) -> float:
+def tutorial_train(trainloader: DataLoader, seconds: float, warmup: int) -> float:
     """The tutorial's training loop, verbatim but for the clock (on the CPU, as the tutorial runs it)."""
     net, optimizer = new_model("cpu")
     criterion = nn.CrossEntropyLoss()
-    timed = Timed(trainloader, seconds)
+    timed = Timed(trainloader, seconds, warmup)
     running_loss = 0.0
     for inputs, labels in timed:
         optimizer.zero_grad()
@@ -183,8 +200,8 @@ def tutorial_train(trainloader: DataLoader, seconds: float) -> float:
     return timed.throughput
 
 
-def tutorial_loader_only(trainloader: DataLoader, seconds: float) -> float:
-    timed = Timed(trainloader, seconds)
+def tutorial_loader_only(trainloader: DataLoader, seconds: float, warmup: int) -> float:
+    timed = Timed(trainloader, seconds, warmup)
     for _ in timed:
         pass
     return timed.throughput
@@ -213,31 +230,31 @@ def prepare(csv_path: Path, cache_dir: Path, device) -> tuple[dict, dict]:
     return bundles, seconds
 
 
-def define_cases(bundles: dict, device, seconds: float) -> dict[str, Callable[[], float]]:
+def define_cases(bundles: dict, device, seconds: float, warmup: int, worker_sweep: bool) -> dict[str, Callable[[], float]]:
     memory = bundles["memory"].train
     normalize = Normalizer(bundles["memory"].mean, bundles["memory"].std, device)
     images, labels = memory.store.images[memory.indices], memory.store.labels[memory.indices]
     trainloader = tutorial_loader(images, labels)
     cases = {
-        "tutorial/loader/4": lambda: tutorial_loader_only(trainloader, seconds),
-        "tutorial/train/4": lambda: tutorial_train(trainloader, seconds),
+        "tutorial/loader/4": lambda: tutorial_loader_only(trainloader, seconds, warmup),
+        "tutorial/train/4": lambda: tutorial_train(trainloader, seconds, warmup),
     }
 
     def app_case(dataset, mode, batch, train, workers="auto"):
         def run():
             loader = app_loader(dataset, device, mode, batch, workers)
-            with torch_threads(loader.num_workers):  # as training.run does
-                return (app_train if train else app_loader_only)(loader, normalize, device, seconds)
+            with torch_threads(loader.num_workers, Process()):  # as training.run does
+                return (app_train if train else app_loader_only)(loader, normalize, device, seconds, warmup)
         return run
 
     for batch in BATCHES:
-        cases[f"compute/{batch}"] = lambda b=batch: compute_only(images, labels, normalize, device, b, seconds)
+        cases[f"compute/{batch}"] = lambda b=batch: compute_only(images, labels, normalize, device, b, seconds, warmup)
         for cache, modes in (("memory", ("device", "dataloader")), ("disk", ("device", "dataloader")),
                              ("none", ("dataloader",))):
             for mode in modes:
                 for kind in ("train", "loader"):  # memory/device/train/B right after compute/B: compared
                     cases[f"{cache}/{mode}/{kind}/{batch}"] = app_case(bundles[cache].train, mode, batch, kind == "train")
-    for workers in range(available_cores() + 1):
+    for workers in range(available_cores() + 1) if worker_sweep else ():
         for kind in ("loader", "train"):
             cases[f"none/dataloader-w{workers}/{kind}/64"] = app_case(bundles["none"].train, "dataloader", 64,
                                                                      kind == "train", workers)
@@ -297,7 +314,9 @@ def table(cases: dict[str, float]) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter runs and less data (under 5 min on 2 cores)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="shorter runs and less data (under 5 min on 2 cores)")
+    size.add_argument("--smoke", action="store_true", help="every case once, briefly: checks it runs; numbers mean nothing")
     parser.add_argument("--out", type=Path, help="JSON file to write (default: outputs/benchmarks/throughput[-quick].json)")
     parser.add_argument("--threads", type=int, help=f"torch threads for every case (default: torch's, {torch.get_num_threads()} here); "
                         "1 keeps results steady on a machine others are using: two threads stall each other "
@@ -306,8 +325,9 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    settings = SETTINGS["quick" if args.quick else "full"]
-    out = args.out or ROOT / "outputs" / "benchmarks" / f"throughput{'-quick' if args.quick else ''}.json"
+    size = "quick" if args.quick else "smoke" if args.smoke else "full"
+    settings = SETTINGS[size]
+    out = args.out or ROOT / "outputs" / "benchmarks" / f"throughput{'' if size == 'full' else '-' + size}.json"
     device = torch.device("cpu")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -316,7 +336,8 @@ def main(argv=None) -> dict:
         csv_path = random_boxes(folder, settings["rows"])
         memory = peak_memory(random_boxes(folder, settings["memory_rows"]))
         bundles, prep = prepare(csv_path, folder / "cache", device)
-        cases = measure(define_cases(bundles, device, settings["seconds"]), settings["repeats"])
+        cases = measure(define_cases(bundles, device, settings["seconds"], settings["warmup_batches"],
+                                     settings["worker_sweep"]), settings["repeats"])
     found = ratios(cases, prep, memory)
     report = {
         "command": " ".join(["python -m benchmarks.throughput", *(argv if argv is not None else sys.argv[1:])]),
@@ -325,7 +346,7 @@ def main(argv=None) -> dict:
                     "python": platform.python_version(),
                     # 1-min load averages: anything above what this benchmark adds (~1-2) is other work
                     "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
-        "settings": {**settings, "batches": BATCHES, "warmup_batches": WARMUP_BATCHES, "shape": [3, 32, 32]},
+        "settings": {**settings, "batches": BATCHES, "shape": [3, 32, 32]},
         "cases": {name: round(value, 1) for name, value in cases.items()},
         "prep_seconds": {name: round(value, 4) for name, value in prep.items()},
         "peak_memory": memory,

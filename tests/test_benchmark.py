@@ -1,0 +1,23 @@
+"""The benchmark still runs end to end and names every case and target (its speeds are not checked here:
+speed belongs to the benchmark itself, on a quiet machine)."""
+
+import json
+
+from benchmarks import throughput
+
+
+def test_smoke_run_measures_every_case_and_target(tmp_path):
+    out = tmp_path / "bench.json"
+    report = throughput.main(["--smoke", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))  # the JSON holds the whole report
+    cases = report["cases"]
+    for batch in throughput.BATCHES:
+        assert cases[f"compute/{batch}"] > 0
+        for cache in ("none", "memory", "disk"):
+            for mode in ("device", "dataloader") if cache != "none" else ("dataloader",):
+                for kind in ("loader", "train"):
+                    assert cases[f"{cache}/{mode}/{kind}/{batch}"] > 0
+    assert cases["tutorial/train/4"] > 0 and cases["tutorial/loader/4"] > 0
+    assert set(report["targets"]) == set(throughput.TARGETS)
+    assert all(target["ratio"] > 0 for target in report["targets"].values())
+    assert report["peak_memory"]["ratio"] > 0
