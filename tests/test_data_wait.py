@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 import training
 from datasets.crop_csv import write_crops
@@ -24,18 +23,8 @@ def slow_csv(tmp_path):
     return write_crops(root / "crops.csv", rows)
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a busy machine two threads at batch 2 spin in their barriers and the step itself
-    slows 10-100x, which would hide the data wait this test is about."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("cache, warned", [("none", True), ("memory", False)])
-def test_data_wait_warning(make_cfg, slow_csv, tmp_path, cache, warned, one_thread):
+def test_data_wait_warning(make_cfg, slow_csv, tmp_path, cache, warned):
     run_dir = tmp_path / cache
     cfg = make_cfg(f"dataset.csv={slow_csv}", f"dataset.cache={cache}", "loader.mode=auto", "loader.batch_size=2",
                    "loader.num_workers=0", "trainer.log_every=4", run_dir=run_dir)
