@@ -11,6 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from training.distributed import shard, shard_size
+from training.evaluation import run_evaluation
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +34,7 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=150)
 
 
-def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path):
+def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, make_eval_cfg):
     common = [f"dataset.csv={crop_csv}", "loader.batch_size=4", "trainer.progress=false", "trainer.device=cpu"]
     first = torchrun(*common, "trainer.epochs=2", "hydra.run.dir=run", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -45,6 +46,10 @@ def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path):
     # 52 training crops: 26 per rank, 7 batches of 4 per rank and epoch.
     assert (checkpoint["epoch"], checkpoint["step"]) == (2, 14)
     assert not any(k.startswith("module.") for k in checkpoint["model"])  # saved unwrapped
+    # Each rank scored half the validation set; summed, they equal one process scoring all of it.
+    single = run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"))
+    assert single["acc"] == metrics["val/acc"]
+    assert single["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
 
     resumed = torchrun(f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", "trainer.epochs=3",
                        "trainer.progress=false", "hydra.run.dir=again", cwd=tmp_path)
