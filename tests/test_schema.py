@@ -22,7 +22,7 @@ def compose_without_schema(config_name: str, overrides: list[str]):
     store = ConfigStore.instance()
     for group, names in schema.GROUPS.items():
         for name in names:
-            store.store(group=group, name=name, node={})
+            store.store(name=schema.stored_name(group, name), node={})
     for name in schema.PRIMARY:
         store.store(name=name, node={})
     try:

@@ -168,12 +168,19 @@ def _open(schema: type) -> Any:
     return node
 
 
+def stored_name(group: str, name: str) -> str:
+    """Where a group's schema is stored: configs/<group>/*.yaml extend it as /<stored name>@_here_."""
+    return f"{group}_{name}"
+
+
 def register() -> None:
     """Store every schema with Hydra's ConfigStore; call it before composing (train.py, evaluate.py, tests).
     Storing again replaces the same entries, so calling it twice is harmless."""
     store = ConfigStore.instance()
     for group, schemas in GROUPS.items():
         for name, schema in schemas.items():
-            store.store(group=group, name=name, node=schema)
+            # Stored beside the primary configs, not in the group: the group's choices (`--help`, `dataset=`)
+            # list only what a user can train with. Each YAML extends it as /<group>_<name>@_here_.
+            store.store(name=stored_name(group, name), node=schema)
     for name, schema in PRIMARY.items():
         store.store(name=name, node=_open(schema))
