@@ -87,6 +87,7 @@ def test_train_py_user_error_is_one_line(crop_csv, tmp_path):
     assert "Traceback" not in output and "Error in call to target" not in output
     (error,) = [line for line in output.splitlines() if "[ERROR]" in line]
     assert "dataset.width and dataset.height must each be at least 16" in error
+    assert "decoding crops" not in output  # refused before any data was decoded
 
 
 @pytest.mark.parametrize(

@@ -177,12 +177,21 @@ def _check_classes(checkpoint: dict, cfg: DictConfig, bundle: DataBundle) -> Non
                         f"{bundle.classes}: restore that data, or train a new run")
 
 
+def _check_input_size(cfg: DictConfig) -> None:
+    """Build the model once for the configured input size before any data is decoded, so a crop too small
+    for it fails in a second rather than after decoding a large data set. (CIFAR10 declares no size.)"""
+    shape = tuple(OmegaConf.select(cfg, f"dataset.{key}") for key in ("channels", "height", "width"))
+    if None not in shape:
+        build_model(cfg.model, shape, 2, torch.device("cpu"))
+
+
 def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distributed.Process,
          device: torch.device) -> dict:
     trainer = cfg.trainer
     main = process.is_main  # rank 0 alone writes files and TensorBoard
     seed_everything(trainer.seed)  # the same on every rank: identical initial weights, one shared epoch order
 
+    _check_input_size(cfg)
     prep_started = time.perf_counter()
     data = build_data(cfg.dataset, cfg.loader, trainer.seed, device, process.rank, process.world_size)
     bundle, train_loader = data.bundle, data.train_loader
