@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +13,6 @@ from tqdm import tqdm
 
 from errors import UserError
 
-log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "disk")
 MAX_REPORTED = 20  # problems listed in one error; the rest are counted
@@ -72,10 +70,6 @@ class InMemoryDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         j = int(self.indices[index])
         return self.store.images[j], int(self.store.labels[j])
-
-
-def is_in_memory(dataset: Dataset) -> bool:
-    return isinstance(dataset, InMemoryDataset)
 
 
 def per_channel(values: Sequence[float], channels: int, key: str) -> tuple[float, ...]:

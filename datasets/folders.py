@@ -74,8 +74,6 @@ def _build(make, root, width, height, channels, cache, val_fraction, mean, std, 
     check_image_keys(width, height, channels, val_fraction)
     if cache not in FOLDER_CACHE_MODES:
         raise UserError(f"dataset.cache must be one of {', '.join(FOLDER_CACHE_MODES)} for folders, got {cache!r}")
-    if root is None:
-        raise UserError("dataset.root is required: a folder with one subfolder per class")
     root = Path(root)
     train_set: Dataset
     if (root / "train").is_dir() and (root / "val").is_dir():

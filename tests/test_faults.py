@@ -145,3 +145,39 @@ def test_resume_appends_to_the_log_and_events(make_cfg, crop_csv, tmp_path):
     for name, content in events_before.items():
         assert (run_dir / name).read_bytes()[: len(content)] == content
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == len(events_before) + 1
+
+
+def test_missing_mandatory_keys_are_named_in_one_line(make_cfg, make_eval_cfg):
+    with pytest.raises(UserError, match=r"dataset.root must be set: add dataset.root=\.\.\. to the command"):
+        training.run(make_cfg("dataset=imagefolder"))
+    from training.evaluation import run_evaluation
+
+    with pytest.raises(UserError, match="checkpoint must be set"):
+        run_evaluation(make_eval_cfg())
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seed_outside_numpys_range_is_one_line(make_cfg, crop_csv, seed):
+    with pytest.raises(UserError, match="trainer.seed must be between 0 and 2\\*\\*32 - 1"):
+        training.run(make_cfg(f"dataset.csv={crop_csv}", f"trainer.seed={seed}"))
+
+
+def test_resume_after_ctrl_c_in_an_epochs_last_step(make_cfg, crop_csv, tmp_path):
+    """Ctrl-C during the last step saves epoch e with all its batches done; resuming validates epoch e and
+    goes on, instead of fetching from an epoch that has no batches left."""
+    run_dir = tmp_path / "run"
+    training.run(make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=8", run_dir=run_dir))
+    last = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state.update(epoch=0, batches_done=7)  # what the runner saves when stopped after step 7 of 7
+    torch.save(state, last)
+    metrics = training.run(make_cfg(f"resume={last}", "trainer.epochs=2"))
+    assert torch.load(last, weights_only=True)["step"] == 14
+    assert metrics["val/acc"] >= 0.9
+
+
+def test_every_epoch_is_timed_even_when_shorter_than_warm_up(make_cfg, crop_csv):
+    # 52 training crops in one batch of 64: one step per epoch, fewer than the default 5 warm-up steps.
+    metrics = training.run(make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=64", "trainer.warmup_steps=5",
+                                    "trainer.epochs=2"))
+    assert metrics["train/throughput"] > 0 and 0 <= metrics["train/data_wait"] <= 1

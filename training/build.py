@@ -28,6 +28,13 @@ def _instantiate(node: DictConfig, **runtime):
         raise
 
 
+def require_keys(cfg: DictConfig) -> None:
+    """Keys left as ??? (dataset.root for folders, checkpoint for evaluate.py) as one line, not a traceback."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"{', '.join(missing)} must be set: add {' '.join(f'{k}=...' for k in missing)} to the command")
+
+
 def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
     """auto: CUDA when available, else CPU. Asking for CUDA without it fails here, before any work.
     `key` is the config key that named the device, for messages."""

@@ -14,10 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from datasets.transforms import LoadItem
+from datasets.transforms import DECODE_ERRORS, LoadItem
 from errors import UserError
 from training import checkpoint as checkpoints
-from training.build import build_data, build_model, resolve_device
+from training.build import build_data, build_model, require_keys, resolve_device
 from training.loop import Normalizer, evaluate
 from training.runner import run_log
 
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 def run_evaluation(cfg: DictConfig) -> dict:
     """Score the checkpoint (eval.json) or, with `predict` files, classify them (predictions.json)."""
+    require_keys(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_log(run_dir):
@@ -88,7 +89,7 @@ def predict(model: nn.Module, normalize: Normalizer, checkpoint: dict, paths: li
             raise UserError(f"predict: file not found: {path.resolve()}")
         try:
             image = load(str(path))
-        except OSError as e:
+        except DECODE_ERRORS as e:
             raise UserError(f"predict: cannot read {path} as an image or .npy array ({e})") from None
         probabilities = torch.softmax(model(normalize(image.unsqueeze(0).to(device))), dim=1)[0].cpu()
         best = int(probabilities.argmax())

@@ -30,7 +30,7 @@ from training import checkpoint as checkpoints
 from training import distributed
 from training import speed as speeds
 from training.board import confusion_image, input_grid, write_hparams
-from training.build import build_data, build_model, build_optimizer, resolve_device
+from training.build import build_data, build_model, build_optimizer, require_keys, resolve_device
 from training.loaders import available_cores
 from training.loop import NonFiniteLoss, Normalizer, Window, evaluate, train_one_epoch
 
@@ -72,13 +72,22 @@ def run_log(run_dir: Path):
 
 class StopRequest:
     """Ctrl-C (SIGINT) asks the loop to stop at the next step boundary, so the run can save a consistent
-    last.pt and close TensorBoard; a second Ctrl-C interrupts at once, as usual."""
+    last.pt and close TensorBoard; a second Ctrl-C interrupts at once, as usual.
 
-    def __init__(self):
+    Under DDP the ranks must stop at the same step, or their collectives mismatch and hang: they agree
+    every `every` steps with one small all-reduce (any rank asked -> all stop)."""
+
+    def __init__(self, device: torch.device, every: int):
         self.requested = False
+        self.device, self.every, self.calls = device, every, 0
 
     def __call__(self) -> bool:
-        return self.requested
+        if distributed.world_size() == 1:
+            return self.requested
+        self.calls += 1
+        if self.calls % self.every:
+            return False
+        return distributed.max_(float(self.requested), self.device) > 0
 
     @contextmanager
     def installed(self):
@@ -131,8 +140,11 @@ def run(cfg: DictConfig) -> dict:
     checkpoint = checkpoints.load(cfg.resume, "resume") if cfg.resume else None
     if checkpoint is not None:
         cfg = _resumed_config(checkpoint, cfg)
+    require_keys(cfg)
     if cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs must be at least 1, got {cfg.trainer.epochs}")
+    if not 0 <= cfg.trainer.seed < 2**32:  # numpy's seeding range
+        raise UserError(f"trainer.seed must be between 0 and 2**32 - 1, got {cfg.trainer.seed}")
     process = distributed.from_environment()
     device = resolve_device(cfg.trainer.device)
     if process.distributed and device.type == "cuda":
@@ -189,9 +201,9 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
          device: torch.device) -> dict:
     trainer = cfg.trainer
     main = process.is_main  # rank 0 alone writes files and TensorBoard
+    _check_input_size(cfg)  # before seeding: its throwaway model must not shift the real one's initial weights
     seed_everything(trainer.seed)  # the same on every rank: identical initial weights, one shared epoch order
 
-    _check_input_size(cfg)
     prep_started = time.perf_counter()
     data = build_data(cfg.dataset, cfg.loader, trainer.seed, device, process.rank, process.world_size)
     bundle, train_loader = data.bundle, data.train_loader
@@ -269,9 +281,10 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
             writer.add_scalar(tag, value, step)
         final.update(values)
 
-    warmup_until = step + trainer.warmup_steps  # warm-up is per process: a resumed run warms up again
+    # Warm-up is per process (a resumed run warms up again), and never a whole epoch: every epoch is timed.
+    warmup_until = step + min(trainer.warmup_steps, max(len(train_loader) - 1, 0))
     last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
-    stop = StopRequest()
+    stop = StopRequest(device, trainer.log_every)
 
     def snapshot(epochs_done: int, batches_in_epoch: int) -> dict:
         return {
@@ -296,9 +309,11 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     try:
         with torch_threads(train_loader.num_workers, process), stop.installed():
             train_loader.set_epoch(start_epoch, batches_done)
-            first_images, _ = next(iter(train_loader))
-            writer.add_image("train/first_batch",
-                             input_grid(normalize(first_images.to(device)), bundle.mean, bundle.std), step)
+            # None when Ctrl-C came during an epoch's last step: the resumed epoch has no batches left.
+            first = next(iter(train_loader), None) if main else None
+            if first is not None:
+                writer.add_image("train/first_batch", input_grid(normalize(first[0].to(device)), bundle.mean,
+                                                                 bundle.std), step)
             for epoch in range(start_epoch, trainer.epochs):
                 skip = batches_done if epoch == start_epoch else 0
                 train_loader.set_epoch(epoch, skip)
@@ -332,8 +347,9 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
                 log_scalars({"train/lr": lr, "train/epoch_seconds": epoch_seconds, **last_val})
                 log_scalars({f"val/acc_class/{name}": acc for name, acc in zip(bundle.classes, val["per_class_acc"])
                              if acc is not None})
-                writer.add_image("val/confusion", confusion_image(val["confusion"], bundle.classes), step,
-                                 dataformats="HWC")
+                if main:
+                    writer.add_image("val/confusion", confusion_image(val["confusion"], bundle.classes), step,
+                                     dataformats="HWC")
                 if stats.throughput is not None:
                     final["train/throughput"] = stats.throughput
                 if scheduler is not None:
