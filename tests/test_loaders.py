@@ -1,7 +1,10 @@
 """loader.mode=device and loader.mode=dataloader feed the same uint8 batches; num_workers=auto picks by data."""
 
+import pytest
 import torch
 from hydra.utils import instantiate
+
+from errors import UserError
 
 from training.distributed import Process
 from training.loaders import DeviceLoader, EpochSeededDataLoader, available_cores
@@ -60,3 +63,10 @@ def test_validation_loader_never_shuffles(make_cfg, build_crops, crop_csv):
         val = make_loader(memory.val, device=CPU, seed=0, train=False, mode=mode)
         images = torch.cat([x for x, _ in val])
         assert torch.equal(images, memory.val.store.images[memory.val.indices]), mode
+
+
+def test_pin_memory_takes_auto_or_a_bool(make_cfg, build_crops, crop_csv):
+    lazy = build_crops(f"dataset.csv={crop_csv}", "dataset.cache=none")
+    make_loader = instantiate(make_cfg().loader)
+    with pytest.raises(UserError, match="loader.pin_memory must be auto, true or false, got 'flase'"):
+        make_loader(lazy.train, device=CPU, seed=0, train=True, mode="dataloader", pin_memory="flase")

@@ -10,7 +10,8 @@ from training import speed
 
 def test_auto_is_plain_fp32_on_cpu():
     resolved = speed.resolve("auto", "auto", False, False, torch.device("cpu"))
-    assert resolved == speed.Speed(precision="fp32", channels_last=False, compile=False, cudnn_benchmark=False)
+    assert resolved == speed.Speed(precision="fp32", channels_last=False, compile=False, cudnn_benchmark=False,
+                                   deterministic=False)
 
 
 def test_unknown_precision_is_one_line():

@@ -64,6 +64,11 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def local_processes() -> int:
+    """Processes torchrun started on this machine (1 without torchrun): they share its cores."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datasets.base import InMemoryDataset
 from errors import UserError
-from training.distributed import shard, shard_size
+from training.distributed import local_processes, shard, shard_size
 
 MODES = ("auto", "device", "dataloader")
 _HFLIP_STREAM = 1  # keeps the flip generator's seed apart from the order's (seed + epoch)
@@ -206,7 +206,7 @@ def resolve_workers(num_workers: int | str, dataset: Dataset) -> int:
         return num_workers
     if isinstance(dataset, InMemoryDataset):
         return 0
-    return available_cores()
+    return max(1, available_cores() // local_processes())  # under torchrun, this process's share of the cores
 
 
 def build_loader(
@@ -246,6 +246,8 @@ def build_loader(
     workers = resolve_workers(num_workers, dataset)
     if pin_memory == "auto":
         pin_memory = device.type == "cuda"
+    if not isinstance(pin_memory, bool):
+        raise UserError(f"loader.pin_memory must be auto, true or false, got {pin_memory!r}")
     extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return EpochSeededDataLoader(
         dataset, seed, shuffle, hflip, rank, world_size, train, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, **extra

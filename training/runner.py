@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import signal
 import threading
@@ -126,7 +125,7 @@ def torch_threads(workers: int, process: distributed.Process):
     (2 workers plus 2 torch threads oversubscribe 2 cores, and torch's threads then spin in their barriers
     waiting for each other)."""
     before = torch.get_num_threads()
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if process.distributed else 1
+    local_processes = distributed.local_processes() if process.distributed else 1
     budget = max(1, available_cores() // local_processes)
     if workers or local_processes > 1:
         torch.set_num_threads(max(1, min(before, budget - workers)))

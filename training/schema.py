@@ -89,7 +89,7 @@ class LoaderSchema:
     batch_size: int
     shuffle: bool
     num_workers: Any  # auto or an int: build_loader checks it, with a message that says so
-    pin_memory: Any  # auto or a bool, likewise
+    pin_memory: Any  # auto or a bool: checked by build_loader
     persistent_workers: bool
     prefetch_factor: int
 

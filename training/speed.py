@@ -25,6 +25,7 @@ class Speed:
     channels_last: bool
     compile: bool
     cudnn_benchmark: bool
+    deterministic: bool
 
 
 def _switch(value, key: str, when_auto: bool) -> bool:
@@ -47,6 +48,7 @@ def resolve(precision: str, channels_last, compile, deterministic: bool, device:
         channels_last=_switch(channels_last, "trainer.channels_last", when_auto=cuda),
         compile=_switch(compile, "trainer.compile", when_auto=False),
         cudnn_benchmark=cuda and not deterministic,  # autotuning picks kernels by timing: not reproducible
+        deterministic=deterministic,
     )
 
 
@@ -93,4 +95,5 @@ def memory_format(speed: Speed) -> torch.memory_format:
 def prepare(speed: Speed, model: nn.Module) -> nn.Module:
     """Process-wide and layout settings, before DDP wraps the model (compile comes after wrapping)."""
     torch.backends.cudnn.benchmark = speed.cudnn_benchmark
+    torch.backends.cudnn.deterministic = speed.deterministic  # no nondeterministic cuDNN kernels either
     return model.to(memory_format=memory_format(speed))
