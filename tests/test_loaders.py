@@ -5,7 +5,6 @@ import torch
 from hydra.utils import instantiate
 
 from errors import UserError
-
 from training.distributed import Process
 from training.loaders import DeviceLoader, EpochSeededDataLoader, available_cores
 from training.runner import torch_threads
