@@ -89,6 +89,11 @@ def max_(value: float, device: torch.device) -> float:
     return tensor.item()
 
 
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def from_main(value):
     """Rank 0's value of a picklable object, on every rank."""
     if not dist.is_initialized():

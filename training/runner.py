@@ -204,7 +204,14 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     seed_everything(trainer.seed)  # the same on every rank: identical initial weights, one shared epoch order
 
     prep_started = time.perf_counter()
+    # Under DDP with cache=disk, rank 0 writes the cache while the others wait, then they map it, instead
+    # of every rank decoding every crop at once on the same cores.
+    main_builds_first = process.distributed and OmegaConf.select(cfg, "dataset.cache") == "disk"
+    if main_builds_first and not main:
+        distributed.barrier()
     data = build_data(cfg.dataset, cfg.loader, trainer.seed, device, process.rank, process.world_size)
+    if main_builds_first and main:
+        distributed.barrier()
     bundle, train_loader = data.bundle, data.train_loader
     if bundle.skipped and main:  # dataset.on_bad_rows=skip: the rows left out are kept with the run
         (run_dir / "skipped_rows.txt").write_text("\n".join(bundle.skipped) + "\n")
