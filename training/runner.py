@@ -30,7 +30,7 @@ from training import distributed
 from training import speed as speeds
 from training.board import confusion_image, input_grid, write_hparams
 from training.build import build_data, build_model, build_optimizer, require_keys, resolve_device
-from training.loaders import available_cores
+from training.loaders import DeviceLoader, available_cores
 from training.loop import NonFiniteLoss, Normalizer, Window, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,13 @@ class StopRequest:
             yield self
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+def starvation_advice(loader) -> str:
+    """What to try when training waits on data, for the loader that made it wait."""
+    if isinstance(loader, DeviceLoader):  # nothing left to cache: each batch's fixed cost shows
+        return "the data is already sliced on the device, so the steps are too small: raise loader.batch_size"
+    return "try dataset.cache=memory (or disk), loader.mode=device, or more loader.num_workers"
 
 
 class NoWriter:
@@ -276,11 +283,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
                         wait=f"{window.data_wait:.0%}", refresh=False)
         if window.data_wait > DATA_WAIT_WARNING and not warned_starved:
             warned_starved = True
-            log.warning(
-                "training waited on data %.0f%% of the time (step %d): the loader is the bottleneck; "
-                "try dataset.cache=memory (or disk), loader.mode=device, or more loader.num_workers",
-                100 * window.data_wait, window.step,
-            )
+            log.warning("training waited on data %.0f%% of the time (step %d): the loader is the bottleneck; %s",
+                        100 * window.data_wait, window.step, starvation_advice(train_loader))
 
     def log_scalars(values: dict) -> None:
         for tag, value in values.items():
