@@ -42,7 +42,9 @@ from torchvision import transforms
 
 from datasets import crops, demo
 from datasets.crop_csv import write_crops
+from errors import UserError
 from models.cnn import TutorialCNN
+from training.build import resolve_device
 from training.distributed import Process
 from training.loaders import available_cores, build_loader
 from training.loop import Normalizer, train_one_epoch, train_step
@@ -101,8 +103,8 @@ class Timed:
     batches the workers prefetched meanwhile), cycling epochs as needed.
     Counts the samples and seconds of the timed part, for loader-only cases."""
 
-    def __init__(self, loader, seconds: float, warmup: int):
-        self.loader, self.seconds, self.warmup = loader, seconds, warmup
+    def __init__(self, loader, seconds: float, warmup: int, device: torch.device = torch.device("cpu")):
+        self.loader, self.seconds, self.warmup, self.device = loader, seconds, warmup, device
         self.samples, self.elapsed = 0, 0.0
 
     def __iter__(self):
@@ -111,6 +113,8 @@ class Timed:
             if hasattr(self.loader, "set_epoch"):
                 self.loader.set_epoch(epoch)
             for n, batch in enumerate(self.loader, start=epoch * len(self.loader)):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the consumer's queued work belongs to the timed part
                 now = time.perf_counter()
                 if n == self.warmup:
                     started = now
@@ -134,7 +138,7 @@ def new_model(device) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 
 def app_loader_only(loader, normalize: Normalizer, device, seconds: float, warmup: int) -> float:
-    timed = Timed(loader, seconds, warmup)
+    timed = Timed(loader, seconds, warmup, device)
     for images, _ in timed:
         normalize(images.to(device))
     return timed.throughput
@@ -318,6 +322,9 @@ def main(argv=None) -> dict:
     size.add_argument("--quick", action="store_true", help="shorter runs and less data (under 5 min on 2 cores)")
     size.add_argument("--smoke", action="store_true", help="every case once, briefly: checks it runs; numbers mean nothing")
     parser.add_argument("--out", type=Path, help="JSON file to write (default: outputs/benchmarks/throughput[-quick].json)")
+    parser.add_argument("--device", default="auto",
+                        help="where the app and the ceiling train: auto (CUDA when available), cpu, cuda, cuda:N; "
+                             "the tutorial pipeline always runs on the CPU, as the tutorial does")
     parser.add_argument("--threads", type=int, help=f"torch threads for every case (default: torch's, {torch.get_num_threads()} here); "
                         "1 keeps results steady on a machine others are using: two threads stall each other "
                         "whenever another process takes a core")
@@ -328,7 +335,7 @@ def main(argv=None) -> dict:
     size = "quick" if args.quick else "smoke" if args.smoke else "full"
     settings = SETTINGS[size]
     out = args.out or ROOT / "outputs" / "benchmarks" / f"throughput{'' if size == 'full' else '-' + size}.json"
-    device = torch.device("cpu")
+    device = resolve_device(args.device, "--device")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -367,4 +374,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
