@@ -56,10 +56,16 @@ def hflip_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def skip_flips(generator: torch.Generator, batches: int, batch_size: int) -> None:
-    """Advance the flip generator past batches a resumed epoch skips, drawing what they would have drawn."""
-    for _ in range(batches):
+def epoch_flips(hflip: bool, seed: int, epoch: int, rank: int, skip_batches: int,
+                batch_size: int) -> torch.Generator | None:
+    """The flip generator for an epoch (None without hflip), advanced past the batches a resumed epoch
+    skips by drawing what they would have drawn."""
+    if not hflip:
+        return None
+    generator = hflip_generator(seed, epoch, rank)
+    for _ in range(skip_batches):
         torch.rand(batch_size, generator=generator)
+    return generator
 
 
 def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -100,13 +106,11 @@ class DeviceLoader:
     def __iter__(self):
         order = epoch_order(len(self.indices), self.shuffle, self.seed, self.epoch)
         order = self.indices[shard(order, self.rank, self.world_size, self.pad).to(self.indices.device)]
-        flips = hflip_generator(self.seed, self.epoch, self.rank)
-        if self.hflip:
-            skip_flips(flips, self.skip_batches, self.batch_size)
+        flips = epoch_flips(self.hflip, self.seed, self.epoch, self.rank, self.skip_batches, self.batch_size)
         for start in range(self.skip_batches * self.batch_size, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             images = self.images[batch]
-            yield (random_hflip(images, flips) if self.hflip else images), self.labels[batch]
+            yield (images if flips is None else random_hflip(images, flips)), self.labels[batch]
 
 
 class EpochSampler(Sampler[int]):
@@ -144,19 +148,15 @@ class EpochSeededDataLoader(DataLoader):
         self.generator.manual_seed(self.seed + epoch)
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.sampler.epoch, "generator": self.generator.get_state()}
+        # The generator needs no saving: set_epoch reseeds it from (seed, epoch), as the order is drawn.
+        return {"seed": self.seed, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = self.sampler.seed = state["seed"]
         self.set_epoch(state["epoch"])
-        if "generator" in state:  # absent when the checkpoint came from the device loader
-            self.generator.set_state(state["generator"])
 
     def __iter__(self) -> _EpochBatches:
-        flips = None
-        if self.hflip:
-            flips = hflip_generator(self.seed, self.epoch, self.rank)
-            skip_flips(flips, self.skip_batches, self.batch_size)
+        flips = epoch_flips(self.hflip, self.seed, self.epoch, self.rank, self.skip_batches, self.batch_size)
         return _EpochBatches(super().__iter__(), flips)
 
 
