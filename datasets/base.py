@@ -133,11 +133,19 @@ def check_fits_in_memory(n_bytes: int, what: str) -> None:
 
 
 def materialize(dataset: Dataset, shape: tuple[int, int, int], desc: str) -> InMemoryDataset:
-    """Decode every item of a per-item dataset once into one preallocated uint8 array."""
+    """Decode every item of a per-item dataset once into one preallocated uint8 array; every item that
+    fails to load is listed in one error, so this doubles as an up-front check of every file."""
     n = len(dataset)
     check_fits_in_memory(n * int(np.prod(shape)), desc)
     images = torch.empty((n, *shape), dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.int64)
+    problems = []
     for i in tqdm(range(n), desc=desc, unit="img", leave=False):
-        images[i], labels[i] = dataset[i]
+        try:
+            images[i], labels[i] = dataset[i]
+        except UserError as e:
+            problems.append(str(e))
+    if problems:
+        raise UserError(f"{desc}: {len(problems)} item(s) cannot be loaded; replace or remove them:"
+                        + problem_list(problems))
     return InMemoryDataset(ArrayStore(images, labels))

@@ -90,7 +90,7 @@ def _build(make, root, width, height, channels, cache, val_fraction, mean, std, 
         train_idx, val_idx = split_indices(full.targets, val_fraction, seed)
         train_set, val_set, classes = Subset(full, train_idx), Subset(full, val_idx), full.classes
         folders = [full]
-    if verify:
+    if verify and cache != "memory":  # cache=memory decodes every file up front anyway and lists the failures
         verify_files(folders)
     shape = (channels, height, width)
     if cache == "memory":

@@ -54,6 +54,21 @@ def test_verify_lists_every_unreadable_file(tmp_path):
     assert "text.png: cannot identify image file" in message
 
 
+def test_memory_cache_lists_every_unreadable_file_without_a_second_decode(tmp_path):
+    """cache=memory decodes every file once anyway, so it lists every failure itself; verify adds nothing."""
+    write_class(tmp_path, "cat", n=4)
+    write_class(tmp_path, "dog", n=4)
+    files.write_truncated_png(tmp_path / "cat" / "truncated.png")
+    (tmp_path / "dog" / "text.png").write_text("not an image")
+    for verify in (False, True):
+        with pytest.raises(UserError) as caught:
+            imagefolder(tmp_path, cache="memory", verify=verify)
+        message = str(caught.value)
+        assert "cannot be loaded" in message and "dataset.verify:" not in message
+        assert "truncated.png: image file is truncated" in message
+        assert "text.png: cannot identify image file" in message
+
+
 def test_load_error_in_a_worker_names_file_and_index(tmp_path):
     write_class(tmp_path / "train", "cat", n=1)
     write_class(tmp_path / "val", "cat", n=1)
