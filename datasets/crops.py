@@ -32,15 +32,7 @@ from datasets.base import (
     split_indices,
 )
 from datasets.crop_csv import Crop, read_crops, require_csv
-from datasets.transforms import (
-    DECODE_ERRORS,
-    array_region,
-    is_array_file,
-    load_image,
-    open_array,
-    to_tensor,
-    uint8_scaler,
-)
+from datasets.transforms import DECODE_ERRORS, FileSource
 from errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,22 +40,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "crops"
 
 
-class FileSource:
-    """One source file opened for cropping: an image decoded whole, or a .npy array memory-mapped."""
-
-    def __init__(self, path: Path, channels: int, scaler=None):
-        self.channels = channels
-        if is_array_file(path):
-            self.array = open_array(path)
-            self.scale = scaler or uint8_scaler(self.array)
-        else:
-            self.array = load_image(path, channels)
-            self.scale = lambda a: a
-
-    def crop(self, crop: Crop, height: int, width: int) -> torch.Tensor:
-        rows = slice(crop.y0, crop.y1)  # y1 None = full height (strip form)
-        region = array_region(self.array, rows, slice(crop.x0, crop.x1), self.scale, self.channels)
-        return to_tensor(region, height, width)
+def cut(source: FileSource, crop: Crop, height: int, width: int) -> torch.Tensor:
+    """The crop's region of its opened file as uint8 (C, height, width); y1 None = full height (strip form)."""
+    return source.region(slice(crop.y0, crop.y1), slice(crop.x0, crop.x1), height, width)
 
 
 class LazyCrops(Dataset):
@@ -84,7 +63,7 @@ class LazyCrops(Dataset):
         except DECODE_ERRORS as e:
             raise UserError(f"crop {index} (CSV line {crop.line}): cannot read {crop.path}: {e}") from e
         self._scalers.setdefault(crop.path, source.scale)
-        return source.crop(crop, self.height, self.width), self.targets[index]
+        return cut(source, crop, self.height, self.width), self.targets[index]
 
 
 def extract(crops: list[Crop], out: torch.Tensor, desc: str) -> None:
@@ -106,7 +85,7 @@ def extract(crops: list[Crop], out: torch.Tensor, desc: str) -> None:
                               f"{', ...' if len(rows) > 5 else ''})")
             continue
         for i in rows:
-            out[i] = source.crop(crops[i], height, width)
+            out[i] = cut(source, crops[i], height, width)
     if unreadable:
         raise UserError(f"{len(unreadable)} file(s) cannot be decoded; replace them or remove their rows:"
                         + problem_list(unreadable))

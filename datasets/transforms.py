@@ -112,6 +112,24 @@ def to_tensor(hwc: np.ndarray, height: int, width: int) -> torch.Tensor:
     return chw.contiguous()
 
 
+class FileSource:
+    """One file opened for cutting regions: an image decoded whole, or a .npy array memory-mapped (only the
+    rows a region touches are read). `scaler` reuses a .npy file's scaling decided earlier."""
+
+    def __init__(self, path: str | Path, channels: int, scaler=None):
+        self.channels = channels
+        if is_array_file(path):
+            self.array = open_array(path)
+            self.scale = scaler or uint8_scaler(self.array)
+        else:
+            self.array = load_image(path, channels)
+            self.scale = lambda a: a
+
+    def region(self, rows: slice, cols: slice, height: int, width: int) -> torch.Tensor:
+        """uint8 (C, height, width) of array[rows, cols], resized only when its size differs."""
+        return to_tensor(array_region(self.array, rows, cols, self.scale, self.channels), height, width)
+
+
 class LoadItem:
     """A picklable per-file loader for torchvision's folder datasets: file -> uint8 (C, H, W)."""
 
@@ -119,9 +137,4 @@ class LoadItem:
         self.height, self.width, self.channels = height, width, channels
 
     def __call__(self, path: str) -> torch.Tensor:
-        if is_array_file(path):
-            array = open_array(path)
-            hwc = array_region(array, slice(None), slice(None), uint8_scaler(array), self.channels)
-        else:
-            hwc = load_image(path, self.channels)
-        return to_tensor(hwc, self.height, self.width)
+        return FileSource(path, self.channels).region(slice(None), slice(None), self.height, self.width)
