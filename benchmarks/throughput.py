@@ -45,7 +45,6 @@ from datasets.crop_csv import write_crops
 from errors import UserError
 from models.cnn import TutorialCNN
 from training.build import resolve_device
-from training.distributed import Process
 from training.loaders import available_cores, build_loader
 from training.loop import Normalizer, train_one_epoch, train_step
 from training import schema
@@ -247,7 +246,7 @@ def define_cases(bundles: dict, device, seconds: float, warmup: int, worker_swee
     def app_case(dataset, mode, batch, train, workers="auto"):
         def run():
             loader = app_loader(dataset, device, mode, batch, workers)
-            with torch_threads(loader.num_workers, Process()):  # as training.run does
+            with torch_threads(loader.num_workers):  # as training.run does
                 return (app_train if train else app_loader_only)(loader, normalize, device, seconds, warmup)
         return run
 

@@ -5,7 +5,6 @@ import torch
 from hydra.utils import instantiate
 
 from errors import UserError
-from training.distributed import Process
 from training.loaders import DeviceLoader, EpochSeededDataLoader, available_cores
 from training.runner import torch_threads
 
@@ -50,7 +49,7 @@ def test_num_workers_auto(make_cfg, build_crops, crop_csv):
     assert workers == available_cores()  # decoding per item: every core decodes
 
     before = torch.get_num_threads()
-    with torch_threads(workers, Process()):
+    with torch_threads(workers):
         assert torch.get_num_threads() == max(1, min(before, available_cores() - workers))
     assert torch.get_num_threads() == before
 

@@ -40,6 +40,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cores_per_process() -> int:
+    """This process's share of the machine's cores: all of them, or a torchrun process's part."""
+    return max(1, available_cores() // local_processes())
+
+
 def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
     """The order of an epoch's items: a seeded permutation, or 0..n-1 without shuffling."""
     if not shuffle:
@@ -206,7 +211,7 @@ def resolve_workers(num_workers: int | str, dataset: Dataset) -> int:
         return num_workers
     if isinstance(dataset, InMemoryDataset):
         return 0
-    return max(1, available_cores() // local_processes())  # under torchrun, this process's share of the cores
+    return cores_per_process()
 
 
 def build_loader(

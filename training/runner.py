@@ -30,7 +30,7 @@ from training import distributed
 from training import speed as speeds
 from training.board import confusion_image, input_grid, write_hparams
 from training.build import build_data, build_model, build_optimizer, require_keys, resolve_device
-from training.loaders import DeviceLoader, available_cores
+from training.loaders import DeviceLoader, cores_per_process
 from training.loop import NonFiniteLoss, Normalizer, Window, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -127,15 +127,13 @@ class NoWriter:
 
 
 @contextmanager
-def torch_threads(workers: int, process: distributed.Process):
+def torch_threads(workers: int):
     """Share the cores: each DDP process on this node gets its part, and each loader worker a core of it
     (2 workers plus 2 torch threads oversubscribe 2 cores, and torch's threads then spin in their barriers
     waiting for each other)."""
     before = torch.get_num_threads()
-    local_processes = distributed.local_processes() if process.distributed else 1
-    budget = max(1, available_cores() // local_processes)
-    if workers or local_processes > 1:
-        torch.set_num_threads(max(1, min(before, budget - workers)))
+    if workers or distributed.local_processes() > 1:
+        torch.set_num_threads(max(1, min(before, cores_per_process() - workers)))
     try:
         yield
     finally:
@@ -317,7 +315,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
         }
 
     try:
-        with torch_threads(train_loader.num_workers, process), stop.installed():
+        with torch_threads(train_loader.num_workers), stop.installed():
             train_loader.set_epoch(start_epoch, batches_done)
             # None when Ctrl-C came during an epoch's last step: the resumed epoch has no batches left.
             first = next(iter(train_loader), None) if main else None
