@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 import training
 from datasets.crop_csv import write_crops
 from tests import files
-from training.runner import starvation_advice
+from training.logger import starvation_advice
 
 STARVED = "training waited on data"
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import pickle
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from datasets.base import DataBundle
 from errors import UserError
 
 FORMAT = 1  # bump when the keys below change meaning
@@ -90,3 +92,58 @@ def load(path: str | Path, key: str) -> dict:
         raise UserError(f"{key}: {path} is not a checkpoint of this trainer (format {FORMAT}); "
                         "point it at checkpoints/last.pt or best.pt of a run")
     return checkpoint
+
+
+@dataclass
+class Position:
+    """Where training stands: `epoch` epochs done, then `batches_done` batches of the next one (non-zero after
+    a Ctrl-C mid-epoch); `step` counts optimizer steps over the whole run."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    step: int = 0
+
+
+@dataclass
+class TrainingState:
+    """The objects whose state a checkpoint holds, and the data description saved beside them: a new
+    checkpoint key is added here, in `snapshot` and `restore`, and nowhere else."""
+
+    model: nn.Module  # possibly wrapped in DDP or torch.compile: saved unwrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None  # an epoch-stepped lr scheduler, None for a constant rate
+    amp: object  # training.speed.MixedPrecision: its GradScaler (fp16) is saved
+    loader: object  # the training loader: its seed and epoch
+    bundle: DataBundle
+
+    def snapshot(self, position: Position, metrics: dict, config: dict) -> dict:
+        return {
+            "format": FORMAT,
+            "epoch": position.epoch,  # a resume starts at this epoch index...
+            "batches_done": position.batches_done,  # ...after this many of its batches
+            "step": position.step,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.amp.state_dict(),
+            "rng": rng_state(),
+            "loader": self.loader.state_dict(),
+            "classes": self.bundle.classes,
+            "input_shape": list(self.bundle.input_shape),  # (C, H, W)
+            "channels": self.bundle.input_shape[0],
+            "normalization": {"mean": list(self.bundle.mean), "std": list(self.bundle.std)},
+            "metrics": metrics,
+            "config": config,
+        }
+
+    def restore(self, checkpoint: dict) -> Position:
+        """Load every state saved by `snapshot`; the RNG streams last, so that building the model (which draws
+        initial weights) before this call does not shift them."""
+        unwrap(self.model).load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.amp.load_state_dict(checkpoint["scaler"])
+        self.loader.load_state_dict(checkpoint["loader"])
+        restore_rng(checkpoint["rng"])
+        return Position(checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"])

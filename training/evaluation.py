@@ -19,7 +19,7 @@ from errors import UserError
 from training import checkpoint as checkpoints
 from training.build import build_data, build_model, require_keys, resolve_device
 from training.loop import Normalizer, evaluate
-from training.runner import run_log
+from training.logger import run_log
 
 log = logging.getLogger(__name__)
 

@@ -14,30 +14,28 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from datasets.base import DataBundle
 from errors import UserError
 from training import checkpoint as checkpoints
 from training import distributed
 from training import speed as speeds
-from training.board import confusion_image, input_grid, write_hparams
-from training.build import build_data, build_model, build_optimizer, require_keys, resolve_device
-from training.loaders import DeviceLoader, cores_per_process
-from training.loop import NonFiniteLoss, Normalizer, Window, evaluate, train_one_epoch
+from training.build import Data, build_data, build_model, build_optimizer, require_keys, resolve_device
+from training.loaders import cores_per_process
+from training.logger import RunLogger, run_log
+from training.loop import NonFiniteLoss, Normalizer, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
 
-DATA_WAIT_WARNING = 0.2  # a window waiting more than this fraction of its time on data is starved
 CHECKPOINT_DIR = "checkpoints"
-HPARAM_METRICS = ("val/acc", "val/loss", "val/acc_best")
 # What a resumed run takes from its own command line; everything else comes from the checkpoint.
 FROM_COMMAND_LINE = ("resume", "trainer.epochs", "trainer.device", "trainer.progress")
 
@@ -46,27 +44,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@contextmanager
-def run_log(run_dir: Path):
-    """Log to run_dir/train.log: Hydra already does under train.py; tests and other callers get it here."""
-    path = (run_dir / "train.log").resolve()
-    root = logging.getLogger()
-    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
-        yield
-        return
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    previous_level = root.level
-    root.addHandler(handler)
-    root.setLevel(min(previous_level, logging.INFO) if previous_level else logging.INFO)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous_level)
-        handler.close()
 
 
 class StopRequest:
@@ -104,26 +81,6 @@ class StopRequest:
             yield self
         finally:
             signal.signal(signal.SIGINT, previous)
-
-
-def starvation_advice(loader) -> str:
-    """What to try when training waits on data, for the loader that made it wait."""
-    if isinstance(loader, DeviceLoader):  # nothing left to cache: each batch's fixed cost shows
-        return "the data is already sliced on the device, so the steps are too small: raise loader.batch_size"
-    return "try dataset.cache=memory (or disk), loader.mode=device, or more loader.num_workers"
-
-
-class NoWriter:
-    """What ranks other than 0 log to: nothing."""
-
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
-
-    def add_image(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @contextmanager
@@ -207,179 +164,165 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     main = process.is_main  # rank 0 alone writes files and TensorBoard
     _check_input_size(cfg)  # before seeding: its throwaway model must not shift the real one's initial weights
     seed_everything(trainer.seed)  # the same on every rank: identical initial weights, one shared epoch order
-
-    prep_started = time.perf_counter()
-    # Under DDP with cache=disk, rank 0 writes the cache while the others wait, then they map it, instead
-    # of every rank decoding every crop at once on the same cores.
-    main_builds_first = process.distributed and OmegaConf.select(cfg, "dataset.cache") == "disk"
-    if main_builds_first and not main:
-        distributed.barrier()
-    data = build_data(cfg.dataset, cfg.loader, trainer.seed, device, process.rank, process.world_size)
-    if main_builds_first and main:
-        distributed.barrier()
-    bundle, train_loader = data.bundle, data.train_loader
-    if bundle.skipped and main:  # dataset.on_bad_rows=skip: the rows left out are kept with the run
-        (run_dir / "skipped_rows.txt").write_text("\n".join(bundle.skipped) + "\n")
-        log.warning("skipped %d bad row(s), listed in %s", len(bundle.skipped), run_dir / "skipped_rows.txt")
-    prep_seconds = time.perf_counter() - prep_started
+    data, prep_seconds = _prepare_data(cfg, run_dir, process, device)
+    bundle = data.bundle
 
     model = build_model(cfg.model, bundle.input_shape, len(bundle.classes), device)
     optimizer, scheduler = build_optimizer(cfg.optim, cfg.get("scheduler"), model)
-    clip_grad_norm = cfg.optim.get("clip_grad_norm")
     speed = speeds.resolve(trainer.precision, trainer.channels_last, trainer.compile, trainer.deterministic, device)
     amp = speeds.MixedPrecision(speed.precision, device)
-    normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
-    config = OmegaConf.to_container(cfg, resolve=True)
-
-    start_epoch, batches_done, step, best_acc = 0, 0, 0, -1.0
+    state = checkpoints.TrainingState(model, optimizer, scheduler, amp, data.train_loader, bundle)
+    position, best_acc = checkpoints.Position(), -1.0
     if checkpoint is not None:
         _check_classes(checkpoint, cfg, bundle)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        amp.load_state_dict(checkpoint["scaler"])
-        train_loader.load_state_dict(checkpoint["loader"])
-        # Last, so that building the model above (which draws initial weights) does not shift the streams.
-        checkpoints.restore_rng(checkpoint["rng"])
-        start_epoch, batches_done, step = checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"]
+        position = state.restore(checkpoint)
         best_acc = checkpoint["metrics"]["val/acc_best"]
         log.info("resuming %s after epoch %d (step %d) in %s with its config; from this command: %s", cfg.resume,
-                 start_epoch, step, run_dir, ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in FROM_COMMAND_LINE))
-    model = speeds.prepare(speed, model)
-    if process.distributed:  # after loading weights: DDP copies rank 0's parameters to every rank as it wraps
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if speed.compile:
-        model = torch.compile(model)
+                 position.epoch, position.step, run_dir,
+                 ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in FROM_COMMAND_LINE))
+    state.model = _wrap(speeds.prepare(speed, model), speed, process, device)
     log.info("speed: %s", ", ".join(f"{k}={v}" for k, v in vars(speed).items()))
 
+    config = OmegaConf.to_container(cfg, resolve=True)
     if main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (run_dir / "classes.json").write_text(json.dumps(bundle.classes, indent=1))
     log.info(
         "data: %d train / %d val items of %s, %d classes, %s loader (%d workers), prepared in %.2f s; device %s",
         len(bundle.train), len(bundle.val), bundle.input_shape, len(bundle.classes),
-        type(train_loader).__name__, train_loader.num_workers, prep_seconds, device,
+        type(data.train_loader).__name__, data.train_loader.num_workers, prep_seconds, device,
     )
 
-    # A resumed run drops whatever the interrupted one logged after its checkpoint, so no step is logged twice.
-    writer = (SummaryWriter(log_dir=str(run_dir), purge_step=step + 1 if checkpoint is not None else None)
-              if main else NoWriter())
-    final: dict = {}
-    warned_starved = False
-
-    def on_window(window: Window) -> None:
-        nonlocal warned_starved
-        writer.add_scalar("train/loss", window.loss, window.step)
-        final["train/loss"] = window.loss
-        if window.throughput is None:
-            return
-        writer.add_scalar("train/throughput", window.throughput, window.step)
-        writer.add_scalar("train/data_wait", window.data_wait, window.step)
-        final["train/data_wait"] = window.data_wait
-        bar.set_postfix(loss=f"{window.loss:.3f}", samples_s=f"{window.throughput:.0f}",
-                        wait=f"{window.data_wait:.0%}", refresh=False)
-        if window.data_wait > DATA_WAIT_WARNING and not warned_starved:
-            warned_starved = True
-            log.warning("training waited on data %.0f%% of the time (step %d): the loader is the bottleneck; %s",
-                        100 * window.data_wait, window.step, starvation_advice(train_loader))
-
-    def log_scalars(values: dict) -> None:
-        for tag, value in values.items():
-            writer.add_scalar(tag, value, step)
-        final.update(values)
-
-    # Warm-up is per process (a resumed run warms up again), and never a whole epoch: every epoch is timed.
-    warmup_until = step + min(trainer.warmup_steps, max(len(train_loader) - 1, 0))
+    logger = RunLogger(run_dir if main else None, purge_step=position.step + 1 if checkpoint is not None else None,
+                       loader=data.train_loader, progress=trainer.progress)
+    normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
     last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
-    stop = StopRequest(device, trainer.log_every)
-
-    def snapshot(epochs_done: int, batches_in_epoch: int) -> dict:
-        return {
-            "format": checkpoints.FORMAT,
-            "epoch": epochs_done,  # a resume starts at this epoch index...
-            "batches_done": batches_in_epoch,  # ...after this many of its batches (non-zero after Ctrl-C)
-            "step": step,
-            "model": checkpoints.unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": amp.state_dict(),
-            "rng": checkpoints.rng_state(),
-            "loader": train_loader.state_dict(),
-            "classes": bundle.classes,
-            "input_shape": list(bundle.input_shape),  # (C, H, W)
-            "channels": bundle.input_shape[0],
-            "normalization": {"mean": list(bundle.mean), "std": list(bundle.std)},
-            "metrics": last_val,
-            "config": config,
-        }
-
     try:
-        with torch_threads(train_loader.num_workers), stop.installed():
-            train_loader.set_epoch(start_epoch, batches_done)
-            # None when Ctrl-C came during an epoch's last step: the resumed epoch has no batches left.
-            first = next(iter(train_loader), None) if main else None
-            if first is not None:
-                writer.add_image("train/first_batch", input_grid(normalize(first[0].to(device)), bundle.mean,
-                                                                 bundle.std), step)
-            for epoch in range(start_epoch, trainer.epochs):
-                skip = batches_done if epoch == start_epoch else 0
-                train_loader.set_epoch(epoch, skip)
-                lr = optimizer.param_groups[0]["lr"]
-                epoch_started = time.perf_counter()
-                with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{trainer.epochs}", unit="batch",
-                          leave=False, disable=not (trainer.progress and main)) as bar:
-                    stats = train_one_epoch(model, optimizer, train_loader, normalize, device, step, warmup_until,
-                                            trainer.log_every, on_window, lambda: bar.update(), clip_grad_norm, stop,
-                                            amp)
-                epoch_seconds = time.perf_counter() - epoch_started
-                step += stats.steps
-                if stats.interrupted:
-                    if main:
-                        checkpoints.save(snapshot(epoch, skip + stats.steps), run_dir / CHECKPOINT_DIR / "last.pt")
-                    log.warning("interrupted at step %d (epoch %d, batch %d): saved %s; continue with resume=%s",
-                                step, epoch + 1, skip + stats.steps, run_dir / CHECKPOINT_DIR / "last.pt",
-                                run_dir / CHECKPOINT_DIR / "last.pt")
-                    raise KeyboardInterrupt
-                # The bare model: DDP's forward would sync buffers, and ranks hold different numbers of val batches.
-                val = evaluate(checkpoints.unwrap(model), data.val_loader, normalize, device, len(bundle.classes), amp)
-                if not math.isfinite(val["loss"]):  # never let a broken model become best.pt or last.pt
-                    raise NonFiniteLoss(
-                        f"the validation loss became {val['loss']} after epoch {epoch + 1} (step {step}): training "
-                        "stopped and checkpoints/last.pt keeps the last good epoch; lower optim.lr or set "
-                        "optim.clip_grad_norm (e.g. 1.0)"
-                    )
-                improved = val["acc"] > best_acc
-                best_acc = max(best_acc, val["acc"])
-                last_val = {"val/loss": val["loss"], "val/acc": val["acc"], "val/acc_best": best_acc}
-                log_scalars({"train/lr": lr, "train/epoch_seconds": epoch_seconds, **last_val})
-                log_scalars({f"val/acc_class/{name}": acc for name, acc in zip(bundle.classes, val["per_class_acc"])
-                             if acc is not None})
-                if main:
-                    writer.add_image("val/confusion", confusion_image(val["confusion"], bundle.classes), step,
-                                     dataformats="HWC")
-                if stats.throughput is not None:
-                    final["train/throughput"] = stats.throughput
-                if scheduler is not None:
-                    scheduler.step()
-                if main:
-                    state = snapshot(epoch + 1, 0)
-                    checkpoints.save(state, run_dir / CHECKPOINT_DIR / "last.pt")
-                    if improved:
-                        checkpoints.save(state, run_dir / CHECKPOINT_DIR / "best.pt")
-                log.info(
-                    "epoch %d/%d: train loss %.4f, %s samples/s, %.1f s | val loss %.4f, acc %.2f%%%s",
-                    epoch + 1, trainer.epochs, stats.loss,
-                    f"{stats.throughput:.0f}" if stats.throughput else "n/a", epoch_seconds,
-                    val["loss"], 100 * val["acc"], " (best)" if improved else "",
-                )
-        if main:
-            write_hparams(writer, config, {tag: final[tag] for tag in HPARAM_METRICS})
+        loop = EpochLoop(cfg, run_dir, data, state, normalize, logger, config, process, device)
+        last_val = loop.run(position, best_acc, last_val)
+        logger.hparams(config)
     finally:
-        writer.close()  # flushes what was logged, also when the run stops on an error or Ctrl-C
+        logger.close()
 
-    metrics = {**final, "data/prep_seconds": prep_seconds, "world_size": process.world_size}
+    metrics = {**logger.final, "data/prep_seconds": prep_seconds, "world_size": process.world_size}
     if main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    log.info("done: val acc %.2f%% (best %.2f%%); run dir %s", 100 * final["val/acc"], 100 * best_acc, run_dir)
+    log.info("done: val acc %.2f%% (best %.2f%%); run dir %s", 100 * last_val["val/acc"],
+             100 * last_val["val/acc_best"], run_dir)
     return metrics
+
+
+def _prepare_data(cfg: DictConfig, run_dir: Path, process: distributed.Process,
+                  device: torch.device) -> tuple[Data, float]:
+    """The data and its loaders, and the seconds preparing them took."""
+    started = time.perf_counter()
+    # Under DDP with cache=disk, rank 0 writes the cache while the others wait, then they map it, instead
+    # of every rank decoding every crop at once on the same cores.
+    main_builds_first = process.distributed and OmegaConf.select(cfg, "dataset.cache") == "disk"
+    if main_builds_first and not process.is_main:
+        distributed.barrier()
+    data = build_data(cfg.dataset, cfg.loader, cfg.trainer.seed, device, process.rank, process.world_size)
+    if main_builds_first and process.is_main:
+        distributed.barrier()
+    if data.bundle.skipped and process.is_main:  # dataset.on_bad_rows=skip: the rows left out are kept with the run
+        (run_dir / "skipped_rows.txt").write_text("\n".join(data.bundle.skipped) + "\n")
+        log.warning("skipped %d bad row(s), listed in %s", len(data.bundle.skipped), run_dir / "skipped_rows.txt")
+    return data, time.perf_counter() - started
+
+
+def _wrap(model: nn.Module, speed: speeds.Speed, process: distributed.Process, device: torch.device) -> nn.Module:
+    """DDP after the weights are loaded (it copies rank 0's parameters to every rank as it wraps), then compile."""
+    if process.distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if speed.compile else model
+
+
+@dataclass
+class EpochLoop:
+    """The epoch loop from a position to trainer.epochs: train, validate, log, save."""
+
+    cfg: DictConfig
+    run_dir: Path
+    data: Data
+    state: checkpoints.TrainingState
+    normalize: Normalizer
+    logger: RunLogger
+    config: dict  # the resolved config, saved in every checkpoint
+    process: distributed.Process
+    device: torch.device
+
+    def run(self, position: checkpoints.Position, best_acc: float, last_val: dict) -> dict:
+        """Train from `position`; returns the last validation metrics."""
+        trainer, bundle, loader = self.cfg.trainer, self.data.bundle, self.data.train_loader
+        # Warm-up is per process (a resumed run warms up again), and never a whole epoch: every epoch is timed.
+        warmup_until = position.step + min(trainer.warmup_steps, max(len(loader) - 1, 0))
+        stop = StopRequest(self.device, trainer.log_every)
+        with torch_threads(loader.num_workers), stop.installed():
+            self._first_batch(position)
+            for epoch in range(position.epoch, trainer.epochs):
+                skip = position.batches_done if epoch == position.epoch else 0
+                loader.set_epoch(epoch, skip)
+                lr = self.state.optimizer.param_groups[0]["lr"]
+                epoch_started = time.perf_counter()
+                with self.logger.epoch_bar(len(loader), f"epoch {epoch + 1}/{trainer.epochs}"):
+                    stats = train_one_epoch(self.state.model, self.state.optimizer, loader, self.normalize,
+                                            self.device, position.step, warmup_until, trainer.log_every,
+                                            self.logger.window, self.logger.step, self.cfg.optim.get("clip_grad_norm"),
+                                            stop, self.state.amp)
+                epoch_seconds = time.perf_counter() - epoch_started
+                position = checkpoints.Position(epoch, skip + stats.steps, position.step + stats.steps)
+                if stats.interrupted:
+                    self._save(position, last_val, best=False)
+                    log.warning("interrupted at step %d (epoch %d, batch %d): saved %s; continue with resume=%s",
+                                position.step, epoch + 1, position.batches_done, self._path("last.pt"),
+                                self._path("last.pt"))
+                    raise KeyboardInterrupt
+                val = self._validate(epoch, position.step)
+                improved = val["acc"] > best_acc
+                best_acc = max(best_acc, val["acc"])
+                last_val = self.logger.validation(val, best_acc, bundle.classes, lr, epoch_seconds, position.step)
+                self.logger.epoch_throughput(stats.throughput)
+                if self.state.scheduler is not None:
+                    self.state.scheduler.step()
+                position = checkpoints.Position(epoch + 1, 0, position.step)
+                self._save(position, last_val, best=improved)
+                log.info(
+                    "epoch %d/%d: train loss %.4f, %s samples/s, %.1f s | val loss %.4f, acc %.2f%%%s",
+                    epoch + 1, trainer.epochs, stats.loss, f"{stats.throughput:.0f}" if stats.throughput else "n/a",
+                    epoch_seconds, val["loss"], 100 * val["acc"], " (best)" if improved else "",
+                )
+        return last_val
+
+    def _first_batch(self, position: checkpoints.Position) -> None:
+        """The first batch the model will see, logged as an image once per run (by the main process)."""
+        loader = self.data.train_loader
+        loader.set_epoch(position.epoch, position.batches_done)
+        # None when Ctrl-C came during an epoch's last step: the resumed epoch has no batches left.
+        first = next(iter(loader), None) if self.process.is_main else None
+        if first is not None:
+            self.logger.first_batch(self.normalize(first[0].to(self.device)), self.data.bundle.mean,
+                                    self.data.bundle.std, position.step)
+
+    def _validate(self, epoch: int, step: int) -> dict:
+        # The bare model: DDP's forward would sync buffers, and ranks hold different numbers of val batches.
+        val = evaluate(checkpoints.unwrap(self.state.model), self.data.val_loader, self.normalize, self.device,
+                       len(self.data.bundle.classes), self.state.amp)
+        if not math.isfinite(val["loss"]):  # never let a broken model become best.pt or last.pt
+            raise NonFiniteLoss(
+                f"the validation loss became {val['loss']} after epoch {epoch + 1} (step {step}): training stopped "
+                "and checkpoints/last.pt keeps the last good epoch; lower optim.lr or set optim.clip_grad_norm "
+                "(e.g. 1.0)"
+            )
+        return val
+
+    def _path(self, name: str) -> Path:
+        return self.run_dir / CHECKPOINT_DIR / name
+
+    def _save(self, position: checkpoints.Position, metrics: dict, best: bool) -> None:
+        """last.pt (and best.pt when validation improved), written by the main process only."""
+        if not self.process.is_main:
+            return
+        snapshot = self.state.snapshot(position, metrics, self.config)
+        checkpoints.save(snapshot, self._path("last.pt"))
+        if best:
+            checkpoints.save(snapshot, self._path("best.pt"))
