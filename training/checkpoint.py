@@ -1,7 +1,10 @@
 """Checkpoints: what one holds, an atomic save, a safe load, and the RNG states that make a resume exact.
 
 A checkpoint is a dict of tensors and plain Python values only, so `torch.load(path, weights_only=True)`
-reads it: no pickled classes, no numpy arrays, the config as plain containers.
+reads it: no pickled classes, no numpy arrays, the config as plain containers. Besides KEYS, a checkpoint
+records `choices`, the shipped config group each part of its config came from: a resume or evaluate.py
+rebuilds the config from those (training/saved_config.py), never from the stored `_target_`s. Checkpoints
+saved before `choices` existed are read too: their choices are looked up from their targets.
 """
 
 from __future__ import annotations
@@ -83,8 +86,13 @@ def load(path: str | Path, key: str) -> dict:
         raise UserError(f"{key}: checkpoint not found: {path.resolve()}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise UserError(f"{key}: {path} is not a checkpoint this trainer can read ({e}); "
+    except pickle.UnpicklingError:  # torch's own message is seven lines, about trusting the file
+        raise UserError(f"{key}: {path} is not a checkpoint this trainer can read: it holds pickled Python objects "
+                        "(which could run code), refused unread; point it at checkpoints/last.pt or best.pt of a run"
+                        ) from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated, or not a torch file at all
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{key}: {path} is not a checkpoint this trainer can read ({reason}); "
                         "point it at checkpoints/last.pt or best.pt of a run") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or set(KEYS) - set(checkpoint):
         raise UserError(f"{key}: {path} is not a checkpoint of this trainer (format {FORMAT}); "

@@ -11,12 +11,13 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from datasets.transforms import DECODE_ERRORS, LoadItem
 from errors import UserError
 from training import checkpoint as checkpoints
+from training import saved_config
 from training.build import build_data, build_model, require_keys, resolve_device
 from training.loop import Normalizer, evaluate
 from training.runner import run_log
@@ -32,7 +33,8 @@ def run_evaluation(cfg: DictConfig) -> dict:
     with run_log(run_dir):
         checkpoint = checkpoints.load(cfg.checkpoint, "checkpoint")
         device = resolve_device(cfg.device, "device")
-        saved = OmegaConf.create(checkpoint["config"])
+        # Rebuilt from the shipped config groups: a checkpoint's config may not choose what code runs.
+        saved = saved_config.rebuild(checkpoint["config"], checkpoint.get("choices"), f"checkpoint={cfg.checkpoint}")
         model = build_model(saved.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"]), device)
         model.load_state_dict(checkpoint["model"])
         model.eval()

@@ -27,6 +27,7 @@ from datasets.base import DataBundle
 from errors import UserError
 from training import checkpoint as checkpoints
 from training import distributed
+from training import saved_config
 from training import speed as speeds
 from training.board import confusion_image, input_grid, write_hparams
 from training.build import build_data, build_model, build_optimizer, require_keys, resolve_device
@@ -178,7 +179,8 @@ def _resumed_config(checkpoint: dict, cfg: DictConfig) -> DictConfig:
     if checkpoint["epoch"] >= cfg.trainer.epochs:
         raise UserError(f"resume={cfg.resume} has already trained {checkpoint['epoch']} epochs: "
                         f"set trainer.epochs above {checkpoint['epoch']} to train further")
-    resumed = OmegaConf.create(checkpoint["config"])
+    # Rebuilt from the shipped config groups: a checkpoint's config may not choose what code runs.
+    resumed = saved_config.rebuild(checkpoint["config"], checkpoint.get("choices"), f"resume={cfg.resume}")
     for key in FROM_COMMAND_LINE:
         OmegaConf.update(resumed, key, OmegaConf.select(cfg, key))
     path = Path(cfg.resume).resolve()
@@ -312,6 +314,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
             "normalization": {"mean": list(bundle.mean), "std": list(bundle.std)},
             "metrics": last_val,
             "config": config,
+            "choices": saved_config.choices(cfg),  # the shipped config groups a resume or evaluate.py rebuilds from
         }
 
     try:
