@@ -27,7 +27,7 @@ from datasets.base import DataBundle
 from errors import UserError
 from training import checkpoint as checkpoints
 from training import distributed
-from training import saved_config
+from training import run_folder, saved_config
 from training import speed as speeds
 from training.board import confusion_image, input_grid, write_hparams
 from training.build import build_data, build_model, build_optimizer, require_keys, resolve_device
@@ -37,7 +37,7 @@ from training.loop import NonFiniteLoss, Normalizer, Window, evaluate, train_one
 log = logging.getLogger(__name__)
 
 DATA_WAIT_WARNING = 0.2  # a window waiting more than this fraction of its time on data is starved
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = run_folder.CHECKPOINT_DIR
 HPARAM_METRICS = ("val/acc", "val/loss", "val/acc_best")
 # What a resumed run takes from its own command line; everything else comes from the checkpoint.
 FROM_COMMAND_LINE = ("resume", "trainer.epochs", "trainer.device", "trainer.progress")
@@ -160,11 +160,8 @@ def run(cfg: DictConfig) -> dict:
         run_dir = Path(distributed.from_main(str(cfg.run_dir)))  # every rank's Hydra made its own; rank 0's wins
         if not process.is_main:
             return _run(cfg, run_dir, checkpoint, process, device)
-        resuming_here = (checkpoint is not None
-                         and Path(cfg.resume).resolve().parent == (run_dir / CHECKPOINT_DIR).resolve())
-        if not resuming_here and any((run_dir / name).exists() for name in ("metrics.json", CHECKPOINT_DIR)):
-            raise UserError(f"{run_dir} already holds another run: a run never writes into another's folder; pick a "
-                            f"new hydra.run.dir, or continue it with resume={run_dir / CHECKPOINT_DIR / 'last.pt'}")
+        # train.py's Hydra callback checked before Hydra wrote there; tests and sweeps come here directly.
+        run_folder.refuse_used(run_dir, cfg.resume if checkpoint is not None else None)
         run_dir.mkdir(parents=True, exist_ok=True)
         with run_log(run_dir):
             return _run(cfg, run_dir, checkpoint, process, device)
