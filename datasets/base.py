@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from errors import UserError
 
+log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "disk")
 MAX_REPORTED = 20  # problems listed in one error; the rest are counted
@@ -149,3 +152,47 @@ def materialize(dataset: Dataset, shape: tuple[int, int, int], desc: str) -> InM
         raise UserError(f"{desc}: {len(problems)} item(s) cannot be loaded; replace or remove them:"
                         + problem_list(problems))
     return InMemoryDataset(ArrayStore(images, labels))
+
+
+def targets(dataset: Dataset) -> list[int] | None:
+    """Every item's class index without decoding anything, for the kinds of data set the families build;
+    None for another kind."""
+    if isinstance(dataset, InMemoryDataset):
+        return dataset.store.labels[dataset.indices].tolist()
+    if isinstance(dataset, Subset):
+        base = targets(dataset.dataset)
+        return None if base is None else [base[i] for i in dataset.indices]
+    found = getattr(dataset, "targets", None)
+    return list(found) if found is not None else None
+
+
+def check_class_coverage(bundle: DataBundle) -> None:
+    """A training split with a single class teaches nothing (its loss is zero from the start): an error. A
+    class with validation items but no training items can never be predicted: a warning naming it."""
+    train, val = targets(bundle.train), targets(bundle.val)
+    if train is None:
+        return
+    present = set(train)
+    if len(present) < 2:
+        names = [bundle.classes[i] for i in sorted(present)]
+        raise UserError(f"the training split holds only class {names} of {bundle.classes}: a classifier needs "
+                        "training items of at least two classes; add them, or check the split column / train/ folder")
+    missing = sorted({bundle.classes[i] for i in set(val or []) - present})
+    if missing:
+        log.warning("class(es) %s have validation items but no training items: the model cannot learn them, and "
+                    "their validation accuracy will be 0; give them training rows or files", missing)
+
+
+def outside_root(paths: Sequence[str], root: Path) -> list[str]:
+    """The paths that resolve outside `root` (through a symlinked file or folder). Each folder is resolved
+    once and only symlinked files on their own: resolving every path costs ~60 us a file."""
+    resolved_root = root.resolve()
+    inside: dict[str, bool] = {}
+    escaped = []
+    for path in paths:
+        folder = os.path.dirname(path)
+        if folder not in inside:
+            inside[folder] = Path(folder).resolve().is_relative_to(resolved_root)
+        if not inside[folder] or (os.path.islink(path) and not Path(path).resolve().is_relative_to(resolved_root)):
+            escaped.append(path)
+    return escaped

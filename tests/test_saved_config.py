@@ -85,3 +85,23 @@ def test_a_checkpoint_without_choices_resumes_with_its_values(make_cfg, make_eva
     assert resumed["optimizer"]["param_groups"][0]["weight_decay"] == 0.001
     assert resumed["config"]["loader"]["batch_size"] == 16
     assert run_evaluation(make_eval_cfg(f"checkpoint={last_pt}"))["epoch"] == 2
+
+
+def test_classes_that_do_not_match_the_weights_are_one_line(make_eval_cfg, last_pt):
+    tampered(last_pt, lambda c: c.update(classes=[*c["classes"], "extra"]))
+    with pytest.raises(UserError, match=r"its weights do not fit the model for its 3 classes and input \(3, 32, 32\)") \
+            as error:
+        run_evaluation(make_eval_cfg(f"checkpoint={last_pt}", "predict=[]"))
+    assert "\n" not in str(error.value)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_a_pickle_checkpoint_is_refused_in_one_line(make_eval_cfg, tmp_path):
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="holds pickled Python objects") as error:
+        run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'evil.pt'}"))
+    assert "\n" not in str(error.value)

@@ -98,3 +98,16 @@ def load(path: str | Path, key: str) -> dict:
         raise UserError(f"{key}: {path} is not a checkpoint of this trainer (format {FORMAT}); "
                         "point it at checkpoints/last.pt or best.pt of a run")
     return checkpoint
+
+
+def load_weights(model: nn.Module, checkpoint: dict, source: str) -> None:
+    """The checkpoint's weights into a model built from its config, classes and input shape; weights of
+    other shapes (an edited class list, a tampered file) are one line naming the first mismatch, not torch's
+    block listing every tensor. `source` names the file for messages ("checkpoint=PATH")."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
+        raise UserError(f"{source}: its weights do not fit the model for its {len(checkpoint['classes'])} classes "
+                        f"and input {tuple(checkpoint['input_shape'])} (C, H, W) ({detail}): the file was edited or "
+                        "is damaged; use the checkpoint as the run saved it") from None

@@ -36,7 +36,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
         # Rebuilt from the shipped config groups: a checkpoint's config may not choose what code runs.
         saved = saved_config.rebuild(checkpoint["config"], checkpoint.get("choices"), f"checkpoint={cfg.checkpoint}")
         model = build_model(saved.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"]), device)
-        model.load_state_dict(checkpoint["model"])
+        checkpoints.load_weights(model, checkpoint, f"checkpoint={cfg.checkpoint}")
         model.eval()
         # The model learnt with the checkpoint's normalisation, whatever data it now sees.
         normalize = Normalizer(checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"], device)

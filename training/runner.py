@@ -233,7 +233,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     start_epoch, batches_done, step, best_acc = 0, 0, 0, -1.0
     if checkpoint is not None:
         _check_classes(checkpoint, cfg, bundle)
-        model.load_state_dict(checkpoint["model"])
+        checkpoints.load_weights(model, checkpoint, f"resume={cfg.resume}")
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(checkpoint["scheduler"])

@@ -47,6 +47,7 @@ class ImageFolderSchema:
     mean: List[float]
     std: List[float]
     verify: bool
+    allow_outside_root: bool
     hflip: bool
 
 
@@ -63,6 +64,7 @@ class DatasetFolderSchema:
     mean: List[float]
     std: List[float]
     verify: bool
+    allow_outside_root: bool
     hflip: bool
 
 
