@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.base import problem_list
+from datasets.base import decode_problem, problem_list
 from datasets.transforms import DECODE_ERRORS, image_size
 from errors import UserError
 
@@ -188,7 +188,7 @@ def _check_files(crops: Iterable[Crop]) -> dict[int, str]:
             except FileNotFoundError:
                 sizes[crop.path] = "file not found"
             except (*DECODE_ERRORS, UserError) as e:
-                sizes[crop.path] = f"unreadable ({e})"
+                sizes[crop.path] = f"unreadable ({decode_problem(e)})"
         size = sizes[crop.path]
         if isinstance(size, str):
             problems[crop.line] = f"{crop.path}: {size}"

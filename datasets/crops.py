@@ -158,7 +158,8 @@ def build(
         crops, skipped = read_crops(csv_path, root, *rows)
         labels, splits = [c.label for c in crops], [c.split for c in crops]
         if cache == "memory":
-            check_fits_in_memory(len(crops) * int(np.prod(shape)), f"{csv_path} at {width}x{height}x{channels}")
+            check_fits_in_memory(len(crops) * int(np.prod(shape)), f"{csv_path} at {width}x{height}x{channels}",
+                                 Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
             images = torch.empty((len(crops), *shape), dtype=torch.uint8)
             extract(crops, images, desc="decoding crops")
     classes = _classes(labels)

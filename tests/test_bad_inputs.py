@@ -81,3 +81,85 @@ def test_a_folder_symlink_leaving_the_root_is_refused(make_cfg, tmp_path, family
         training.run(make_cfg(f"dataset={family}", f"dataset.root={root}"))
     metrics = training.run(make_cfg(f"dataset={family}", f"dataset.root={root}", "dataset.allow_outside_root=true"))
     assert metrics["val/acc"] >= 0
+
+
+@pytest.fixture
+def file_size_limit():
+    """Writes past `limit` bytes fail with EFBIG (Python ignores SIGXFSZ): the errors of a full disk without
+    mounting one. Restored on the way out."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(n_bytes: int) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, before[1]))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, before)
+
+
+def test_a_disk_cache_that_cannot_be_written_is_one_line_and_leaves_no_temp_file(build_crops, crop_csv, tmp_path,
+                                                                                 file_size_limit):
+    cache = tmp_path / "cache"
+    file_size_limit(100_000)  # the array is 64 x 3 x 64 x 64 = 786 kB
+    with pytest.raises(UserError, match=r"dataset.cache_dir .*cache: cannot write the crop cache \(File too large\)"):
+        build_crops(f"dataset.csv={crop_csv}", "dataset.cache=disk", "dataset.width=64", "dataset.height=64")
+    assert list(cache.iterdir()) == []
+
+
+def test_a_disk_cache_larger_than_the_free_space_is_refused_before_writing(build_crops, crop_csv, tmp_path):
+    # 64 crops x 3 x 200000 x 200000 = 7.7 TB: more than this disk's free space and than the memory.
+    with pytest.raises(UserError, match=r"needs 7\d{3}\.\d GiB on disk but .* GiB free: set dataset.cache=none"):
+        build_crops(f"dataset.csv={crop_csv}", "dataset.cache=disk", "dataset.width=200000", "dataset.height=200000")
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+    with pytest.raises(UserError, match=r"needs 7\d{3}\.\d GiB in memory .* set dataset.cache=none"):
+        build_crops(f"dataset.csv={crop_csv}", "dataset.width=200000", "dataset.height=200000")
+
+
+def test_a_cache_dir_that_cannot_be_created_is_one_line(build_crops, crop_csv, tmp_path):
+    """A read-only folder would do, but tests may run as root, for whom chmod stops nothing: a file in the
+    way fails the same mkdir."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=r"dataset.cache_dir .*a_file/cache: cannot create it \(Not a directory\)"):
+        build_crops(f"dataset.csv={crop_csv}", "dataset.cache=disk", f"dataset.cache_dir={tmp_path / 'a_file' / 'cache'}")
+
+
+def test_a_checkpoint_that_cannot_be_saved_is_one_line(tmp_path, file_size_limit):
+    import torch
+
+    from training import checkpoint as checkpoints
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    file_size_limit(50_000)
+    with pytest.raises(UserError, match=r"cannot save .*last.pt \(.*\); no checkpoint was saved") as error:
+        checkpoints.save({"model": torch.zeros(100_000)}, path)  # 400 kB
+    assert "\n" not in str(error.value) and list(path.parent.iterdir()) == []
+    checkpoints.save({"model": torch.zeros(10)}, path)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match=r"the previous one is kept"):
+        checkpoints.save({"model": torch.zeros(100_000)}, path)
+    assert path.read_bytes() == before and list(path.parent.iterdir()) == [path]
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(build_crops, make_cfg, make_eval_cfg, tmp_path):
+    """A small PNG that claims 3000x3000 pixels, against a limit of 1000000 (the default is PIL's 89M)."""
+    from datasets.base import limit_image_pixels
+    from training.evaluation import run_evaluation
+
+    big = np.zeros((3000, 3000), np.uint8)
+    csv_path = write_scene_csv(tmp_path, ["a", "b"] * 4, paths=["big.png"] * 8)
+    files.write_png(tmp_path / "big.png", big)
+    assert (tmp_path / "big.png").stat().st_size < 50_000
+    try:
+        limit_image_pixels(1_000_000)
+        with pytest.raises(UserError, match=r"big.png: unreadable \(it has more than max_image_pixels=1000000 "
+                                            r"pixels .*raise max_image_pixels=N"):
+            build_crops(f"dataset.csv={csv_path}")
+    finally:
+        limit_image_pixels(89478485)
+    run = make_cfg(f"dataset.csv={write_scene_csv(tmp_path / 'small', ['a', 'b'] * 4)}", run_dir=tmp_path / "run")
+    training.run(run)
+    with pytest.raises(UserError, match=r"predict: cannot read .*big.png .*more than max_image_pixels=1000000"):
+        run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'run/checkpoints/last.pt'}",
+                                     f"predict=[{tmp_path / 'big.png'}]", "max_image_pixels=1000000"))
+    limit_image_pixels(89478485)

@@ -67,14 +67,19 @@ def _tuples(value):
 def save(checkpoint: dict, path: Path) -> None:
     """Write to a temp file in the same folder, flush it to disk, then rename over `path`: a crash or a
     failed write leaves the previous checkpoint whole, never a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder (torch wraps some in RuntimeError)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        kept = "the previous one is kept" if path.exists() else "no checkpoint was saved"
+        raise UserError(f"cannot save {path} ({reason}); {kept}: free space there or make the run folder "
+                        "writable, then continue with resume=") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from datasets.base import decode_problem, limit_image_pixels
 from datasets.transforms import DECODE_ERRORS, LoadItem
 from errors import UserError
 from training import checkpoint as checkpoints
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 def run_evaluation(cfg: DictConfig) -> dict:
     """Score the checkpoint (eval.json) or, with `predict` files, classify them (predictions.json)."""
     require_keys(cfg)
+    limit_image_pixels(cfg.max_image_pixels)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_log(run_dir):
@@ -92,7 +94,7 @@ def predict(model: nn.Module, normalize: Normalizer, checkpoint: dict, paths: li
         try:
             image = load(str(path))
         except DECODE_ERRORS as e:
-            raise UserError(f"predict: cannot read {path} as an image or .npy array ({e})") from None
+            raise UserError(f"predict: cannot read {path} as an image or .npy array ({decode_problem(e)})") from None
         probabilities = torch.softmax(model(normalize(image.unsqueeze(0).to(device))), dim=1)[0].cpu()
         best = int(probabilities.argmax())
         predictions.append({"file": str(path), "class": checkpoint["classes"][best],

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from datasets.base import DataBundle
+from datasets.base import DataBundle, limit_image_pixels
 from errors import UserError
 from training import checkpoint as checkpoints
 from training import distributed
@@ -40,7 +40,7 @@ DATA_WAIT_WARNING = 0.2  # a window waiting more than this fraction of its time 
 CHECKPOINT_DIR = run_folder.CHECKPOINT_DIR
 HPARAM_METRICS = ("val/acc", "val/loss", "val/acc_best")
 # What a resumed run takes from its own command line; everything else comes from the checkpoint.
-FROM_COMMAND_LINE = ("resume", "trainer.epochs", "trainer.device", "trainer.progress")
+FROM_COMMAND_LINE = ("resume", "trainer.epochs", "trainer.device", "trainer.progress", "max_image_pixels")
 
 
 def seed_everything(seed: int) -> None:
@@ -146,6 +146,7 @@ def run(cfg: DictConfig) -> dict:
     if checkpoint is not None:
         cfg = _resumed_config(checkpoint, cfg)
     require_keys(cfg)
+    limit_image_pixels(cfg.max_image_pixels)
     if cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs must be at least 1, got {cfg.trainer.epochs}")
     if not 0 <= cfg.trainer.seed < 2**32:  # numpy's seeding range

@@ -138,6 +138,7 @@ class TrainerSchema:
 class TrainSchema:
     run_dir: str
     resume: Optional[str]
+    max_image_pixels: int
 
 
 @dataclass
@@ -145,6 +146,7 @@ class EvaluateSchema:
     checkpoint: str
     device: str
     predict: List[str]
+    max_image_pixels: int
     run_dir: str
 
 
