@@ -9,6 +9,7 @@ config and the config group each part of it came from.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -92,10 +93,8 @@ def run_export(cfg: DictConfig) -> Path:
 def export(checkpoint: dict, output: Path, source: str) -> None:
     """Trace the checkpoint's model with torch's ONNX exporter, record the metadata, check the file with ONNX
     Runtime against the model, and only then move it to `output` (a failed export leaves nothing behind)."""
-    try:
-        import onnxscript  # noqa: F401  # torch's exporter needs it; say so in one line rather than deep inside torch
-    except ImportError:
-        raise UserError("export needs onnx, onnxscript and onnxruntime: pip install -r requirements.txt") from None
+    if importlib.util.find_spec("onnxscript") is None:  # torch's exporter needs it: one line, not deep in torch
+        raise UserError("export needs onnxscript and onnxruntime: pip install -r requirements.txt")
     stored = checkpoint["config"]
     choices = checkpoint.get("choices") or saved_config.choices(OmegaConf.create(stored))
     # The model is built from the shipped model group, never from the checkpoint's own _target_.
