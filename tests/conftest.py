@@ -56,6 +56,17 @@ def make_eval_cfg(tmp_path):
 
 
 @pytest.fixture
+def make_preview_cfg(tmp_path):
+    """Compose configs/preview.yaml like preview.py does, with the run dir in tmp_path."""
+
+    def make(*overrides: str, run_dir: Path | None = None):
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            return compose(config_name="preview", overrides=[f"run_dir={run_dir or tmp_path / 'preview'}", *overrides])
+
+    return make
+
+
+@pytest.fixture
 def build_crops(make_cfg, tmp_path):
     """The crop dataset as the composed config describes it, called directly, with disk caches in tmp_path."""
 
