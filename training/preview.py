@@ -95,8 +95,8 @@ def report(result: dict, csv: str | None) -> str:
     """The bad rows (each line as train.py lists it) and a table of items per class and split."""
     lines = []
     if result["problems"]:
-        lines.append(f"{len(result['problems'])} bad row(s) in {csv or 'the CSV'}: train.py stops on them, or "
-                     "with dataset.on_bad_rows=skip leaves them out; the pictures show the good rows only")
+        lines.append(f"{len(result['problems'])} bad row(s) in {csv or 'the CSV'} (train.py stops on them unless "
+                     "dataset.on_bad_rows=skip, which leaves them out); the pictures show the good rows:")
         lines += [f"  {problem}" for problem in result["problems"]]
     classes, counts = result["classes"], result["counts"]
     width = max(len(name) for name in [*classes, "class", "all"])
