@@ -159,7 +159,7 @@ def _session(path: Path, device: torch.device):
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises its own unexported types (InvalidProtobuf, Fail, ...)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path} is not an ONNX model onnxruntime can read ({reason}); "
+        raise UserError(f"checkpoint: {path} is not an ONNX model onnxruntime can read ({reason}); "
                         "export one with python export.py checkpoint=PATH") from None
 
 
