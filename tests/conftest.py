@@ -1,7 +1,5 @@
-import csv
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -58,6 +56,17 @@ def make_eval_cfg(tmp_path):
 
 
 @pytest.fixture
+def make_preview_cfg(tmp_path):
+    """Compose configs/preview.yaml like preview.py does, with the run dir in tmp_path."""
+
+    def make(*overrides: str, run_dir: Path | None = None):
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            return compose(config_name="preview", overrides=[f"run_dir={run_dir or tmp_path / 'preview'}", *overrides])
+
+    return make
+
+
+@pytest.fixture
 def build_crops(make_cfg, tmp_path):
     """The crop dataset as the composed config describes it, called directly, with disk caches in tmp_path."""
 
@@ -73,24 +82,7 @@ def build_crops(make_cfg, tmp_path):
 @pytest.fixture
 def crop_csv(tmp_path):
     """A small learnable crop set: 4 PNG scenes (2 classes by brightness) with 16 boxes each."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "crops"
-    rows = []
-    for n in range(4):
-        scene = rng.integers(0, 60, size=(64, 64, 3), dtype=np.uint8)
-        for i in range(16):
-            y, x = divmod(i, 4)
-            label = "bright" if (i + n) % 2 else "dark"
-            if label == "bright":
-                scene[y * 16 : y * 16 + 16, x * 16 : x * 16 + 16] += 150
-            rows.append([f"scene{n}.png", x * 16, y * 16, x * 16 + 16, y * 16 + 16, label])
-        files.write_png(root / f"scene{n}.png", scene)
-    path = root / "crops.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "x0", "y0", "x1", "y1", "label"])
-        writer.writerows(rows)
-    return path
+    return files.write_crop_scenes(tmp_path / "crops")
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import pickle
 from pathlib import Path
@@ -72,3 +73,24 @@ def write_cifar10(root: Path, per_batch: int = 20, test_size: int = 20, seed: in
         pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
     sums["batches.meta"] = md5(folder / "batches.meta")
     return sums
+
+
+def write_crop_scenes(root: Path) -> Path:
+    """A small learnable crop set: 4 PNG scenes (2 classes by brightness) with 16 boxes each; returns its CSV."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in range(4):
+        scene = rng.integers(0, 60, size=(64, 64, 3), dtype=np.uint8)
+        for i in range(16):
+            y, x = divmod(i, 4)
+            label = "bright" if (i + n) % 2 else "dark"
+            if label == "bright":
+                scene[y * 16 : y * 16 + 16, x * 16 : x * 16 + 16] += 150
+            rows.append([f"scene{n}.png", x * 16, y * 16, x * 16 + 16, y * 16 + 16, label])
+        write_png(root / f"scene{n}.png", scene)
+    path = root / "crops.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "x0", "y0", "x1", "y1", "label"])
+        writer.writerows(rows)
+    return path

@@ -61,10 +61,15 @@ class Data:
     val_loader: object
 
 
+def build_dataset(dataset_cfg: DictConfig, seed: int) -> DataBundle:
+    """The train and validation sets the config describes; `seed` draws a seeded split as training does."""
+    return _instantiate(dataset_cfg, seed=seed)
+
+
 def build_data(dataset_cfg: DictConfig, loader_cfg: DictConfig, seed: int, device: torch.device, rank: int = 0,
                world_size: int = 1) -> Data:
     """The data and its loaders; under DDP each rank's loaders yield that rank's shard."""
-    bundle: DataBundle = _instantiate(dataset_cfg, seed=seed)
+    bundle = build_dataset(dataset_cfg, seed)
     check_class_coverage(bundle)
     make_loader = _instantiate(loader_cfg)  # a partial: the data set, device and seed are known only here
     return Data(

@@ -1,7 +1,9 @@
-"""evaluate.py's work: score a checkpoint on a validation split, or classify a few files with it.
+"""evaluate.py's work: score a checkpoint (or a model export.py wrote) on a validation split, or classify a
+few files with it.
 
 Like the training runner, the only place evaluation writes files: eval.json (or predictions.json) and a
-log in the run dir. The model, data and preprocessing are rebuilt from what the checkpoint saved.
+log in the run dir. The model, data and preprocessing are rebuilt from what the checkpoint saved; an ONNX
+model brings the same description in its metadata, and ONNX Runtime computes its logits.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datasets.base import decode_problem, limit_image_pixels
 from datasets.transforms import DECODE_ERRORS, LoadItem
 from errors import UserError
 from training import checkpoint as checkpoints
-from training import saved_config
+from training import onnx_model, saved_config
 from training.build import build_data, build_model, require_keys, resolve_device
 from training.loop import Normalizer, evaluate
 from training.logger import run_log
@@ -33,15 +35,21 @@ def run_evaluation(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_log(run_dir):
-        checkpoint = checkpoints.load(cfg.checkpoint, "checkpoint")
         device = resolve_device(cfg.device, "device")
-        # Rebuilt from the shipped config groups: a checkpoint's config may not choose what code runs.
-        saved = saved_config.rebuild(checkpoint["config"], checkpoint.get("choices"), f"checkpoint={cfg.checkpoint}")
-        model = build_model(saved.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"]), device)
-        checkpoints.load_weights(model, checkpoint, f"checkpoint={cfg.checkpoint}")
+        if onnx_model.is_onnx(cfg.checkpoint):
+            # Scored by the same code below: the session stands in for the model, and its graph normalises.
+            model, checkpoint, saved = onnx_model.load(cfg.checkpoint, device)
+            normalize = onnx_model.as_is
+        else:
+            checkpoint = checkpoints.load(cfg.checkpoint, "checkpoint")
+            # Rebuilt from the shipped config groups: a checkpoint's config may not choose what code runs.
+            saved = saved_config.rebuild(checkpoint["config"], checkpoint.get("choices"),
+                                         f"checkpoint={cfg.checkpoint}")
+            model = build_model(saved.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"]), device)
+            checkpoints.load_weights(model, checkpoint, f"checkpoint={cfg.checkpoint}")
+            # The model learnt with the checkpoint's normalisation, whatever data it now sees.
+            normalize = Normalizer(checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"], device)
         model.eval()
-        # The model learnt with the checkpoint's normalisation, whatever data it now sees.
-        normalize = Normalizer(checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"], device)
         if cfg.predict:
             result = {"checkpoint": str(cfg.checkpoint),
                       "predictions": predict(model, normalize, checkpoint, [Path(p) for p in cfg.predict], device)}

@@ -150,6 +150,22 @@ class EvaluateSchema:
     run_dir: str
 
 
+@dataclass
+class ExportSchema:
+    checkpoint: str
+    output: Optional[str]
+    run_dir: str
+
+
+@dataclass
+class PreviewSchema:
+    sources: int
+    per_class: int
+    max_side: int
+    seed: int
+    run_dir: str
+
+
 GROUPS = {
     "dataset": {"crops_schema": CropsSchema, "imagefolder_schema": ImageFolderSchema,
                 "datasetfolder_schema": DatasetFolderSchema, "cifar10_schema": Cifar10Schema},
@@ -159,7 +175,8 @@ GROUPS = {
     "scheduler": {"step_schema": StepSchema, "cosine_schema": CosineSchema},
     "trainer": {"default_schema": TrainerSchema},
 }
-PRIMARY = {"train_schema": TrainSchema, "evaluate_schema": EvaluateSchema}
+PRIMARY = {"train_schema": TrainSchema, "evaluate_schema": EvaluateSchema, "export_schema": ExportSchema,
+           "preview_schema": PreviewSchema}
 
 
 def _open(schema: type) -> Any:
@@ -178,7 +195,7 @@ def stored_name(group: str, name: str) -> str:
 
 
 def register() -> None:
-    """Store every schema with Hydra's ConfigStore; call it before composing (train.py, evaluate.py, tests).
+    """Store every schema with Hydra's ConfigStore; call it before composing (every entry point, tests).
     Storing again replaces the same entries, so calling it twice is harmless."""
     store = ConfigStore.instance()
     for group, schemas in GROUPS.items():

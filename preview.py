@@ -1,0 +1,34 @@
+"""Show what training would use, before training: python preview.py [dataset=CHOICE dataset.key=value ...]
+Writes sources/<file>.png (CSV boxes on each source) and classes.png, prints class counts and bad rows."""
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from errors import UserError
+from training import schema
+from training.preview import report, run_preview
+
+log = logging.getLogger("preview")
+schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="preview")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = run_preview(cfg)
+    except UserError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s", e)
+        sys.exit(1)
+    print(report(result, cfg.dataset.get("csv")))
+    print(f"wrote {result['classes_png']}" + (f" and {len(result['sources'])} file(s) in "
+                                              f"{result['sources'][0].parent}" if result["sources"] else ""))
+
+
+if __name__ == "__main__":
+    main()

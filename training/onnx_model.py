@@ -1,0 +1,201 @@
+"""The ONNX form of a trained model: written by export.py, scored and used for predictions by evaluate.py.
+
+The exported graph takes what the data sets yield, a uint8 batch (N, C, H, W) in 0..255 with any N, and
+normalises it inside ((x / 255 - mean) / std, as training did), so a deployment needs no preprocessing
+code beyond decoding and resizing. The model's metadata (`metadata_props`, JSON strings) carries what
+evaluate.py needs to score it as it would the checkpoint: classes, input shape, normalisation, the run's
+config and the config group each part of it came from.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from errors import UserError
+from training import checkpoint as checkpoints
+from training import saved_config
+from training.build import build_model, require_keys
+from training.logger import run_log
+from training.loop import Normalizer
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".onnx"
+FORMAT = "cnn-trainer onnx 1"  # metadata `format`; bump when the keys below change meaning
+METADATA = ("format", "classes", "input_shape", "normalization", "epoch", "config", "choices")
+INPUT, OUTPUT = "images", "logits"
+# ONNX Runtime computes in float32 with its own kernels: logits agree with torch's to ~1e-6 here; a larger
+# gap means a wrong graph, not rounding.
+TOLERANCE = 1e-4
+# The exporter's graph passes log each step at INFO, which entry points show: a dozen lines about its internals.
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir")
+
+
+@contextmanager
+def _quiet(names: tuple[str, ...]):
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def is_onnx(path: str | Path) -> bool:
+    return str(path).lower().endswith(SUFFIX)
+
+
+class UInt8Input(nn.Module):
+    """The trained model behind training's normalisation: uint8 (N, C, H, W) -> logits (N, classes)."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        normalize = Normalizer(mean, std, torch.device("cpu"))  # the same scale and shift as training's
+        self.register_buffer("scale", normalize.scale)
+        self.register_buffer("shift", normalize.shift)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.float() * self.scale - self.shift)
+
+
+def run_export(cfg: DictConfig) -> Path:
+    """export.py's work: the checkpoint as an ONNX model at cfg.output (default: model.onnx in the run dir)."""
+    require_keys(cfg)
+    run_dir = Path(cfg.run_dir)
+    output = Path(cfg.output) if cfg.output is not None else run_dir / f"model{SUFFIX}"
+    if not is_onnx(output):
+        raise UserError(f"output={output} must end in {SUFFIX}: evaluate.py tells an ONNX model by it")
+    if output.exists():
+        raise UserError(f"output={output} already exists: export never overwrites a file; choose another output")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_log(run_dir):
+        checkpoint = checkpoints.load(cfg.checkpoint, "checkpoint")
+        export(checkpoint, output, f"checkpoint={cfg.checkpoint}")
+        log.info("wrote %s (classes %s, input uint8 (N, %d, %d, %d))", output, checkpoint["classes"],
+                 *checkpoint["input_shape"])
+    return output
+
+
+def export(checkpoint: dict, output: Path, source: str) -> None:
+    """Trace the checkpoint's model with torch's ONNX exporter, record the metadata, check the file with ONNX
+    Runtime against the model, and only then move it to `output` (a failed export leaves nothing behind)."""
+    if importlib.util.find_spec("onnxscript") is None:  # torch's exporter needs it: one line, not deep in torch
+        raise UserError("export needs onnxscript and onnxruntime: pip install -r requirements.txt")
+    stored = checkpoint["config"]
+    choices = checkpoint.get("choices") or saved_config.choices(OmegaConf.create(stored))
+    # The model is built from the shipped model group, never from the checkpoint's own _target_.
+    saved = saved_config.rebuild(stored, choices, source)
+    shape = tuple(checkpoint["input_shape"])
+    model = build_model(saved.model, shape, len(checkpoint["classes"]), torch.device("cpu"))
+    checkpoints.load_weights(model, checkpoint, source)
+    wrapped = UInt8Input(model, **checkpoint["normalization"]).eval()
+    example = torch.randint(0, 256, (2, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    # torch.export specialises sizes 0 and 1, so the example batch has 2 items and the batch Dim starts at 1.
+    with _quiet(EXPORTER_LOGGERS):
+        program = torch.onnx.export(wrapped, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)
+    metadata = {
+        "format": FORMAT,
+        "classes": checkpoint["classes"],
+        "input_shape": list(shape),  # (C, H, W) of one uint8 item
+        "normalization": checkpoint["normalization"],  # applied inside the graph
+        "epoch": checkpoint["epoch"],
+        "metrics": checkpoint["metrics"],
+        "config": stored,  # the run's resolved config
+        "choices": choices,  # the shipped config group of each part, which evaluate.py rebuilds the data from
+    }
+    program.model.metadata_props.update({key: json.dumps(value) for key, value in metadata.items()})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        program.save(str(tmp))
+        _check(tmp, wrapped, shape)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def _check(path: Path, wrapped: nn.Module, shape: tuple[int, ...]) -> None:
+    """A batch of 3 (not the traced 2: the batch size must be free) through ONNX Runtime and torch."""
+    images = torch.randint(0, 256, (3, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    got = OnnxClassifier(_session(path, torch.device("cpu")))(images)
+    expected = wrapped(images)
+    if not torch.allclose(got, expected, atol=TOLERANCE, rtol=TOLERANCE):
+        raise RuntimeError(f"the exported model's logits differ from the checkpoint's by up to "
+                           f"{(got - expected).abs().max():.2e}: the export is wrong")
+
+
+def _session(path: Path, device: torch.device):
+    """An ONNX Runtime session on the device (its CUDA provider where installed) with torch's thread count."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("ONNX models need onnxruntime: pip install -r requirements.txt") from None
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UserError(f"device={device} but this onnxruntime has no CUDA provider: use device=cpu, "
+                            "or install onnxruntime-gpu")
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # share the cores as torch does (tests use 1)
+    options.log_severity_level = 3  # errors only: its warnings about unused initialisers are not the user's
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own unexported types (InvalidProtobuf, Fail, ...)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"checkpoint: {path} is not an ONNX model onnxruntime can read ({reason}); "
+                        "export one with python export.py checkpoint=PATH") from None
+
+
+class OnnxClassifier(nn.Module):
+    """An ONNX Runtime session used where a torch model is: uint8 images (on any device) -> float logits
+    on the same device. It has no parameters; `eval()` and `train()` change nothing."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(images.to("cpu", torch.uint8).numpy())
+        (logits,) = self.session.run([OUTPUT], {INPUT: batch})
+        return torch.from_numpy(logits).to(images.device)
+
+
+def as_is(images: torch.Tensor) -> torch.Tensor:
+    """The normaliser an ONNX model is scored with: its graph normalises the uint8 batch itself."""
+    return images
+
+
+def load(path: str | Path, device: torch.device) -> tuple[OnnxClassifier, dict, DictConfig]:
+    """The model, its description in a checkpoint's keys (classes, input_shape, normalization, epoch), and the
+    run's config rebuilt from the shipped config groups (a file's config never chooses what code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint: ONNX model not found: {path.resolve()}")
+    session = _session(path, device)
+    stored = session.get_modelmeta().custom_metadata_map
+    if stored.get("format") != json.dumps(FORMAT) or set(METADATA) - set(stored):
+        raise UserError(f"checkpoint: {path} is not an ONNX model exported by this trainer (format {FORMAT!r}): "
+                        "export one with python export.py checkpoint=PATH")
+    try:
+        metadata = {key: json.loads(stored[key]) for key in METADATA}
+    except json.JSONDecodeError as e:
+        raise UserError(f"checkpoint: {path}: its metadata is not valid JSON ({e}); export it again") from None
+    saved = saved_config.rebuild(metadata["config"], metadata["choices"], f"checkpoint={path}")
+    return OnnxClassifier(session), metadata, saved
