@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from errors import UserError
@@ -70,6 +70,19 @@ class InMemoryDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         j = int(self.indices[index])
         return self.store.images[j], int(self.store.labels[j])
+
+
+def labels_of(dataset: Dataset) -> torch.Tensor:
+    """Every item's class index (int64, CPU) without decoding any item: from the in-memory labels, a
+    per-item dataset's `targets` (LazyCrops, torchvision's folders), or through a Subset's indices."""
+    if isinstance(dataset, InMemoryDataset):
+        return dataset.store.labels[dataset.indices]
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.int64)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise TypeError(f"{type(dataset).__name__} exposes no labels: give it a `targets` list")
+    return torch.as_tensor(targets, dtype=torch.int64)
 
 
 def per_channel(values: Sequence[float], channels: int, key: str) -> tuple[float, ...]:
