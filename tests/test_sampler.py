@@ -8,12 +8,14 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+import training
 from datasets.base import ArrayStore, InMemoryDataset, labels_of
 from datasets.folders import build_imagefolder
 from errors import UserError
 from tests import files
 from training.distributed import shard
 from training.loaders import build_loader, epoch_order
+from training.logger import RunLogger
 
 CPU = torch.device("cpu")
 LOADER = dict(device=CPU, batch_size=8, shuffle=True, pin_memory=False, persistent_workers=False,
@@ -107,3 +109,37 @@ def test_sampler_values_are_checked():
         build_loader(dataset, seed=0, train=True, mode="device", sampler="balanced", **{**LOADER, "shuffle": False})
     val = build_loader(dataset, seed=0, train=False, mode="device", sampler="balanced", **LOADER)
     assert torch.equal(torch.cat([y for _, y in val]), dataset.store.labels)  # validation is never resampled
+
+
+@pytest.fixture
+def imbalanced_csv(crop_csv):
+    """The crop fixture's boxes with a split column: training has 30 bright crops and 2 dark (15:1),
+    validation 2 bright and 4 dark."""
+    header, *rows = crop_csv.read_text().splitlines()
+    bright = [row for row in rows if row.endswith(",bright")]
+    dark = [row for row in rows if row.endswith(",dark")]
+    chosen = [f"{r},train" for r in bright[:30] + dark[:2]] + [f"{r},val" for r in bright[30:] + dark[2:6]]
+    path = crop_csv.with_name("imbalanced.csv")
+    path.write_text("\n".join([f"{header},split", *chosen]) + "\n")
+    return path
+
+
+def test_a_run_on_imbalanced_data_warns_once_and_suggests_the_balanced_sampler(make_cfg, imbalanced_csv, tmp_path):
+    training.run(make_cfg(f"dataset.csv={imbalanced_csv}", "loader.batch_size=16"))
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "train class counts: bright 30, dark 2" in log and "val class counts: bright 2, dark 4" in log
+    (warning,) = [line for line in log.splitlines() if "class imbalance" in line]
+    assert "WARNING" in warning and "30 'bright' items but 2 'dark' (15.0:1)" in warning
+    assert warning.endswith("consider loader.sampler=balanced")
+
+    training.run(make_cfg(f"dataset.csv={imbalanced_csv}", "loader.batch_size=16", "loader.sampler=balanced",
+                          run_dir=tmp_path / "balanced"))
+    assert "class imbalance" not in (tmp_path / "balanced" / "train.log").read_text()
+
+
+def test_the_imbalance_warning_starts_above_ten_to_one(caplog):
+    logger = RunLogger(None, purge_step=None, loader=None, progress=False)
+    for counts, warned in (([10, 1], False), ([21, 2], True), ([5, 0], True)):
+        caplog.clear()
+        logger.class_counts(["a", "b"], {"train": counts, "val": [1, 1]}, sampler="uniform", step=None)
+        assert any("class imbalance" in r.message for r in caplog.records) == warned, counts
