@@ -70,3 +70,28 @@ def test_evaluation_keeps_the_highest_loss_items():
     assert torch.equal(mistakes.predicted, logits.argmax(1)[top])
     assert torch.allclose(mistakes.losses, losses[top])
     assert int(val["pr_buckets"].sum()) == 37 * 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pr_histograms_and_mistakes_stay_on_the_gpu_without_a_host_sync():
+    device = torch.device("cuda")
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(200, 5, generator=generator)
+    targets = torch.randint(5, (200,), generator=generator)
+    images = torch.randint(0, 256, (200, 1, 3, 3), dtype=torch.uint8, generator=generator)
+    losses = nn.functional.cross_entropy(logits, targets, reduction="none")
+    probabilities = torch.softmax(logits, 1).to(device)  # from the CPU: the same floats on both sides
+    on_gpu = [t.to(device) for t in (images, targets, logits, losses)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside raises
+    try:
+        histogram = metrics.pr_buckets(probabilities, on_gpu[1])
+        mistakes = metrics.Mistakes.empty(device)
+        for part in zip(*(t.split(64) for t in on_gpu)):
+            mistakes = mistakes.add(*part)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(histogram.cpu(), metrics.pr_buckets(torch.softmax(logits, 1), targets))
+    top = torch.argsort(losses, descending=True)[: metrics.MISTAKES]
+    assert torch.equal(mistakes.images.cpu(), images[top]) and torch.equal(mistakes.targets.cpu(), targets[top])
