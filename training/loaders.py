@@ -8,8 +8,8 @@ dataloader  torch's DataLoader over any dataset, with workers for data decoded p
 Both take their order from `epoch_order`: a permutation seeded by (seed + epoch), so an epoch is
 reproducible on its own and a resumed run sees the batches an unbroken one would. With
 `loader.sampler=balanced` the order is instead a seeded draw with replacement that picks every class
-equally often (`balanced_order`); sharding across DDP ranks and skipping the batches a resumed epoch has
-done work on either order alike.
+equally often (`balanced_order`); DDP sharding and the batches a resumed epoch skips apply to either order
+alike.
 
 Random augmentation (hflip) is done here, on whole training batches after the loader yields them, not per
 item in workers: the flip decisions come from one generator per (seed, epoch), drawn batch by batch in
@@ -70,7 +70,8 @@ def balanced_order(labels: torch.Tensor, generator: torch.Generator) -> torch.Te
     members = torch.argsort(labels, stable=True)  # item indices grouped by class, in class order
     starts = torch.cumsum(counts, 0) - counts  # where each class's group begins in `members`
     classes = present[torch.randint(len(present), (len(labels),), generator=generator)]
-    # float64 uniforms scaled by the class size: a bias below 2**-50 per item, against randint's one bound.
+    # An item within its class: a float64 uniform scaled by the class size (one tensor op for every class
+    # size; its bias, about size * 2**-53 per item, is nil for any real class).
     within = (torch.rand(len(labels), generator=generator, dtype=torch.float64) * counts[classes]).long()
     return members[starts[classes] + within]
 
