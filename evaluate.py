@@ -17,19 +17,25 @@ schema.register()  # before @hydra.main composes: the YAML files name the schema
 
 
 def table(result: dict) -> str:
-    """Per-class accuracy and confusion counts (columns: predicted class index), or one line per file."""
+    """Per-class accuracy, precision, recall, F1 and confusion counts (columns: predicted class index), or one
+    line per file."""
     if "predictions" in result:
         width = max(len(p["file"]) for p in result["predictions"])
         return "\n".join(f"{p['file']:<{width}}  {p['class']}  {p['probability']:.3f}" for p in result["predictions"])
     classes = result["classes"]
     width = max(len(name) for name in [*classes, "all"]) + 4
-    lines = [f"{'class':<{width}} {'items':>6} {'acc':>7}   " + " ".join(f"{j:>5}" for j in range(len(classes)))]
+    columns = ("acc", "precision", "recall", "f1")
+    lines = [f"{'class':<{width}} {'items':>6} " + " ".join(f"{c:>9}" for c in columns) + "   "
+             + " ".join(f"{j:>5}" for j in range(len(classes)))]
     for i, (name, row) in enumerate(zip(classes, result["confusion"])):
-        acc = result["per_class_acc"][name]
-        lines.append(f"{f'{i} {name}':<{width}} {sum(row):>6} {'-' if acc is None else f'{acc:.1%}':>7}   "
+        values = [result["per_class_acc"][name], *(result[c][name] for c in columns[1:])]
+        lines.append(f"{f'{i} {name}':<{width}} {sum(row):>6} "
+                     + " ".join(f"{'-' if v is None else f'{v:.1%}':>9}" for v in values) + "   "
                      + " ".join(f"{n:>5}" for n in row))
     total = sum(map(sum, result["confusion"]))
-    lines.append(f"{'all':<{width}} {total:>6} {result['acc']:>7.1%}   loss {result['loss']:.4f}")
+    f1_macro = "-" if result["f1_macro"] is None else f"{result['f1_macro']:.1%}"
+    lines.append(f"{'all':<{width}} {total:>6} {result['acc']:>9.1%}   macro-F1 {f1_macro}   "
+                 f"loss {result['loss']:.4f}")
     return "\n".join(lines)
 
 

@@ -1,17 +1,25 @@
 """DDP: shards of each epoch's order, and a real 2-process gloo run through torchrun."""
 
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+from torch.utils.tensorboard.summary import compute_curve
 
+from tests.scoring import score_checkpoint
+from training.board import mistakes_image
 from training.distributed import shard, shard_size
 from training.evaluation import run_evaluation
+from training.metrics import MISTAKES, PR_THRESHOLDS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +58,20 @@ def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, m
     single = run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"))
     assert single["acc"] == metrics["val/acc"]
     assert single["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
+    assert single["f1_macro"] == metrics["val/f1_macro"]
+    # PR curves and the highest-loss items merge the ranks' shards into what one process sees of every item.
+    truth = score_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    for c, name in enumerate(["bright", "dark"]):
+        curve = events.Tensors(f"val/pr/{name}")[-1]
+        expected = compute_curve((truth.labels == c).numpy(), truth.probabilities[:, c].numpy(), PR_THRESHOLDS)
+        assert curve.step == 14 and np.allclose(tensor_util.make_ndarray(curve.tensor_proto), expected, rtol=1e-6)
+    shown = events.Images("val/mistakes")[-1]
+    top = torch.argsort(truth.losses, descending=True)[:MISTAKES]
+    expected = mistakes_image(truth.images[top], truth.labels[top].tolist(),
+                              truth.probabilities[top].argmax(1).tolist(), ["bright", "dark"])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(shown.encoded_image_string)).convert("RGB")), expected)
 
     resumed = torchrun(f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", "trainer.epochs=3",
                        "trainer.progress=false", "hydra.run.dir=again", cwd=tmp_path)

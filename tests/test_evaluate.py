@@ -39,6 +39,10 @@ def test_best_checkpoint_scores_the_runs_best_accuracy(trained, make_eval_cfg, t
     assert confusion.shape == (2, 2) and confusion.sum() == 12  # 20% of each class's 32 crops held out
     for i, name in enumerate(["bright", "dark"]):
         assert result["per_class_acc"][name] == confusion[i, i] / confusion[i].sum()
+        precision, recall = confusion[i, i] / confusion[:, i].sum(), confusion[i, i] / confusion[i].sum()
+        assert (result["precision"][name], result["recall"][name]) == (precision, recall)
+        assert result["f1"][name] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert result["f1_macro"] == pytest.approx(sum(result["f1"].values()) / 2)
 
 
 def test_other_data_with_other_classes_is_a_user_error(trained, make_eval_cfg, crop_csv, tmp_path):
@@ -86,6 +90,7 @@ def test_evaluate_py_prints_a_table(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"{metrics['val/acc_best']:.1%}" in result.stdout
     assert "0 bright" in result.stdout and "1 dark" in result.stdout
+    assert "precision" in result.stdout and "macro-F1" in result.stdout
     (eval_json,) = (tmp_path / "outputs" / "eval").glob("*/*/eval.json")
     assert json.loads(eval_json.read_text())["acc"] == metrics["val/acc_best"]
 

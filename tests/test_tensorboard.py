@@ -9,10 +9,15 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.util import tensor_util
+from torch.utils.tensorboard.summary import compute_curve
 
 import training
-from training.board import confusion_image
+from datasets.base import labels_of
+from tests.scoring import score_checkpoint
+from training.board import confusion_image, mistakes_image
 from training.evaluation import run_evaluation
+from training.metrics import MISTAKES, PR_THRESHOLDS
 
 
 def test_per_class_confusion_images_lr_and_hparams(make_cfg, make_eval_cfg, crop_csv, tmp_path):
@@ -51,3 +56,41 @@ def test_per_class_confusion_images_lr_and_hparams(make_cfg, make_eval_cfg, crop
     assert session["dataset.csv"].string_value == str(crop_csv)
     metric_tags = {m.name.tag for m in hparams["_hparams_/experiment"].experiment.metric_infos}
     assert metric_tags == {"val/acc", "val/loss", "val/acc_best"}
+
+
+def test_f1_pr_curves_mistakes_and_class_counts(make_cfg, make_eval_cfg, crop_csv):
+    cfg = make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=8")
+    metrics = training.run(cfg)
+    run_dir = Path(cfg.run_dir)
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    last = run_dir / "checkpoints" / "last.pt"
+    truth = score_checkpoint(last)
+    classes = ["bright", "dark"]
+
+    (f1,) = events.Scalars("val/f1_macro")
+    scored = run_evaluation(make_eval_cfg(f"checkpoint={last}"))
+    assert f1.step == 7 and f1.value == pytest.approx(metrics["val/f1_macro"]) and scored["f1_macro"] == metrics["val/f1_macro"]
+
+    for c, name in enumerate(classes):  # TensorBoard's PR-curve plugin, from every validation item's probability
+        (curve,) = events.Tensors(f"val/pr/{name}")
+        assert events.SummaryMetadata(f"val/pr/{name}").plugin_data.plugin_name == "pr_curves"
+        expected = compute_curve((truth.labels == c).numpy(), truth.probabilities[:, c].numpy(), PR_THRESHOLDS)
+        assert curve.step == 7
+        assert np.allclose(tensor_util.make_ndarray(curve.tensor_proto), expected, rtol=1e-6)
+
+    (shown,) = events.Images("val/mistakes")
+    top = torch.argsort(truth.losses, descending=True)[:MISTAKES]  # 12 validation items: all, by loss
+    expected = mistakes_image(truth.images[top], truth.labels[top].tolist(),
+                              truth.probabilities[top].argmax(1).tolist(), classes)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(shown.encoded_image_string)).convert("RGB")), expected)
+
+    (table,) = events.Tensors("data/class_counts/text_summary")
+    counts = {split: torch.bincount(labels_of(dataset)).tolist()
+              for split, dataset in (("train", truth.data.bundle.train), ("val", truth.data.bundle.val))}
+    assert counts == {"train": [26, 26], "val": [6, 6]}  # 20% of each class's 32 crops held out
+    text = table.tensor_proto.string_val[0].decode()
+    assert text.splitlines()[2:] == ["| bright | 26 | 6 |", "| dark | 26 | 6 |", "| **all** | 52 | 12 |"]
+    log = (run_dir / "train.log").read_text()
+    assert "train class counts: bright 26, dark 26" in log and "val class counts: bright 6, dark 6" in log
+    assert "class imbalance" not in log

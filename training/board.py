@@ -1,5 +1,5 @@
-"""What TensorBoard shows besides scalars: a confusion-matrix image, a grid of training inputs, and the
-hparams view. Pure rendering plus one helper that writes hparams into the run's own events file.
+"""What TensorBoard shows besides scalars: a confusion-matrix image, a grid of training inputs, the
+highest-loss validation items, a class-count table, and the hparams view. Pure rendering plus one helper that writes hparams into the run's own events file.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from torchvision.utils import make_grid
 
 CELL = 28  # pixels per confusion-matrix cell: room for a 3-digit count in the default font
 LABEL_CHARS = 16  # class names longer than this are cut in the row labels
+TILE = 96  # minimum width in pixels of one item in the mistakes grid: room for a "true -> predicted" caption
+LINE = 13  # pixels per caption line in the default font
+CAPTION = 2 * LINE  # caption under each item: the true class, then "-> predicted"
+GAP = 2  # pixels between items
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict:
@@ -60,6 +64,44 @@ def input_grid(normalized: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     std_ = torch.tensor(list(std), device=normalized.device).view(1, -1, 1, 1)
     images = (normalized * std_ + mean_).clamp(0.0, 1.0).cpu()
     return make_grid(images, nrow=int(np.ceil(np.sqrt(len(images)))), padding=2, pad_value=1.0)
+
+
+def mistakes_image(images: torch.Tensor, targets: Sequence[int], predicted: Sequence[int],
+                   classes: Sequence[str]) -> np.ndarray:
+    """uint8 (H, W, 3): each item as the loader gave it (uint8, before normalisation: what the model saw,
+    de-normalised), enlarged by a whole factor to at least TILE pixels wide, captioned with its true class
+    and "-> predicted" (red when wrong; names cut to the tile's width), in a near-square grid in the given
+    order."""
+    k, channels, height, width = images.shape
+    scale = max(1, -(-TILE // width))
+    tile_w, tile_h = width * scale, height * scale + CAPTION
+    columns = int(np.ceil(np.sqrt(k)))
+    rows = -(-k // columns)
+    grid = Image.new("RGB", (columns * (tile_w + GAP) + GAP, rows * (tile_h + GAP) + GAP), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    pixels = images.cpu().expand(-1, 3, -1, -1) if channels == 1 else images.cpu()
+    for i in range(k):
+        x, y = GAP + (i % columns) * (tile_w + GAP), GAP + (i // columns) * (tile_h + GAP)
+        item = Image.fromarray(pixels[i].permute(1, 2, 0).numpy()).resize((tile_w, height * scale), Image.NEAREST)
+        grid.paste(item, (x, y))
+        colour = "black" if targets[i] == predicted[i] else "red"
+        for line, text in enumerate((classes[targets[i]], f"-> {classes[predicted[i]]}")):
+            while font.getlength(text) > tile_w and len(text) > 1:
+                text = text[:-1]
+            draw.text((x, y + height * scale + line * LINE + LINE // 2), text, font=font, anchor="lm", fill=colour)
+    return np.asarray(grid)
+
+
+def class_count_table(classes: Sequence[str], counts: Mapping[str, Sequence[int]]) -> str:
+    """A markdown table: one row per class, one column of item counts per split, and the totals."""
+    splits = list(counts)
+    lines = ["| class | " + " | ".join(splits) + " |", "| --- |" + " ---: |" * len(splits)]
+    for i, name in enumerate(classes):
+        name = name.replace("|", "\\|")  # a | in a class name would end the cell
+        lines.append(f"| {name} | " + " | ".join(str(counts[split][i]) for split in splits) + " |")
+    lines.append("| **all** | " + " | ".join(str(sum(counts[split])) for split in splits) + " |")
+    return "\n".join(lines)
 
 
 def hparam_value(value):

@@ -122,3 +122,12 @@ def shard(order: torch.Tensor, rank: int, world_size: int, pad: bool) -> torch.T
         extra = world_size - len(order) % world_size
         order = torch.cat([order, order[:extra]])
     return order[rank::world_size]
+
+
+def gather_objects(value) -> list:
+    """Every rank's value of a picklable object (CPU tensors included), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values

@@ -77,13 +77,19 @@ def score(model: nn.Module, normalize: Normalizer, checkpoint: dict, dataset_cfg
         raise UserError(f"dataset gives inputs {data.bundle.input_shape} (C, H, W) but the checkpoint takes "
                         f"{(c, h, w)}: set dataset.channels={c} dataset.height={h} dataset.width={w}")
     val = evaluate(model, data.val_loader, normalize, device, len(classes))
-    log.info("epoch %d checkpoint: val loss %.4f, acc %.2f%% on %d items", checkpoint["epoch"], val["loss"],
-             100 * val["acc"], int(val["confusion"].sum()))
+    log.info("epoch %d checkpoint: val loss %.4f, acc %.2f%%, macro-F1 %s on %d items", checkpoint["epoch"],
+             val["loss"], 100 * val["acc"], "n/a" if val["f1_macro"] is None else f"{val['f1_macro']:.4f}",
+             int(val["confusion"].sum()))
     return {
         "epoch": checkpoint["epoch"],
         "acc": val["acc"],
         "loss": val["loss"],
         "per_class_acc": dict(zip(classes, val["per_class_acc"])),
+        # None where undefined: precision of a class never predicted, recall and F1 of a class with no items.
+        "precision": dict(zip(classes, val["precision"])),
+        "recall": dict(zip(classes, val["recall"])),
+        "f1": dict(zip(classes, val["f1"])),
+        "f1_macro": val["f1_macro"],  # mean F1 over the classes with items
         "classes": classes,
         "confusion": val["confusion"].tolist(),  # rows: true class, columns: predicted; counts
     }

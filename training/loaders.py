@@ -6,7 +6,10 @@ device      data already in memory is copied to the training device once; each e
 dataloader  torch's DataLoader over any dataset, with workers for data decoded per item.
 
 Both take their order from `epoch_order`: a permutation seeded by (seed + epoch), so an epoch is
-reproducible on its own and a resumed run sees the batches an unbroken one would.
+reproducible on its own and a resumed run sees the batches an unbroken one would. With
+`loader.sampler=balanced` the order is instead a seeded draw with replacement that picks every class
+equally often (`balanced_order`); DDP sharding and the batches a resumed epoch skips apply to either order
+alike.
 
 Random augmentation (hflip) is done here, on whole training batches after the loader yields them, not per
 item in workers: the flip decisions come from one generator per (seed, epoch), drawn batch by batch in
@@ -23,11 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datasets.base import InMemoryDataset
+from datasets.base import InMemoryDataset, labels_of
 from errors import UserError
 from training.distributed import local_processes, shard, shard_size
 
 MODES = ("auto", "device", "dataloader")
+SAMPLERS = ("uniform", "balanced")
 _HFLIP_STREAM = 1  # keeps the flip generator's seed apart from the order's (seed + epoch)
 _WORKER_ERROR = "Caught UserError in DataLoader worker"
 _WORKER_DIED = "DataLoader worker (pid"  # torch's words for a worker killed by a signal or exited
@@ -45,11 +49,31 @@ def cores_per_process() -> int:
     return max(1, available_cores() // local_processes())
 
 
-def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
-    """The order of an epoch's items: a seeded permutation, or 0..n-1 without shuffling."""
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The order of an epoch's items: a seeded permutation, or 0..n-1 without shuffling; given the items'
+    labels (loader.sampler=balanced), a class-balanced draw of n items instead."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    if labels is not None:
+        return balanced_order(labels, generator)
     if not shuffle:
         return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return torch.randperm(n, generator=generator)
+
+
+def balanced_order(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """len(labels) item indices drawn with replacement, each with probability inverse to its class's size:
+    a class drawn uniformly among those with items, then an item uniformly within it. Two stages rather
+    than one multinomial over items, which torch caps at 2**24 categories."""
+    labels = labels.cpu()
+    counts = torch.bincount(labels)
+    present = torch.nonzero(counts).flatten()
+    members = torch.argsort(labels, stable=True)  # item indices grouped by class, in class order
+    starts = torch.cumsum(counts, 0) - counts  # where each class's group begins in `members`
+    classes = present[torch.randint(len(present), (len(labels),), generator=generator)]
+    # An item within its class: a float64 uniform scaled by the class size (one tensor op for every class
+    # size; its bias, about size * 2**-53 per item, is nil for any real class).
+    within = (torch.rand(len(labels), generator=generator, dtype=torch.float64) * counts[classes]).long()
+    return members[starts[classes] + within]
 
 
 def hflip_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
@@ -86,9 +110,11 @@ class DeviceLoader:
     num_workers = 0
 
     def __init__(self, dataset: InMemoryDataset, batch_size: int, shuffle: bool, device: torch.device, seed: int,
-                 hflip: bool = False, rank: int = 0, world_size: int = 1, pad: bool = False):
+                 hflip: bool = False, rank: int = 0, world_size: int = 1, pad: bool = False,
+                 balance: torch.Tensor | None = None):
         self.images, self.labels = dataset.store.on(device)
         self.indices = dataset.indices.to(device)
+        self.balance = balance  # the split's labels (CPU) when loader.sampler=balanced
         self.batch_size, self.shuffle, self.seed, self.hflip = batch_size, shuffle, seed, hflip
         self.rank, self.world_size, self.pad = rank, world_size, pad
         self.epoch = self.skip_batches = 0
@@ -109,7 +135,7 @@ class DeviceLoader:
         return math.ceil(items / self.batch_size) - self.skip_batches
 
     def __iter__(self):
-        order = epoch_order(len(self.indices), self.shuffle, self.seed, self.epoch)
+        order = epoch_order(len(self.indices), self.shuffle, self.seed, self.epoch, self.balance)
         order = self.indices[shard(order, self.rank, self.world_size, self.pad).to(self.indices.device)]
         flips = epoch_flips(self.hflip, self.seed, self.epoch, self.rank, self.skip_batches, self.batch_size)
         for start in range(self.skip_batches * self.batch_size, len(order), self.batch_size):
@@ -121,9 +147,10 @@ class DeviceLoader:
 class EpochSampler(Sampler[int]):
     """Yields `epoch_order` for the epoch set last."""
 
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, pad: bool = False):
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, pad: bool = False,
+                 balance: torch.Tensor | None = None):
         self.n, self.shuffle, self.seed, self.epoch, self.skip = n, shuffle, seed, 0, 0
-        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.rank, self.world_size, self.pad, self.balance = rank, world_size, pad, balance
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
@@ -132,7 +159,8 @@ class EpochSampler(Sampler[int]):
         return shard_size(self.n, self.rank, self.world_size, self.pad) - self.skip
 
     def __iter__(self):
-        order = shard(epoch_order(self.n, self.shuffle, self.seed, self.epoch), self.rank, self.world_size, self.pad)
+        order = epoch_order(self.n, self.shuffle, self.seed, self.epoch, self.balance)
+        order = shard(order, self.rank, self.world_size, self.pad)
         return iter(order[self.skip :].tolist())
 
 
@@ -140,9 +168,9 @@ class EpochSeededDataLoader(DataLoader):
     """torch's DataLoader whose order, worker seeds and flips depend only on (seed, epoch)."""
 
     def __init__(self, dataset: Dataset, seed: int, shuffle: bool, hflip: bool = False, rank: int = 0,
-                 world_size: int = 1, pad: bool = False, **kwargs):
+                 world_size: int = 1, pad: bool = False, balance: torch.Tensor | None = None, **kwargs):
         self.seed, self.hflip, self.epoch, self.skip_batches, self.rank = seed, hflip, 0, 0, rank
-        sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size, pad)
+        sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size, pad, balance)
         super().__init__(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -230,8 +258,9 @@ def build_loader(
     pin_memory: bool | str,
     persistent_workers: bool,
     prefetch_factor: int,
+    sampler: str = "uniform",  # the default for checkpoints saved before the key existed
 ) -> DeviceLoader | EpochSeededDataLoader:
-    """The loader for one split; `train=False` never shuffles nor flips. Config: configs/loader/.
+    """The loader for one split; `train=False` never shuffles, flips nor balances. Config: configs/loader/.
 
     Under DDP each rank loads every world_size-th item of the epoch's order; training pads the order so
     all ranks take the same number of steps, validation does not, so every item is scored exactly once."""
@@ -239,6 +268,12 @@ def build_loader(
         raise UserError(f"loader.mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise UserError(f"loader.batch_size must be a positive integer, got {batch_size!r}")
+    if sampler not in SAMPLERS:
+        raise UserError(f"loader.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if sampler == "balanced" and train and not shuffle:
+        raise UserError("loader.sampler=balanced draws a random order each epoch: set loader.shuffle=true with it")
+    # The labels are read before any item is decoded (datasets.base.labels_of).
+    balance = labels_of(dataset) if sampler == "balanced" and train else None
     shuffle, hflip = shuffle and train, hflip and train
     in_memory = isinstance(dataset, InMemoryDataset)
     if mode == "device" and not in_memory:
@@ -247,7 +282,8 @@ def build_loader(
             "or use loader.mode=dataloader"
         )
     if mode == "device" or (mode == "auto" and in_memory):
-        return DeviceLoader(dataset, batch_size, shuffle, device, seed, hflip, rank, world_size, pad=train)
+        return DeviceLoader(dataset, batch_size, shuffle, device, seed, hflip, rank, world_size, pad=train,
+                            balance=balance)
     workers = resolve_workers(num_workers, dataset)
     if pin_memory == "auto":
         pin_memory = device.type == "cuda"
@@ -255,5 +291,6 @@ def build_loader(
         raise UserError(f"loader.pin_memory must be auto, true or false, got {pin_memory!r}")
     extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return EpochSeededDataLoader(
-        dataset, seed, shuffle, hflip, rank, world_size, train, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, **extra
+        dataset, seed, shuffle, hflip, rank, world_size, train, balance, batch_size=batch_size, num_workers=workers,
+        pin_memory=pin_memory, **extra
     )

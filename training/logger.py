@@ -14,13 +14,15 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from training.board import confusion_image, input_grid, write_hparams
+from training import metrics
+from training.board import class_count_table, confusion_image, input_grid, mistakes_image, write_hparams
 from training.loaders import DeviceLoader
 from training.loop import Window
 
 log = logging.getLogger(__name__)
 
 DATA_WAIT_WARNING = 0.2  # a window waiting more than this fraction of its time on data is starved
+IMBALANCE_WARNING = 10.0  # largest / smallest training class above this: suggest the balanced sampler
 HPARAM_METRICS = ("val/acc", "val/loss", "val/acc_best")
 
 
@@ -119,6 +121,34 @@ class RunLogger:
             self.writer.add_image("val/confusion", confusion_image(val["confusion"], classes), step,
                                   dataformats="HWC")
         return kept
+
+    def validation_details(self, val: dict, classes: list[str], step: int) -> None:
+        """Beyond accuracy: val/f1_macro, one PR curve per class (val/pr/<class>) and the val/mistakes image."""
+        if val["f1_macro"] is not None:
+            self.scalars({"val/f1_macro": val["f1_macro"]}, step)
+        if self.writer is None:
+            return
+        for name, histogram in zip(classes, val["pr_buckets"]):
+            tp, fp, tn, fn, precision, recall = metrics.pr_curve(histogram)
+            self.writer.add_pr_curve_raw(f"val/pr/{name}", tp, fp, tn, fn, precision, recall, step,
+                                         num_thresholds=histogram.shape[-1])
+        mistakes = val["mistakes"]
+        if len(mistakes.images):
+            image = mistakes_image(mistakes.images, mistakes.targets.tolist(), mistakes.predicted.tolist(), classes)
+            self.writer.add_image("val/mistakes", image, step, dataformats="HWC")
+
+    def class_counts(self, classes: list[str], counts: dict[str, list[int]], sampler: str, step: int | None) -> None:
+        """Items per class of each split: a train.log line per split, a data/class_counts table in TensorBoard
+        (when `step` is not None), and one warning when training's classes are far apart in size."""
+        for split, per_class in counts.items():
+            log.info("%s class counts: %s", split, ", ".join(f"{name} {n}" for name, n in zip(classes, per_class)))
+        if self.writer is not None and step is not None:
+            self.writer.add_text("data/class_counts", class_count_table(classes, counts), step)
+        largest, smallest, ratio = metrics.imbalance(counts["train"])
+        if ratio > IMBALANCE_WARNING and sampler != "balanced":
+            log.warning("class imbalance: training has %d %r items but %d %r (%s): consider loader.sampler=balanced",
+                        counts["train"][largest], classes[largest], counts["train"][smallest], classes[smallest],
+                        f"{ratio:.1f}:1" if ratio != float("inf") else "none at all")
 
     def epoch_throughput(self, throughput: float | None) -> None:
         """metrics.json's train/throughput: the last epoch's training samples/s (validation excluded)."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from errors import UserError
-from training import distributed
+from training import distributed, metrics
 from training.speed import MixedPrecision
 
 FP32 = MixedPrecision("fp32", torch.device("cpu"))  # plain float32 steps: no autocast, no scaler
@@ -180,20 +180,28 @@ def _close_window(step, losses, samples, wait, started, device, on_window) -> fl
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, normalize: Normalizer, device: torch.device, num_classes: int,
              amp: MixedPrecision = FP32) -> dict:
-    """Mean loss, accuracy, per-class accuracy (None for a class with no items) and the confusion matrix
-    (counts; rows: true class, columns: predicted) over a loader, summed over DDP ranks' shards."""
+    """Mean loss, accuracy, per-class accuracy (None for a class with no items), the confusion matrix
+    (counts; rows: true class, columns: predicted), per-class precision/recall/F1 and macro-F1
+    (training.metrics), the PR-curve histograms (`pr_buckets`) and the highest-loss items (`mistakes`) over
+    a loader, summed or merged over DDP ranks' shards."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
+    buckets = torch.zeros(num_classes, 2, metrics.PR_THRESHOLDS, device=device, dtype=torch.int64)
+    mistakes = metrics.Mistakes.empty(device)
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with amp.autocast():
             logits = model(normalize(images)).float()
-        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
+        losses = nn.functional.cross_entropy(logits, targets, reduction="none")
+        loss_sum += losses.sum().double()
         confusion += torch.bincount(targets * num_classes + logits.argmax(1), minlength=num_classes**2)
+        buckets += metrics.pr_buckets(torch.softmax(logits, dim=1), targets)
+        mistakes = mistakes.add(images, targets, logits, losses)
     distributed.sum_(loss_sum)
     distributed.sum_(confusion)
+    distributed.sum_(buckets)
     confusion = confusion.view(num_classes, num_classes).cpu()
     total = int(confusion.sum())
     per_class = confusion.sum(1).tolist()
@@ -202,4 +210,7 @@ def evaluate(model: nn.Module, loader, normalize: Normalizer, device: torch.devi
         "acc": confusion.diagonal().sum().item() / max(total, 1),
         "per_class_acc": [hits / n if n else None for hits, n in zip(confusion.diagonal().tolist(), per_class)],
         "confusion": confusion,
+        **metrics.precision_recall_f1(confusion),
+        "pr_buckets": buckets.cpu(),
+        "mistakes": mistakes.across_ranks(),
     }

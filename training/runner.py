@@ -23,11 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from datasets.base import DataBundle, limit_image_pixels
+from datasets.base import DataBundle, labels_of, limit_image_pixels
 from errors import UserError
 from training import checkpoint as checkpoints
-from training import distributed
-from training import run_folder, saved_config
+from training import distributed, metrics, run_folder, saved_config
 from training import speed as speeds
 from training.build import Data, build_data, build_model, build_optimizer, require_keys, resolve_device
 from training.loaders import cores_per_process
@@ -196,6 +195,10 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
 
     logger = RunLogger(run_dir if main else None, purge_step=position.step + 1 if checkpoint is not None else None,
                        loader=data.train_loader, progress=trainer.progress)
+    if main:
+        # Step 0 only: a resumed run's events already hold the table from its start.
+        logger.class_counts(bundle.classes, _class_counts(bundle), cfg.loader.get("sampler", "uniform"),
+                            step=0 if checkpoint is None else None)
     normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
     last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
     try:
@@ -229,6 +232,12 @@ def _prepare_data(cfg: DictConfig, run_dir: Path, process: distributed.Process,
         (run_dir / "skipped_rows.txt").write_text("\n".join(data.bundle.skipped) + "\n")
         log.warning("skipped %d bad row(s), listed in %s", len(data.bundle.skipped), run_dir / "skipped_rows.txt")
     return data, time.perf_counter() - started
+
+
+def _class_counts(bundle: DataBundle) -> dict[str, list[int]]:
+    """Items per class in each split, from the labels alone (nothing decoded)."""
+    return {split: metrics.class_counts(labels_of(dataset), len(bundle.classes))
+            for split, dataset in (("train", bundle.train), ("val", bundle.val))}
 
 
 def _wrap(model: nn.Module, speed: speeds.Speed, process: distributed.Process, device: torch.device) -> nn.Module:
@@ -281,6 +290,7 @@ class EpochLoop:
                 improved = val["acc"] > best_acc
                 best_acc = max(best_acc, val["acc"])
                 last_val = self.logger.validation(val, best_acc, bundle.classes, lr, epoch_seconds, position.step)
+                self.logger.validation_details(val, bundle.classes, position.step)
                 self.logger.epoch_throughput(stats.throughput)
                 if self.state.scheduler is not None:
                     self.state.scheduler.step()

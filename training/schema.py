@@ -90,6 +90,7 @@ class LoaderSchema:
     mode: str
     batch_size: int
     shuffle: bool
+    sampler: str  # uniform or balanced: build_loader checks it
     num_workers: Any  # auto or an int: build_loader checks it, with a message that says so
     pin_memory: Any  # auto or a bool: checked by build_loader
     persistent_workers: bool
