@@ -97,7 +97,10 @@ def train_one_epoch(
     clip_grad_norm: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     amp: MixedPrecision = FP32,
+    graphed_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochStats:
+    """One epoch of steps. `graphed_step(images, targets) -> loss` (training.graphs.CudaGraphStep), when
+    given, replaces normalisation and train_step: the step replayed from a CUDA graph."""
     model.train()
     step = start_step
     epoch_loss = torch.zeros((), device=device)
@@ -126,7 +129,10 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         waited = time.perf_counter() - fetch_started
 
-        loss = train_step(model, optimizer, normalize(images), targets, clip_grad_norm, amp)
+        if graphed_step is not None:
+            loss = graphed_step(images, targets)
+        else:
+            loss = train_step(model, optimizer, normalize(images), targets, clip_grad_norm, amp)
         step += 1
         window_losses.append(loss)
         epoch_loss += loss

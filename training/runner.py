@@ -30,6 +30,7 @@ from training import distributed
 from training import speed as speeds
 from training.board import confusion_image, input_grid, write_hparams
 from training.build import build_data, build_model, build_optimizer, require_keys, resolve_device
+from training.graphs import CudaGraphStep
 from training.loaders import DeviceLoader, cores_per_process
 from training.loop import NonFiniteLoss, Normalizer, Window, evaluate, train_one_epoch
 
@@ -152,9 +153,10 @@ def run(cfg: DictConfig) -> dict:
     process = distributed.from_environment()
     device = resolve_device(cfg.trainer.device)
     if process.distributed and device.type == "cuda":
-        device = torch.device("cuda", process.local_rank)  # one GPU per process, as torchrun lays them out
+        device = distributed.process_device(process, device, torch.cuda.device_count())  # one GPU per process
         torch.cuda.set_device(device)
-    distributed.init(process, device)
+    distributed.timeout(cfg.trainer.dist_timeout_minutes)  # a bad value fails here on every run, not just under DDP
+    distributed.init(process, device, cfg.trainer.dist_timeout_minutes)
     try:
         run_dir = Path(distributed.from_main(str(cfg.run_dir)))  # every rank's Hydra made its own; rank 0's wins
         if not process.is_main:
@@ -208,6 +210,9 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     _check_input_size(cfg)  # before seeding: its throwaway model must not shift the real one's initial weights
     seed_everything(trainer.seed)  # the same on every rank: identical initial weights, one shared epoch order
 
+    # Before any data is read: a setting this device cannot run fails in a second.
+    speed = speeds.resolve(trainer.precision, trainer.channels_last, trainer.compile, trainer.deterministic, device,
+                           cuda_graphs=trainer.cuda_graphs, world_size=process.world_size)
     prep_started = time.perf_counter()
     # Under DDP with cache=disk, rank 0 writes the cache while the others wait, then they map it, instead
     # of every rank decoding every crop at once on the same cores.
@@ -226,7 +231,6 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     model = build_model(cfg.model, bundle.input_shape, len(bundle.classes), device)
     optimizer, scheduler = build_optimizer(cfg.optim, cfg.get("scheduler"), model)
     clip_grad_norm = cfg.optim.get("clip_grad_norm")
-    speed = speeds.resolve(trainer.precision, trainer.channels_last, trainer.compile, trainer.deterministic, device)
     amp = speeds.MixedPrecision(speed.precision, device)
     normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -251,6 +255,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if speed.compile:
         model = torch.compile(model)
+    graphed_step = (CudaGraphStep(model, optimizer, normalize, amp, clip_grad_norm, cfg.loader.batch_size, device)
+                    if speed.cuda_graphs else None)
     log.info("speed: %s", ", ".join(f"{k}={v}" for k, v in vars(speed).items()))
 
     if main:
@@ -331,7 +337,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
                           leave=False, disable=not (trainer.progress and main)) as bar:
                     stats = train_one_epoch(model, optimizer, train_loader, normalize, device, step, warmup_until,
                                             trainer.log_every, on_window, lambda: bar.update(), clip_grad_norm, stop,
-                                            amp)
+                                            amp, graphed_step)
                 epoch_seconds = time.perf_counter() - epoch_started
                 step += stats.steps
                 if stats.interrupted:
