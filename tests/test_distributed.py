@@ -10,7 +10,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from training.distributed import shard, shard_size
+import training
+from errors import UserError
+from training.distributed import Process, process_device, shard, shard_size
 from training.evaluation import run_evaluation
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,10 +53,25 @@ def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, m
     assert single["acc"] == metrics["val/acc"]
     assert single["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
 
+    # trainer.device comes from the resuming command: without it, auto would pick cuda:1 on a 1-GPU machine.
     resumed = torchrun(f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", "trainer.epochs=3",
-                       "trainer.progress=false", "hydra.run.dir=again", cwd=tmp_path)
+                       "trainer.progress=false", "trainer.device=cpu", "hydra.run.dir=again", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 21
     events = EventAccumulator(str(tmp_path / "run"))
     events.Reload()
     assert [e.step for e in events.Scalars("val/acc")] == [7, 14, 21]
+
+
+def test_more_local_processes_than_gpus_is_one_line_naming_the_fix(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    second = Process(rank=1, world_size=2, local_rank=1)
+    with pytest.raises(UserError, match=r"torchrun started 2 processes .* only 1 GPU\(s\) .* --nproc_per_node=1"):
+        process_device(second, torch.device("cuda"), gpus=1)
+    assert process_device(second, torch.device("cuda"), gpus=2) == torch.device("cuda", 1)
+    assert process_device(second, torch.device("cpu"), gpus=0) == torch.device("cpu")
+
+
+def test_process_group_timeout_must_be_positive(make_cfg, crop_csv):
+    with pytest.raises(UserError, match="trainer.dist_timeout_minutes must be a positive number of minutes"):
+        training.run(make_cfg(f"dataset.csv={crop_csv}", "trainer.dist_timeout_minutes=0"))

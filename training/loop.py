@@ -197,7 +197,9 @@ def evaluate(model: nn.Module, loader, normalize: Normalizer, device: torch.devi
         with amp.autocast():
             logits = model(normalize(images)).float()
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
-        confusion += torch.bincount(targets * num_classes + logits.argmax(1), minlength=num_classes**2)
+        # scatter_add_, not bincount: on CUDA bincount reads its input's maximum on the host, a sync per batch.
+        cells = targets * num_classes + logits.argmax(1)
+        confusion.scatter_add_(0, cells, torch.ones_like(cells))
     distributed.sum_(loss_sum)
     distributed.sum_(confusion)
     confusion = confusion.view(num_classes, num_classes).cpu()

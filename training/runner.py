@@ -223,6 +223,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     if main_builds_first and main:
         distributed.barrier()
     bundle, train_loader = data.bundle, data.train_loader
+    if train_loader.notice:  # loader.mode=auto fell back from the device loader: say why, once
+        log.warning("%s", train_loader.notice)
     if bundle.skipped and main:  # dataset.on_bad_rows=skip: the rows left out are kept with the run
         (run_dir / "skipped_rows.txt").write_text("\n".join(bundle.skipped) + "\n")
         log.warning("skipped %d bad row(s), listed in %s", len(bundle.skipped), run_dir / "skipped_rows.txt")
