@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import training
 from errors import UserError
-from training.distributed import Process, process_device, shard, shard_size
+from training.distributed import Process, from_environment, process_device, shard, shard_size
 from training.evaluation import run_evaluation
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,3 +75,13 @@ def test_more_local_processes_than_gpus_is_one_line_naming_the_fix(monkeypatch):
 def test_process_group_timeout_must_be_positive(make_cfg, crop_csv):
     with pytest.raises(UserError, match="trainer.dist_timeout_minutes must be a positive number of minutes"):
         training.run(make_cfg(f"dataset.csv={crop_csv}", "trainer.dist_timeout_minutes=0"))
+
+
+def test_a_one_process_torchrun_launch_joins_a_process_group(monkeypatch):
+    """So a one-GPU machine runs the NCCL and DDP path that larger launches take."""
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert from_environment().distributed
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    assert not from_environment().distributed

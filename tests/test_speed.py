@@ -28,15 +28,15 @@ def test_auto_precision_follows_the_training_gpus_compute_capability(capability,
     ({"device": torch.device("cpu")}, "needs trainer.device=cuda"),
     ({"precision": "fp16"}, "cannot capture fp16's GradScaler"),
     ({"compile": True}, "choose one"),
-    ({"world_size": 2}, "under torchrun"),
+    ({"distributed": True}, "under torchrun"),
 ])
 def test_cuda_graphs_refuse_what_a_captured_step_cannot_do(overrides, message):
-    args = {"precision": "bf16", "compile": False, "device": torch.device("cuda"), "world_size": 1, **overrides}
+    args = {"precision": "bf16", "compile": False, "device": torch.device("cuda"), "distributed": False, **overrides}
     with pytest.raises(UserError, match=message):
         speed.resolve(args["precision"], "auto", args["compile"], False, args["device"], capability=(8, 0),
-                      cuda_graphs=True, world_size=args["world_size"])
+                      cuda_graphs=True, distributed=args["distributed"])
     resolved = speed.resolve(args["precision"], "auto", args["compile"], False, args["device"], capability=(8, 0),
-                             world_size=args["world_size"])
+                             distributed=args["distributed"])
     assert not resolved.cuda_graphs  # auto keeps graphs off until they are measured faster on a GPU
 
 

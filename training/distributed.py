@@ -24,6 +24,7 @@ class Process:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun, even as its only process
 
     @property
     def is_main(self) -> bool:
@@ -31,7 +32,9 @@ class Process:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Joins a process group and trains under DDP: any torchrun launch, so a one-process launch runs the
+        same NCCL/gloo path as a larger one (a one-GPU machine can check it)."""
+        return self.world_size > 1 or self.launched
 
 
 def from_environment() -> Process:
@@ -40,6 +43,7 @@ def from_environment() -> Process:
         rank=int(os.environ.get("RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        launched="LOCAL_RANK" in os.environ,
     )
 
 

@@ -212,7 +212,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
 
     # Before any data is read: a setting this device cannot run fails in a second.
     speed = speeds.resolve(trainer.precision, trainer.channels_last, trainer.compile, trainer.deterministic, device,
-                           cuda_graphs=trainer.cuda_graphs, world_size=process.world_size)
+                           cuda_graphs=trainer.cuda_graphs, distributed=process.distributed)
     prep_started = time.perf_counter()
     # Under DDP with cache=disk, rank 0 writes the cache while the others wait, then they map it, instead
     # of every rank decoding every crop at once on the same cores.

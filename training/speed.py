@@ -64,9 +64,9 @@ def auto_precision(capability: tuple[int, int] | None) -> tuple[str, str]:
 
 
 def resolve(precision: str, channels_last, compile, deterministic: bool, device: torch.device, *,
-            capability: tuple[int, int] | None = None, cuda_graphs="auto", world_size: int = 1) -> Speed:
+            capability: tuple[int, int] | None = None, cuda_graphs="auto", distributed: bool = False) -> Speed:
     """Turn the trainer's auto/true/false settings into what this device will use. `capability` is the
-    device's compute capability (read from the device when None); `world_size` the DDP process count."""
+    device's compute capability (read from the device when None); `distributed`: under torchrun (DDP)."""
     cuda = device.type == "cuda"
     reason = f"trainer.precision={precision}"
     if precision == "auto":
@@ -77,7 +77,7 @@ def resolve(precision: str, channels_last, compile, deterministic: bool, device:
     # auto stays off until benchmarks/cuda_check.sh has measured graphs against eager steps on a GPU.
     graphs = _switch(cuda_graphs, "trainer.cuda_graphs", when_auto=False)
     if graphs:
-        _check_graphs(cuda, precision, compile, world_size)
+        _check_graphs(cuda, precision, compile, distributed)
     return Speed(
         precision=precision,
         channels_last=_switch(channels_last, "trainer.channels_last", when_auto=cuda),
@@ -89,7 +89,7 @@ def resolve(precision: str, channels_last, compile, deterministic: bool, device:
     )
 
 
-def _check_graphs(cuda: bool, precision: str, compile: bool, world_size: int) -> None:
+def _check_graphs(cuda: bool, precision: str, compile: bool, distributed: bool) -> None:
     """What a captured training step cannot do, refused before any data is read."""
     if not cuda:
         raise UserError("trainer.cuda_graphs=true needs trainer.device=cuda: CUDA graphs exist only on GPUs")
@@ -97,7 +97,7 @@ def _check_graphs(cuda: bool, precision: str, compile: bool, world_size: int) ->
         raise UserError("trainer.cuda_graphs=true cannot capture fp16's GradScaler: use trainer.precision=bf16 or fp32")
     if compile:
         raise UserError("trainer.cuda_graphs=true and trainer.compile=true both capture the step: choose one")
-    if world_size > 1:  # DDP's gradient all-reduce would have to be captured too
+    if distributed:  # DDP's gradient all-reduce would have to be captured too
         raise UserError("trainer.cuda_graphs=true runs in one process: leave it off (or auto) under torchrun")
 
 
