@@ -90,8 +90,12 @@ SETTINGS = {
     # numbers mean nothing.
     "smoke": {"rows": 300, "memory_rows": 300, "seconds": 0.02, "repeats": 1, "warmup_batches": 1,
               "worker_sweep": False, "epoch_samples": 1_200},
+    # What benchmarks/cuda_check.sh measures on a lent GPU, in under 2 minutes: every GPU target and
+    # comparison, the cache cases at batch 256 and 512 only, no worker sweep.
+    "gpu-check": {"rows": 10_000, "memory_rows": 10_000, "seconds": 0.5, "repeats": 2, "warmup_batches": 3,
+                  "worker_sweep": False, "epoch_samples": 50_000, "batches": (256,)},
 }
-BATCHES = (4, 64, 256)
+BATCHES = (4, 64, 256)  # every size's batch sizes unless it names its own; GPU_BATCH is added on CUDA
 GPU_BATCH = 512  # the batch of the GPU targets and of the precision / CUDA-graph comparisons
 CLASSES = 10
 TUTORIAL = {"lr": 0.001, "momentum": 0.9, "batch_size": 4, "num_workers": 2}
@@ -292,8 +296,8 @@ def prepare(csv_path: Path, cache_dir: Path, device) -> tuple[dict, dict]:
     return bundles, seconds
 
 
-def define_cases(bundles: dict, device, seconds: float, warmup: int, worker_sweep: bool,
-                 variants: bool) -> dict[str, Callable[[], float]]:
+def define_cases(bundles: dict, device, seconds: float, warmup: int, worker_sweep: bool, variants: bool,
+                 batches: tuple[int, ...]) -> dict[str, Callable[[], float]]:
     memory = bundles["memory"].train
     app = App(bundles["memory"].mean, bundles["memory"].std, device, train_speed(device))
     images, labels = memory.store.images[memory.indices], memory.store.labels[memory.indices]
@@ -310,7 +314,7 @@ def define_cases(bundles: dict, device, seconds: float, warmup: int, worker_swee
                 return (app_train if train else app_loader_only)(loader, setup, seconds, warmup)
         return run
 
-    for batch in (*BATCHES, GPU_BATCH) if device.type == "cuda" else BATCHES:
+    for batch in batches:
         cases[f"compute/{batch}"] = lambda b=batch: compute_only(images, labels, app, b, seconds, warmup)
         for cache, modes in (("memory", ("device", "dataloader")), ("disk", ("device", "dataloader")),
                              ("none", ("dataloader",))):
@@ -367,7 +371,8 @@ def peak_memory(csv_path: Path) -> dict:
     return json.loads(out.stdout)
 
 
-def ratios(cases: dict[str, float], prep: dict[str, float], memory: dict, epochs: dict[str, float]) -> dict[str, float]:
+def ratios(cases: dict[str, float], prep: dict[str, float], memory: dict, epochs: dict[str, float],
+           batches: tuple[int, ...]) -> dict[str, float]:
     found = {
         "app_vs_ceiling_256": cases["memory/device/train/256"] / cases["compute/256"],
         "app_vs_tutorial_256": cases["memory/device/train/256"] / cases["tutorial/train/4"],
@@ -391,8 +396,8 @@ def ratios(cases: dict[str, float], prep: dict[str, float], memory: dict, epochs
             found["epoch_graphs_vs_eager"] = epochs[name.replace("/graphs", "/default")] / seconds
     for kind in ("loader", "train"):
         per_batch = [max(cases[f"{cache}/device/{kind}/{b}"] for cache in ("memory", "disk"))
-                     / cases[f"none/dataloader/{kind}/{b}"] for b in BATCHES]
-        for batch, ratio in zip(BATCHES, per_batch):
+                     / cases[f"none/dataloader/{kind}/{b}"] for b in batches]
+        for batch, ratio in zip(batches, per_batch):
             found[f"cache_vs_none_{kind}_{batch}"] = ratio
         found[f"cache_vs_none_{kind}"] = min(per_batch)  # the target holds only if it holds at every batch size
     return found
@@ -442,6 +447,8 @@ def main(argv=None) -> dict:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="shorter runs and less data (under 5 min on 2 cores)")
     size.add_argument("--smoke", action="store_true", help="every case once, briefly: checks it runs; numbers mean nothing")
+    size.add_argument("--gpu-check", action="store_true",
+                      help="the GPU targets and comparisons with less else (benchmarks/cuda_check.sh; ~1.5 min)")
     parser.add_argument("--out", type=Path, help="JSON file to write (default: outputs/benchmarks/throughput[-quick].json)")
     parser.add_argument("--device", default="auto",
                         help="where the app and the ceiling train: auto (CUDA when available), cpu, cuda, cuda:N; "
@@ -454,10 +461,13 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    size = "quick" if args.quick else "smoke" if args.smoke else "full"
+    size = "quick" if args.quick else "smoke" if args.smoke else "gpu-check" if args.gpu_check else "full"
     settings = {**SETTINGS[size], **({"repeats": args.repeats} if args.repeats else {})}
+    batches = tuple(settings.pop("batches", BATCHES))
     out = args.out or ROOT / "outputs" / "benchmarks" / f"throughput{'' if size == 'full' else '-' + size}.json"
     device = resolve_device(args.device, "--device")
+    if device.type == "cuda" and GPU_BATCH not in batches:
+        batches += (GPU_BATCH,)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -467,9 +477,9 @@ def main(argv=None) -> dict:
         bundles, prep = prepare(csv_path, folder / "cache", device)
         extras = device.type == "cuda" or size == "smoke"  # the GPU comparisons; in smoke, to prove they run
         cases = measure(define_cases(bundles, device, settings["seconds"], settings["warmup_batches"],
-                                     settings["worker_sweep"], variants=extras), settings["repeats"])
+                                     settings["worker_sweep"], variants=extras, batches=batches), settings["repeats"])
         epochs = measure_epochs(bundles["memory"], device, settings["epoch_samples"], settings["repeats"]) if extras else {}
-    found = ratios(cases, prep, memory, epochs)
+    found = ratios(cases, prep, memory, epochs, batches)
     report = {
         "command": " ".join(["python -m benchmarks.throughput", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cores": available_cores(), "torch_threads": torch.get_num_threads(), "device": str(device),
@@ -478,7 +488,7 @@ def main(argv=None) -> dict:
                     "speed": {k: v for k, v in vars(train_speed(device)).items()},
                     # 1-min load averages: anything above what this benchmark adds (~1-2) is other work
                     "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
-        "settings": {**settings, "batches": BATCHES, "shape": [3, 32, 32]},
+        "settings": {**settings, "batches": batches, "shape": [3, 32, 32]},
         "cases": {name: round(value, 1) for name, value in cases.items()},
         "epoch_seconds": {name: round(value, 4) for name, value in epochs.items()},
         "prep_seconds": {name: round(value, 4) for name, value in prep.items()},
