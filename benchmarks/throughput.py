@@ -1,7 +1,7 @@
 """How fast data reaches the tutorial CNN: the app's data paths against the tutorial pipeline and the
 compute-only ceiling, measured side by side in one process on the same generated data.
 
-    python -m benchmarks.throughput [--quick] [--out FILE.json]
+    python -m benchmarks.throughput [--quick | --smoke | --gpu-check] [--device cuda] [--out FILE.json]
 
 Data: the demo's 30 scenes (480x480 PNGs, datasets/demo.py) and a CSV of random boxes 24-48 px on them,
 resized to 32x32x3 (CIFAR's shape), 10 random classes. Cases, each in samples/s:
