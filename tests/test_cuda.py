@@ -13,11 +13,13 @@ import torch
 
 import training
 from benchmarks import throughput
+from datasets.base import ArrayStore, InMemoryDataset
+from errors import UserError
 from models.cnn import TutorialCNN
 from training import checkpoint as checkpoints
 from training.evaluation import run_evaluation
 from training.graphs import WARMUP_STEPS, CudaGraphStep
-from training.loaders import DeviceLoader, EpochSeededDataLoader
+from training.loaders import DeviceLoader, EpochSeededDataLoader, build_loader, free_memory
 from training.loop import Normalizer, evaluate, train_step
 from training.speed import MixedPrecision
 
@@ -203,3 +205,21 @@ def test_benchmark_on_cuda_records_the_gpu_and_the_gpu_comparisons(tmp_path):
     assert {"app_vs_ceiling_512", "app_vs_tutorial_512", "epoch_50k_seconds"} - set(report["targets"]) == {
         "epoch_50k_seconds"}  # smoke times a smaller epoch; the 50,000-sample one is --quick's and full's
     assert report["ratios"]["graphs_vs_eager_bf16"] > 0 and report["ratios"]["epoch_graphs_vs_eager"] > 0
+
+
+def test_data_larger_than_free_gpu_memory_falls_back_to_the_dataloader():
+    """auto falls back to pinned host memory with a notice; a forced device mode fails in one line."""
+    images = torch.zeros(40_000, 3, 32, 32, dtype=torch.uint8)  # 117 MiB
+    dataset = InMemoryDataset(ArrayStore(images, torch.zeros(len(images), dtype=torch.int64)))
+    filler = torch.empty(free_memory(CUDA) - 100 * 2**20, dtype=torch.uint8, device=CUDA)  # leaves ~100 MiB
+    try:
+        keys = {**throughput.LOADER_DEFAULTS, "batch_size": 512}
+        auto = build_loader(dataset, device=CUDA, seed=0, train=True, **{**keys, "mode": "auto"})
+        assert isinstance(auto, EpochSeededDataLoader) and auto.pin_memory and "does not fit" in auto.notice
+        with pytest.raises(UserError, match="loader.mode=device needs"):
+            build_loader(dataset, device=CUDA, seed=0, train=True, **{**keys, "mode": "device"})
+    finally:
+        del filler
+        torch.cuda.empty_cache()  # back to the driver, so mem_get_info sees it free again
+    assert isinstance(build_loader(dataset, device=CUDA, seed=0, train=True, **{**keys, "mode": "auto"}),
+                      DeviceLoader)
