@@ -55,8 +55,7 @@ from datasets.base import ArrayStore, InMemoryDataset
 from training import schema
 from training import speed as speeds
 from training.build import resolve_device
-from training import graphs
-from training.graphs import CudaGraphStep
+from training.graphs import WARMUP_STEPS as GRAPH_WARMUP_STEPS, CudaGraphStep
 from training.loaders import available_cores, build_loader
 from training.loop import Normalizer, train_one_epoch, train_step
 from training.runner import torch_threads
@@ -196,7 +195,7 @@ def app_loader_only(loader, app: App, seconds: float, warmup: int) -> float:
 def app_train(loader, app: App, seconds: float, warmup: int) -> float:
     model, optimizer, graphed = app.model(loader.batch_size)
     if graphed is not None:  # the graph's own warm-up steps and its capture stay out of the timed part
-        warmup += graphs.WARMUP_STEPS + 1
+        warmup += GRAPH_WARMUP_STEPS + 1
     stats = train_one_epoch(model, optimizer, Timed(loader, seconds, warmup), app.normalize, app.device, start_step=0,
                             warmup_steps=warmup, log_every=10**9, on_window=lambda window: None, amp=app.amp,
                             graphed_step=graphed)
