@@ -56,6 +56,10 @@ class ArrayStore:
     def __len__(self) -> int:
         return len(self.images)
 
+    def is_on(self, device: torch.device) -> bool:
+        """Whether a copy on `device` exists already (made by the training split's loader)."""
+        return str(device) in self._copies
+
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
         if key not in self._copies:

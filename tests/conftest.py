@@ -14,6 +14,16 @@ CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
 schema.register()  # before any test composes, as train.py and evaluate.py do
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, saying why, where torch sees no GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tests train tiny batches, where one thread beats two, and two threads on a busy 2-core machine stall

@@ -21,3 +21,9 @@ def test_smoke_run_measures_every_case_and_target(tmp_path):
     assert set(report["targets"]) == set(throughput.TARGETS)
     assert all(target["ratio"] > 0 for target in report["targets"].values())
     assert report["peak_memory"]["ratio"] > 0
+    # The GPU comparisons (fp32 against bf16; graphs need CUDA) and the whole-epoch timing run in smoke too.
+    assert cases[f"memory/device/train-fp32/{throughput.GPU_BATCH}"] > 0
+    assert cases[f"memory/device/train-bf16/{throughput.GPU_BATCH}"] > 0
+    assert report["ratios"]["bf16_vs_fp32"] > 0
+    assert report["epoch_seconds"][f"epoch/1200/{throughput.GPU_BATCH}/default"] > 0
+    assert report["machine"]["gpu"] is None and report["machine"]["speed"]["precision"] == "fp32"

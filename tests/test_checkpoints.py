@@ -142,3 +142,12 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     torch.manual_seed(1)
     checkpoints.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(()).item(), np.random.randn()) == expected
+
+
+def test_a_checkpoint_from_a_machine_with_more_gpus_restores_one_cuda_state_per_visible_gpu():
+    """Trained on 2 GPUs, resumed with CUDA_VISIBLE_DEVICES=0: torch.cuda.set_rng_state_all would index the
+    second state past the last GPU (IndexError); the CPU streams are restored whatever the GPU count."""
+    saved = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    assert [int(s[0]) for s in checkpoints.cuda_states_to_restore(saved, visible=1)] == [1]
+    assert checkpoints.cuda_states_to_restore(saved, visible=0) == []
+    assert len(checkpoints.cuda_states_to_restore(saved[:1], visible=4)) == 1

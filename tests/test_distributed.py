@@ -15,9 +15,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 from torch.utils.tensorboard.summary import compute_curve
 
+import training
+from errors import UserError
 from tests.scoring import score_checkpoint
 from training.board import mistakes_image
-from training.distributed import shard, shard_size
+from training.distributed import Process, from_environment, process_device, shard, shard_size
 from training.evaluation import run_evaluation
 from training.metrics import MISTAKES, PR_THRESHOLDS
 
@@ -73,10 +75,35 @@ def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, m
                               truth.probabilities[top].argmax(1).tolist(), ["bright", "dark"])
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(shown.encoded_image_string)).convert("RGB")), expected)
 
+    # trainer.device comes from the resuming command: without it, auto would pick cuda:1 on a 1-GPU machine.
     resumed = torchrun(f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", "trainer.epochs=3",
-                       "trainer.progress=false", "hydra.run.dir=again", cwd=tmp_path)
+                       "trainer.progress=false", "trainer.device=cpu", "hydra.run.dir=again", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 21
     events = EventAccumulator(str(tmp_path / "run"))
     events.Reload()
     assert [e.step for e in events.Scalars("val/acc")] == [7, 14, 21]
+
+
+def test_more_local_processes_than_gpus_is_one_line_naming_the_fix(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    second = Process(rank=1, world_size=2, local_rank=1)
+    with pytest.raises(UserError, match=r"torchrun started 2 processes .* only 1 GPU\(s\) .* --nproc_per_node=1"):
+        process_device(second, torch.device("cuda"), gpus=1)
+    assert process_device(second, torch.device("cuda"), gpus=2) == torch.device("cuda", 1)
+    assert process_device(second, torch.device("cpu"), gpus=0) == torch.device("cpu")
+
+
+def test_process_group_timeout_must_be_positive(make_cfg, crop_csv):
+    with pytest.raises(UserError, match="trainer.dist_timeout_minutes must be a positive number of minutes"):
+        training.run(make_cfg(f"dataset.csv={crop_csv}", "trainer.dist_timeout_minutes=0"))
+
+
+def test_a_one_process_torchrun_launch_joins_a_process_group(monkeypatch):
+    """So a one-GPU machine runs the NCCL and DDP path that larger launches take."""
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert from_environment().distributed
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    assert not from_environment().distributed

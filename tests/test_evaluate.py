@@ -100,3 +100,11 @@ def test_predict_of_a_missing_file_is_a_user_error(trained, make_eval_cfg, tmp_p
     cfg = make_eval_cfg(f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", f"predict=[{tmp_path / 'nowhere.png'}]")
     with pytest.raises(UserError, match="predict: file not found"):
         run_evaluation(cfg)
+
+
+def test_scores_in_the_precision_the_run_trained_in(make_cfg, make_eval_cfg, crop_csv, tmp_path):
+    """A bf16 run validated under bf16 autocast; scoring its checkpoint in fp32 would give another loss."""
+    metrics = training.run(make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=8", "trainer.precision=bf16"))
+    result = run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"))
+    assert (result["acc"], result["loss"]) == (metrics["val/acc"], metrics["val/loss"])
+    assert "precision bf16" in (tmp_path / "eval" / "train.log").read_text()

@@ -10,8 +10,39 @@ from training import speed
 
 def test_auto_is_plain_fp32_on_cpu():
     resolved = speed.resolve("auto", "auto", False, False, torch.device("cpu"))
-    assert resolved == speed.Speed(precision="fp32", channels_last=False, compile=False, cudnn_benchmark=False,
-                                   deterministic=False)
+    assert (resolved.precision, resolved.channels_last, resolved.compile, resolved.cudnn_benchmark,
+            resolved.deterministic, resolved.cuda_graphs) == ("fp32", False, False, False, False, False)
+
+
+@pytest.mark.parametrize("capability, precision", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"),
+                                                   ((7, 0), "fp16"), ((6, 1), "fp32")])
+def test_auto_precision_follows_the_training_gpus_compute_capability(capability, precision):
+    """bf16 only with bf16 tensor cores (8.0+): torch.cuda.is_bf16_supported() says yes to emulated bf16 too."""
+    resolved = speed.resolve("auto", "auto", False, False, torch.device("cuda", 1), capability=capability)
+    assert resolved.precision == precision
+    assert f"{capability[0]}.{capability[1]}" in resolved.precision_reason  # the run's log says why
+    assert resolved.channels_last and resolved.cudnn_benchmark
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"device": torch.device("cpu")}, "needs trainer.device=cuda"),
+    ({"precision": "fp16"}, "cannot capture fp16's GradScaler"),
+    ({"compile": True}, "choose one"),
+    ({"distributed": True}, "under torchrun"),
+])
+def test_cuda_graphs_refuse_what_a_captured_step_cannot_do(overrides, message):
+    args = {"precision": "bf16", "compile": False, "device": torch.device("cuda"), "distributed": False, **overrides}
+    with pytest.raises(UserError, match=message):
+        speed.resolve(args["precision"], "auto", args["compile"], False, args["device"], capability=(8, 0),
+                      cuda_graphs=True, distributed=args["distributed"])
+    resolved = speed.resolve(args["precision"], "auto", args["compile"], False, args["device"], capability=(8, 0),
+                             distributed=args["distributed"])
+    assert not resolved.cuda_graphs  # auto keeps graphs off until they are measured faster on a GPU
+
+
+def test_cuda_graphs_on_cpu_fail_before_any_data_is_read(make_cfg, tmp_path):
+    with pytest.raises(UserError, match="trainer.cuda_graphs=true needs trainer.device=cuda"):
+        training.run(make_cfg(f"dataset.csv={tmp_path / 'absent.csv'}", "trainer.cuda_graphs=true"))
 
 
 def test_unknown_precision_is_one_line():
@@ -31,7 +62,7 @@ def test_mixed_precision_trains_and_checkpoints_its_scaler(make_cfg, crop_csv, t
     assert resumed["val/acc"] >= 0.9
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_run_uses_the_gpu_settings(make_cfg, crop_csv, tmp_path):
     metrics = training.run(make_cfg(f"dataset.csv={crop_csv}", "trainer.device=cuda", "loader.batch_size=8",
                                     "trainer.epochs=2"))

@@ -57,7 +57,7 @@ def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
 @dataclass
 class Data:
     bundle: DataBundle
-    train_loader: object  # DeviceLoader or EpochSeededDataLoader
+    train_loader: object  # DeviceLoader or EpochSeededDataLoader; None when built for scoring only
     val_loader: object
 
 
@@ -67,15 +67,16 @@ def build_dataset(dataset_cfg: DictConfig, seed: int) -> DataBundle:
 
 
 def build_data(dataset_cfg: DictConfig, loader_cfg: DictConfig, seed: int, device: torch.device, rank: int = 0,
-               world_size: int = 1) -> Data:
-    """The data and its loaders; under DDP each rank's loaders yield that rank's shard."""
+               world_size: int = 1, train: bool = True) -> Data:
+    """The data and its loaders; under DDP each rank's loaders yield that rank's shard. `train=False` (scoring
+    only) builds no training loader, so the training split is never copied to the device."""
     bundle = build_dataset(dataset_cfg, seed)
     check_class_coverage(bundle)
     make_loader = _instantiate(loader_cfg)  # a partial: the data set, device and seed are known only here
     return Data(
         bundle=bundle,
         train_loader=make_loader(bundle.train, device=device, seed=seed, train=True, hflip=bundle.hflip, rank=rank,
-                                 world_size=world_size),
+                                 world_size=world_size) if train else None,
         val_loader=make_loader(bundle.val, device=device, seed=seed, train=False, rank=rank, world_size=world_size),
     )
 

@@ -57,8 +57,17 @@ def restore_rng(state: dict) -> None:
                          "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
                          "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, cuda_state in enumerate(cuda_states_to_restore(state["cuda"], visible)):
+        torch.cuda.set_rng_state(cuda_state, index)
+
+
+def cuda_states_to_restore(saved: list, visible: int) -> list:
+    """The saved per-GPU RNG states that this machine can take: one per visible GPU, at most. A checkpoint
+    from a machine with more GPUs (trained on 2, resumed with CUDA_VISIBLE_DEVICES=0) keeps the first ones;
+    torch.cuda.set_rng_state_all would index past the last GPU. Training draws nothing from the CUDA
+    generators today (its randomness is on the CPU), so a resume stays exact either way."""
+    return list(saved[:visible])
 
 
 def _tuples(value):

@@ -11,9 +11,12 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from errors import UserError
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,7 @@ class Process:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun, even as its only process
 
     @property
     def is_main(self) -> bool:
@@ -28,7 +32,9 @@ class Process:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Joins a process group and trains under DDP: any torchrun launch, so a one-process launch runs the
+        same NCCL/gloo path as a larger one (a one-GPU machine can check it)."""
+        return self.world_size > 1 or self.launched
 
 
 def from_environment() -> Process:
@@ -37,6 +43,7 @@ def from_environment() -> Process:
         rank=int(os.environ.get("RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        launched="LOCAL_RANK" in os.environ,
     )
 
 
@@ -50,13 +57,33 @@ def hydra_overrides(process: Process) -> list[str]:
     return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
-def init(process: Process, device: torch.device) -> None:
-    """Join the process group: NCCL between GPUs, gloo on CPU."""
+def process_device(process: Process, device: torch.device, gpus: int) -> torch.device:
+    """The device this process trains on: under torchrun with CUDA, the GPU numbered by its local rank (as
+    torchrun lays them out), of the `gpus` visible; otherwise `device` itself."""
+    if not process.distributed or device.type != "cuda":
+        return device
+    if process.local_rank >= gpus:  # torch's own words would be "invalid device ordinal", from deep inside
+        raise UserError(f"torchrun started {local_processes()} processes on this machine but only {gpus} GPU(s) are "
+                        f"visible (process {process.local_rank} has none): use --nproc_per_node={gpus} or fewer, "
+                        "or trainer.device=cpu")
+    return torch.device("cuda", process.local_rank)
+
+
+def timeout(minutes: float) -> timedelta:
+    """How long a collective may wait for the slowest rank before the run is aborted."""
+    if not minutes > 0:
+        raise UserError(f"trainer.dist_timeout_minutes must be a positive number of minutes, got {minutes!r}")
+    return timedelta(minutes=minutes)
+
+
+def init(process: Process, device: torch.device, timeout_minutes: float) -> None:
+    """Join the process group: NCCL between GPUs, gloo on CPU. `timeout_minutes` bounds every wait, such as
+    the other ranks' wait while rank 0 builds a cache=disk cache (NCCL's own default is 10 minutes)."""
     if not process.distributed or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, rank=process.rank, world_size=process.world_size,
-                            device_id=device if device.type == "cuda" else None)
+                            timeout=timeout(timeout_minutes), device_id=device if device.type == "cuda" else None)
 
 
 def shutdown() -> None:

@@ -22,7 +22,8 @@ from errors import UserError
 from training import checkpoint as checkpoints
 from training import onnx_model, saved_config
 from training.build import build_data, build_model, require_keys, resolve_device
-from training.loop import Normalizer, evaluate
+from training import speed as speeds
+from training.loop import FP32, Normalizer, evaluate
 from training.logger import run_log
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
         if onnx_model.is_onnx(cfg.checkpoint):
             # Scored by the same code below: the session stands in for the model, and its graph normalises.
             model, checkpoint, saved = onnx_model.load(cfg.checkpoint, device)
-            normalize = onnx_model.as_is
+            normalize, amp = onnx_model.as_is, FP32  # ONNX Runtime runs the graph as it was exported
         else:
             checkpoint = checkpoints.load(cfg.checkpoint, "checkpoint")
             # Rebuilt from the shipped config groups: a checkpoint's config may not choose what code runs.
@@ -47,16 +48,25 @@ def run_evaluation(cfg: DictConfig) -> dict:
                                          f"checkpoint={cfg.checkpoint}")
             model = build_model(saved.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"]), device)
             checkpoints.load_weights(model, checkpoint, f"checkpoint={cfg.checkpoint}")
+            # Scored as the run validated: its precision and layout settings, resolved for this device (a run
+            # that trained with auto on a GPU scores in the same precision on that GPU; fp32 on the CPU).
+            speed = speeds.resolve(saved.trainer.precision, saved.trainer.channels_last, False,
+                                   saved.trainer.deterministic, device)
+            model = speeds.prepare(speed, model)
+            amp = speeds.MixedPrecision(speed.precision, device)
+            log.info("precision %s (%s)", speed.precision, speed.precision_reason)
             # The model learnt with the checkpoint's normalisation, whatever data it now sees.
-            normalize = Normalizer(checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"], device)
+            normalize = Normalizer(checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"], device,
+                                   speeds.memory_format(speed))
         model.eval()
         if cfg.predict:
             result = {"checkpoint": str(cfg.checkpoint),
-                      "predictions": predict(model, normalize, checkpoint, [Path(p) for p in cfg.predict], device)}
+                      "predictions": predict(model, normalize, checkpoint, [Path(p) for p in cfg.predict], device,
+                                             amp)}
             name = "predictions.json"
         else:
             dataset_cfg = cfg.dataset if cfg.get("dataset") is not None else saved.dataset
-            result = score(model, normalize, checkpoint, dataset_cfg, saved, device)
+            result = score(model, normalize, checkpoint, dataset_cfg, saved, device, amp)
             result["checkpoint"] = str(cfg.checkpoint)
             name = "eval.json"
         (run_dir / name).write_text(json.dumps(result, indent=1))
@@ -65,9 +75,12 @@ def run_evaluation(cfg: DictConfig) -> dict:
 
 
 def score(model: nn.Module, normalize: Normalizer, checkpoint: dict, dataset_cfg: DictConfig, saved: DictConfig,
-          device: torch.device) -> dict:
-    # The training run's seed, so a seeded validation split is the one the run held out.
-    data = build_data(dataset_cfg, saved.loader, saved.trainer.seed, device)
+          device: torch.device, amp: speeds.MixedPrecision = FP32) -> dict:
+    # The training run's seed, so a seeded validation split is the one the run held out; no training loader,
+    # so only the validation items are copied to a GPU.
+    data = build_data(dataset_cfg, saved.loader, saved.trainer.seed, device, train=False)
+    if data.val_loader.notice:
+        log.warning("%s", data.val_loader.notice)
     classes = checkpoint["classes"]
     if data.bundle.classes != classes:
         raise UserError(f"dataset has classes {data.bundle.classes} but the checkpoint was trained on {classes}: "
@@ -76,7 +89,7 @@ def score(model: nn.Module, normalize: Normalizer, checkpoint: dict, dataset_cfg
         c, h, w = checkpoint["input_shape"]
         raise UserError(f"dataset gives inputs {data.bundle.input_shape} (C, H, W) but the checkpoint takes "
                         f"{(c, h, w)}: set dataset.channels={c} dataset.height={h} dataset.width={w}")
-    val = evaluate(model, data.val_loader, normalize, device, len(classes))
+    val = evaluate(model, data.val_loader, normalize, device, len(classes), amp)
     log.info("epoch %d checkpoint: val loss %.4f, acc %.2f%%, macro-F1 %s on %d items", checkpoint["epoch"],
              val["loss"], 100 * val["acc"], "n/a" if val["f1_macro"] is None else f"{val['f1_macro']:.4f}",
              int(val["confusion"].sum()))
@@ -97,7 +110,7 @@ def score(model: nn.Module, normalize: Normalizer, checkpoint: dict, dataset_cfg
 
 @torch.no_grad()
 def predict(model: nn.Module, normalize: Normalizer, checkpoint: dict, paths: list[Path],
-            device: torch.device) -> list[dict]:
+            device: torch.device, amp: speeds.MixedPrecision = FP32) -> list[dict]:
     """Each file decoded, resized and normalised as training items are, then its most probable class."""
     channels, height, width = checkpoint["input_shape"]
     load = LoadItem(height, width, channels)
@@ -109,7 +122,9 @@ def predict(model: nn.Module, normalize: Normalizer, checkpoint: dict, paths: li
             image = load(str(path))
         except DECODE_ERRORS as e:
             raise UserError(f"predict: cannot read {path} as an image or .npy array ({decode_problem(e)})") from None
-        probabilities = torch.softmax(model(normalize(image.unsqueeze(0).to(device))), dim=1)[0].cpu()
+        with amp.autocast():
+            logits = model(normalize(image.unsqueeze(0).to(device))).float()
+        probabilities = torch.softmax(logits, dim=1)[0].cpu()
         best = int(probabilities.argmax())
         predictions.append({"file": str(path), "class": checkpoint["classes"][best],
                             "probability": float(probabilities[best])})

@@ -32,6 +32,8 @@ from training.distributed import local_processes, shard, shard_size
 
 MODES = ("auto", "device", "dataloader")
 SAMPLERS = ("uniform", "balanced")
+DEVICE_MEMORY_SHARE = 0.8  # of a GPU's free memory the data may take: the rest is for the model, its
+# activations, cuDNN workspaces and the allocator's rounding
 _HFLIP_STREAM = 1  # keeps the flip generator's seed apart from the order's (seed + epoch)
 _WORKER_ERROR = "Caught UserError in DataLoader worker"
 _WORKER_DIED = "DataLoader worker (pid"  # torch's words for a worker killed by a signal or exited
@@ -104,16 +106,54 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
+def device_bytes(dataset: InMemoryDataset, device: torch.device, train: bool) -> int:
+    """What a DeviceLoader for this split adds to the device: the whole store for training (validation then
+    shares it), only its own items for a split scored alone (evaluate.py), nothing when already there."""
+    store = dataset.store
+    if store.is_on(device):
+        return 0
+    items = len(store) if train else len(dataset)
+    return items * (store.images[0].nbytes + store.labels[0].nbytes)
+
+
+def choose_device_loader(mode: str, nbytes: int, free_bytes: int | None,
+                         device: torch.device) -> tuple[bool, str | None]:
+    """For in-memory data: whether to use a DeviceLoader holding `nbytes` on a device with `free_bytes` free
+    (None: the CPU, whose memory holds the data already), and the one-line notice of why loader.mode=auto
+    falls back to the DataLoader when it does. A forced loader.mode=device that cannot fit fails."""
+    if mode == "dataloader":
+        return False, None
+    if free_bytes is None or nbytes <= DEVICE_MEMORY_SHARE * free_bytes:
+        return True, None
+    need, free = f"{nbytes / 2**30:.2f} GiB", f"{free_bytes / 2**30:.2f} GiB"
+    if mode == "device":
+        raise UserError(f"loader.mode=device needs {need} on {device} for the data but only {free} is free: use "
+                        "loader.mode=auto or dataloader (batches from pinned host memory), or free the GPU")
+    return False, (f"loader.mode=auto: the data ({need}) does not fit in {device}'s free memory ({free}): batches "
+                   "come from pinned host memory through the DataLoader instead")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device; None on the CPU."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
 class DeviceLoader:
     """Whole batches sliced from uint8 data that lives on the training device."""
 
     num_workers = 0
+    notice = None  # see EpochSeededDataLoader.notice
 
     def __init__(self, dataset: InMemoryDataset, batch_size: int, shuffle: bool, device: torch.device, seed: int,
-                 hflip: bool = False, rank: int = 0, world_size: int = 1, pad: bool = False,
+                 hflip: bool = False, rank: int = 0, world_size: int = 1, pad: bool = False, train: bool = True,
                  balance: torch.Tensor | None = None):
-        self.images, self.labels = dataset.store.on(device)
-        self.indices = dataset.indices.to(device)
+        if train or dataset.store.is_on(device):
+            self.images, self.labels = dataset.store.on(device)
+            self.indices = dataset.indices.to(device)
+        else:  # a split scored alone: copy its items only, not the training split's
+            self.images = dataset.store.images[dataset.indices].to(device)
+            self.labels = dataset.store.labels[dataset.indices].to(device)
+            self.indices = torch.arange(len(dataset), device=device)
         self.balance = balance  # the split's labels (CPU) when loader.sampler=balanced
         self.batch_size, self.shuffle, self.seed, self.hflip = batch_size, shuffle, seed, hflip
         self.rank, self.world_size, self.pad = rank, world_size, pad
@@ -168,8 +208,10 @@ class EpochSeededDataLoader(DataLoader):
     """torch's DataLoader whose order, worker seeds and flips depend only on (seed, epoch)."""
 
     def __init__(self, dataset: Dataset, seed: int, shuffle: bool, hflip: bool = False, rank: int = 0,
-                 world_size: int = 1, pad: bool = False, balance: torch.Tensor | None = None, **kwargs):
+                 world_size: int = 1, pad: bool = False, balance: torch.Tensor | None = None,
+                 notice: str | None = None, **kwargs):
         self.seed, self.hflip, self.epoch, self.skip_batches, self.rank = seed, hflip, 0, 0, rank
+        self.notice = notice  # why loader.mode=auto chose this loader over the DeviceLoader, for the run's log
         sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size, pad, balance)
         super().__init__(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs)
 
@@ -281,9 +323,13 @@ def build_loader(
             "loader.mode=device needs data held in memory: set dataset.cache=memory (or disk for crops), "
             "or use loader.mode=dataloader"
         )
-    if mode == "device" or (mode == "auto" and in_memory):
-        return DeviceLoader(dataset, batch_size, shuffle, device, seed, hflip, rank, world_size, pad=train,
-                            balance=balance)
+    notice = None
+    if in_memory:
+        on_device, notice = choose_device_loader(mode, device_bytes(dataset, device, train), free_memory(device),
+                                                 device)
+        if on_device:
+            return DeviceLoader(dataset, batch_size, shuffle, device, seed, hflip, rank, world_size, pad=train,
+                                train=train, balance=balance)
     workers = resolve_workers(num_workers, dataset)
     if pin_memory == "auto":
         pin_memory = device.type == "cuda"
@@ -291,6 +337,6 @@ def build_loader(
         raise UserError(f"loader.pin_memory must be auto, true or false, got {pin_memory!r}")
     extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return EpochSeededDataLoader(
-        dataset, seed, shuffle, hflip, rank, world_size, train, balance, batch_size=batch_size, num_workers=workers,
-        pin_memory=pin_memory, **extra
+        dataset, seed, shuffle, hflip, rank, world_size, train, balance, notice, batch_size=batch_size,
+        num_workers=workers, pin_memory=pin_memory, **extra
     )

@@ -97,7 +97,10 @@ def train_one_epoch(
     clip_grad_norm: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     amp: MixedPrecision = FP32,
+    graphed_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochStats:
+    """One epoch of steps. `graphed_step(images, targets) -> loss` (training.graphs.CudaGraphStep), when
+    given, replaces normalisation and train_step: the step replayed from a CUDA graph."""
     model.train()
     step = start_step
     epoch_loss = torch.zeros((), device=device)
@@ -126,7 +129,10 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         waited = time.perf_counter() - fetch_started
 
-        loss = train_step(model, optimizer, normalize(images), targets, clip_grad_norm, amp)
+        if graphed_step is not None:
+            loss = graphed_step(images, targets)
+        else:
+            loss = train_step(model, optimizer, normalize(images), targets, clip_grad_norm, amp)
         step += 1
         window_losses.append(loss)
         epoch_loss += loss
@@ -196,7 +202,9 @@ def evaluate(model: nn.Module, loader, normalize: Normalizer, device: torch.devi
             logits = model(normalize(images)).float()
         losses = nn.functional.cross_entropy(logits, targets, reduction="none")
         loss_sum += losses.sum().double()
-        confusion += torch.bincount(targets * num_classes + logits.argmax(1), minlength=num_classes**2)
+        # scatter_add_, not bincount: on CUDA bincount reads its input's maximum on the host, a sync per batch.
+        cells = targets * num_classes + logits.argmax(1)
+        confusion.scatter_add_(0, cells, torch.ones_like(cells))
         buckets += metrics.pr_buckets(torch.softmax(logits, dim=1), targets)
         mistakes = mistakes.add(images, targets, logits, losses)
     distributed.sum_(loss_sum)

@@ -32,6 +32,7 @@ from training.build import Data, build_data, build_model, build_optimizer, requi
 from training.loaders import cores_per_process
 from training.logger import RunLogger, run_log
 from training.loop import NonFiniteLoss, Normalizer, evaluate, train_one_epoch
+from training.graphs import CudaGraphStep
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,10 @@ def run(cfg: DictConfig) -> dict:
     process = distributed.from_environment()
     device = resolve_device(cfg.trainer.device)
     if process.distributed and device.type == "cuda":
-        device = torch.device("cuda", process.local_rank)  # one GPU per process, as torchrun lays them out
+        device = distributed.process_device(process, device, torch.cuda.device_count())  # one GPU per process
         torch.cuda.set_device(device)
-    distributed.init(process, device)
+    distributed.timeout(cfg.trainer.dist_timeout_minutes)  # a bad value fails here on every run, not just under DDP
+    distributed.init(process, device, cfg.trainer.dist_timeout_minutes)
     try:
         run_dir = Path(distributed.from_main(str(cfg.run_dir)))  # every rank's Hydra made its own; rank 0's wins
         if not process.is_main:
@@ -163,12 +165,15 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     main = process.is_main  # rank 0 alone writes files and TensorBoard
     _check_input_size(cfg)  # before seeding: its throwaway model must not shift the real one's initial weights
     seed_everything(trainer.seed)  # the same on every rank: identical initial weights, one shared epoch order
+
+    # Before any data is read: a setting this device cannot run fails in a second.
+    speed = speeds.resolve(trainer.precision, trainer.channels_last, trainer.compile, trainer.deterministic, device,
+                           cuda_graphs=trainer.cuda_graphs, distributed=process.distributed)
     data, prep_seconds = _prepare_data(cfg, run_dir, process, device)
     bundle = data.bundle
 
     model = build_model(cfg.model, bundle.input_shape, len(bundle.classes), device)
     optimizer, scheduler = build_optimizer(cfg.optim, cfg.get("scheduler"), model)
-    speed = speeds.resolve(trainer.precision, trainer.channels_last, trainer.compile, trainer.deterministic, device)
     amp = speeds.MixedPrecision(speed.precision, device)
     config = OmegaConf.to_container(cfg, resolve=True)
     state = checkpoints.TrainingState(model, optimizer, scheduler, amp, data.train_loader, bundle, config,
@@ -182,6 +187,9 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
                  position.epoch, position.step, run_dir,
                  ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in FROM_COMMAND_LINE))
     state.model = _wrap(speeds.prepare(speed, model), speed, process, device)
+    normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
+    graphed_step = (CudaGraphStep(state.model, optimizer, normalize, amp, cfg.optim.get("clip_grad_norm"),
+                                  cfg.loader.batch_size, device) if speed.cuda_graphs else None)
     log.info("speed: %s", ", ".join(f"{k}={v}" for k, v in vars(speed).items()))
 
     if main:
@@ -199,10 +207,9 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
         # Step 0 only: a resumed run's events already hold the table from its start.
         logger.class_counts(bundle.classes, _class_counts(bundle), cfg.loader.get("sampler", "uniform"),
                             step=0 if checkpoint is None else None)
-    normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
     last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
     try:
-        loop = EpochLoop(cfg, run_dir, data, state, normalize, logger, process, device)
+        loop = EpochLoop(cfg, run_dir, data, state, normalize, logger, process, device, graphed_step)
         last_val = loop.run(position, best_acc, last_val)
         logger.hparams(config)
     finally:
@@ -228,6 +235,8 @@ def _prepare_data(cfg: DictConfig, run_dir: Path, process: distributed.Process,
     data = build_data(cfg.dataset, cfg.loader, cfg.trainer.seed, device, process.rank, process.world_size)
     if main_builds_first and process.is_main:
         distributed.barrier()
+    if data.train_loader.notice:  # loader.mode=auto fell back from the device loader: say why, once
+        log.warning("%s", data.train_loader.notice)
     if data.bundle.skipped and process.is_main:  # dataset.on_bad_rows=skip: the rows left out are kept with the run
         (run_dir / "skipped_rows.txt").write_text("\n".join(data.bundle.skipped) + "\n")
         log.warning("skipped %d bad row(s), listed in %s", len(data.bundle.skipped), run_dir / "skipped_rows.txt")
@@ -259,6 +268,7 @@ class EpochLoop:
     logger: RunLogger
     process: distributed.Process
     device: torch.device
+    graphed_step: CudaGraphStep | None = None  # trainer.cuda_graphs: the whole step replayed as one CUDA graph
 
     def run(self, position: checkpoints.Position, best_acc: float, last_val: dict) -> dict:
         """Train from `position`; returns the last validation metrics."""
@@ -277,7 +287,7 @@ class EpochLoop:
                     stats = train_one_epoch(self.state.model, self.state.optimizer, loader, self.normalize,
                                             self.device, position.step, warmup_until, trainer.log_every,
                                             self.logger.window, self.logger.step, self.cfg.optim.get("clip_grad_norm"),
-                                            stop, self.state.amp)
+                                            stop, self.state.amp, self.graphed_step)
                 epoch_seconds = time.perf_counter() - epoch_started
                 position = checkpoints.Position(epoch, skip + stats.steps, position.step + stats.steps)
                 if stats.interrupted:

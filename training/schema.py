@@ -132,7 +132,9 @@ class TrainerSchema:
     precision: str
     channels_last: Any  # auto, true or false: checked by training/speed.py
     compile: Any  # likewise
+    cuda_graphs: Any  # likewise
     deterministic: bool
+    dist_timeout_minutes: float
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """Speed settings: mixed precision, channels_last, torch.compile and cuDNN autotuning.
 
-On this project's 2-core CPU they measured neutral or slower for the tutorial CNN (see DESIGN.md), so
-`auto` keeps each of them off on CPU. On CUDA, `auto` turns on bf16 autocast (where the GPU supports
-it) with channels_last, whose tensor-core convolutions want NHWC, and cuDNN autotuning; torch.compile
-stays opt-in because its start-up (tens of seconds) outweighs the gain on short runs of a small model.
+On this project's 2-core CPU they measured neutral or slower for the tutorial CNN (see the README), so
+`auto` keeps each of them off on CPU. On CUDA, `auto` picks the autocast precision from the training
+device's compute capability (bf16 from Ampere, 8.0, on; fp16 with a GradScaler on Volta and Turing,
+7.x, whose tensor cores have no bf16; fp32 before that), turns on channels_last, whose tensor-core
+convolutions want NHWC, and cuDNN autotuning. torch.compile stays opt-in because its start-up (tens of
+seconds) outweighs the gain on short runs of a small model; CUDA graphs (training/graphs.py) stay off
+under auto until they have been measured faster on a GPU (benchmarks/cuda_check.sh measures them).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from torch import nn
 from errors import UserError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+BF16_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores. torch.cuda.is_bf16_supported() also says yes to
+# older cards, where bf16 is emulated (slower than fp32), and it asks the current GPU, not the training one.
+FP16_CAPABILITY = (7, 0)  # Volta: fp16 tensor cores; before them fp16 saves memory but not time
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,8 @@ class Speed:
     compile: bool
     cudnn_benchmark: bool
     deterministic: bool
+    cuda_graphs: bool = False
+    precision_reason: str = "set by trainer.precision"  # logged, so a run says why it trains in what it does
 
 
 def _switch(value, key: str, when_auto: bool) -> bool:
@@ -36,20 +44,61 @@ def _switch(value, key: str, when_auto: bool) -> bool:
     raise UserError(f"{key} must be auto, true or false, got {value!r}")
 
 
-def resolve(precision: str, channels_last, compile, deterministic: bool, device: torch.device) -> Speed:
-    """Turn the trainer's auto/true/false settings into what this device will use."""
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The training device's CUDA compute capability (major, minor); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def auto_precision(capability: tuple[int, int] | None) -> tuple[str, str]:
+    """What `trainer.precision=auto` trains in on a device of this compute capability (None: CPU), and why."""
+    if capability is None:
+        return "fp32", "auto: fp32 on the CPU (autocast measured neutral or slower there)"
+    name = f"compute capability {capability[0]}.{capability[1]}"
+    if tuple(capability) >= BF16_CAPABILITY:
+        return "bf16", f"auto: bf16 on {name} (bf16 tensor cores from 8.0)"
+    if tuple(capability) >= FP16_CAPABILITY:
+        return "fp16", f"auto: fp16 with a GradScaler on {name} (fp16 tensor cores, no bf16 before 8.0)"
+    return "fp32", f"auto: fp32 on {name} (no tensor cores before 7.0: half precision would not be faster)"
+
+
+def resolve(precision: str, channels_last, compile, deterministic: bool, device: torch.device, *,
+            capability: tuple[int, int] | None = None, cuda_graphs="auto", distributed: bool = False) -> Speed:
+    """Turn the trainer's auto/true/false settings into what this device will use. `capability` is the
+    device's compute capability (read from the device when None); `distributed`: under torchrun (DDP)."""
     cuda = device.type == "cuda"
+    reason = f"trainer.precision={precision}"
     if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        precision, reason = auto_precision((capability or device_capability(device)) if cuda else None)
     if precision not in PRECISIONS:
         raise UserError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    compile = _switch(compile, "trainer.compile", when_auto=False)
+    # auto stays off until benchmarks/cuda_check.sh has measured graphs against eager steps on a GPU.
+    graphs = _switch(cuda_graphs, "trainer.cuda_graphs", when_auto=False)
+    if graphs:
+        _check_graphs(cuda, precision, compile, distributed)
     return Speed(
         precision=precision,
         channels_last=_switch(channels_last, "trainer.channels_last", when_auto=cuda),
-        compile=_switch(compile, "trainer.compile", when_auto=False),
+        compile=compile,
         cudnn_benchmark=cuda and not deterministic,  # autotuning picks kernels by timing: not reproducible
         deterministic=deterministic,
+        cuda_graphs=graphs,
+        precision_reason=reason,
     )
+
+
+def _check_graphs(cuda: bool, precision: str, compile: bool, distributed: bool) -> None:
+    """What a captured training step cannot do, refused before any data is read."""
+    if not cuda:
+        raise UserError("trainer.cuda_graphs=true needs trainer.device=cuda: CUDA graphs exist only on GPUs")
+    if precision == "fp16":  # GradScaler reads its overflow flag on the host at every step
+        raise UserError("trainer.cuda_graphs=true cannot capture fp16's GradScaler: use trainer.precision=bf16 or fp32")
+    if compile:
+        raise UserError("trainer.cuda_graphs=true and trainer.compile=true both capture the step: choose one")
+    if distributed:  # DDP's gradient all-reduce would have to be captured too
+        raise UserError("trainer.cuda_graphs=true runs in one process: leave it off (or auto) under torchrun")
 
 
 class MixedPrecision:
@@ -60,10 +109,11 @@ class MixedPrecision:
         self.device_type = device.type
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    def autocast(self):
+    def autocast(self, cache_enabled: bool = True):
+        """Autocast's context; `cache_enabled=False` inside a CUDA graph capture, which torch requires."""
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=cache_enabled)
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, model: nn.Module,
                           clip_grad_norm: float | None) -> None:
