@@ -20,12 +20,14 @@ from training import checkpoint as checkpoints
 from training.build import build_data, build_model, require_keys, resolve_device
 from training.loop import Normalizer, evaluate
 from training.logger import run_log
+from training.schema import check_ranges
 
 log = logging.getLogger(__name__)
 
 
 def run_evaluation(cfg: DictConfig) -> dict:
     """Score the checkpoint (eval.json) or, with `predict` files, classify them (predictions.json)."""
+    check_ranges(cfg)
     require_keys(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

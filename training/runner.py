@@ -31,6 +31,7 @@ from training import speed as speeds
 from training.build import Data, build_data, build_model, build_optimizer, require_keys, resolve_device
 from training.loaders import cores_per_process
 from training.logger import RunLogger, run_log
+from training.schema import check_ranges
 from training.loop import NonFiniteLoss, Normalizer, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -98,14 +99,11 @@ def torch_threads(workers: int):
 
 
 def run(cfg: DictConfig) -> dict:
+    check_ranges(cfg)  # the command's own values (a resumed run keeps its checkpoint's, checked when it started)
     checkpoint = checkpoints.load(cfg.resume, "resume") if cfg.resume else None
     if checkpoint is not None:
         cfg = _resumed_config(checkpoint, cfg)
     require_keys(cfg)
-    if cfg.trainer.epochs < 1:
-        raise UserError(f"trainer.epochs must be at least 1, got {cfg.trainer.epochs}")
-    if not 0 <= cfg.trainer.seed < 2**32:  # numpy's seeding range
-        raise UserError(f"trainer.seed must be between 0 and 2**32 - 1, got {cfg.trainer.seed}")
     process = distributed.from_environment()
     device = resolve_device(cfg.trainer.device)
     if process.distributed and device.type == "cuda":
