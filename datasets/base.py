@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from errors import UserError
+from progress import progress_bar
 
 
 CACHE_MODES = ("none", "memory", "disk")
@@ -140,7 +140,7 @@ def materialize(dataset: Dataset, shape: tuple[int, int, int], desc: str) -> InM
     images = torch.empty((n, *shape), dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.int64)
     problems = []
-    for i in tqdm(range(n), desc=desc, unit="img", leave=False):
+    for i in progress_bar(range(n), desc=desc, unit="img"):
         try:
             images[i], labels[i] = dataset[i]
         except UserError as e:

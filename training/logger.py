@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
+from progress import progress_bar
 from training.board import confusion_image, input_grid, write_hparams
 from training.loaders import DeviceLoader
 from training.loop import Window
@@ -91,7 +91,7 @@ class RunLogger:
     @contextmanager
     def epoch_bar(self, total: int, desc: str):
         """A progress bar for one epoch; `step` advances it by one batch."""
-        with tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not self.progress) as bar:
+        with progress_bar(total=total, desc=desc, unit="batch", enabled=self.progress) as bar:
             self.bar = bar
             try:
                 yield
