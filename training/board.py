@@ -1,5 +1,6 @@
-"""What TensorBoard shows besides scalars: a confusion-matrix image, a grid of training inputs, and the
-hparams view. Pure rendering plus one helper that writes hparams into the run's own events file.
+"""What TensorBoard shows besides scalars: a confusion-matrix image, a grid of training inputs, the hparams
+view of the keys users tune. Pure rendering plus one helper that writes hparams into the run's own events
+file.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from omegaconf import OmegaConf
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.tensorboard import SummaryWriter
@@ -15,18 +17,6 @@ from torchvision.utils import make_grid
 
 CELL = 28  # pixels per confusion-matrix cell: room for a 3-digit count in the default font
 LABEL_CHARS = 16  # class names longer than this are cut in the row labels
-
-
-def flatten(tree: Mapping, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}: the config as the dotted keys a user types as overrides."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def confusion_image(confusion: torch.Tensor, classes: Sequence[str]) -> np.ndarray:
@@ -62,16 +52,78 @@ def input_grid(normalized: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return make_grid(images, nrow=int(np.ceil(np.sqrt(len(images)))), padding=2, pad_value=1.0)
 
 
+# The keys a user compares across runs, as typed on the command line; a group's name ("model", "optim")
+# shows what it builds (TutorialCNN, SGD). Keys the config lacks are left out, except those with a value
+# here for that case (no scheduler: a constant rate). A new tuned key is one entry. TensorBoard (2.21) lists
+# the keys whose values differ between the runs first, then the rest by name; older versions keep this order.
+TUNED: dict[str, str | None] = {
+    "optim.lr": None,
+    "loader.batch_size": None,
+    "trainer.epochs": None,
+    "model": None,
+    "optim": None,
+    "optim.momentum": None,
+    "optim.nesterov": None,
+    "optim.weight_decay": None,
+    "optim.clip_grad_norm": None,
+    "scheduler": "constant",
+    "trainer.label_smoothing": None,
+    "augment.pad": None,
+    "augment.hflip": None,
+    "augment.vflip": None,
+    "augment.transpose": None,
+    "augment.cutout": None,
+    "dataset.hflip": None,
+    "dataset": None,
+    "dataset.csv": None,
+    "dataset.root": None,
+    "dataset.width": None,
+    "dataset.height": None,
+    "dataset.channels": None,
+    "dataset.cache": None,
+    "dataset.val_fraction": None,
+    "loader.mode": None,
+    "loader.sampler": None,
+    "trainer.precision": None,
+    "trainer.seed": None,
+}
+_ABSENT = object()
+
+
+def target_name(target: str) -> str:
+    """What a `_target_` builds, in a word: datasets.crops.build -> crops, datasets.folders.build_imagefolder
+    -> imagefolder, torch.optim.SGD -> SGD."""
+    module, _, name = target.rpartition(".")
+    return module.rpartition(".")[2] if name == "build" else name.removeprefix("build_")
+
+
 def hparam_value(value):
-    """TensorBoard's hparams take numbers, strings and booleans; lists and None become their text."""
+    """TensorBoard's hparams take numbers, strings and booleans: a group shows the name of what it builds,
+    None and lists the way they are typed as overrides (null, [0.5, 0.5])."""
+    if isinstance(value, Mapping):
+        return target_name(value["_target_"]) if "_target_" in value else None
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(hparam_value(v)) for v in value) + "]"
     return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def tuned_hparams(config: Mapping) -> dict:
+    """TUNED's keys that this run's resolved config has, in TUNED's order, as hparams values."""
+    tree, values = OmegaConf.create(dict(config)), {}
+    for key, when_absent in TUNED.items():
+        value = OmegaConf.select(tree, key, default=_ABSENT)
+        shown = when_absent if value is _ABSENT else hparam_value(value)
+        if shown is not None:
+            values[key] = shown
+    return values
 
 
 def write_hparams(writer: SummaryWriter, config: Mapping, metrics: Mapping[str, float]) -> None:
     """The hparams view, written into the run's own events file: SummaryWriter.add_hparams would open a
     timestamped subfolder, which TensorBoard lists as a second run. Metric values come from the scalars of
     the same tags already in this file."""
-    values = {key: hparam_value(value) for key, value in flatten(config).items()}
     file_writer = writer._get_file_writer()
-    for summary in hparams(values, dict(metrics)):
+    for summary in hparams(tuned_hparams(config), dict(metrics)):
         file_writer.add_summary(summary)

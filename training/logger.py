@@ -21,7 +21,7 @@ from training.loop import Window
 log = logging.getLogger(__name__)
 
 DATA_WAIT_WARNING = 0.2  # a window waiting more than this fraction of its time on data is starved
-HPARAM_METRICS = ("val/acc", "val/loss", "val/acc_best")
+HPARAM_METRICS = ("val/acc", "val/loss", "val/acc_best", "val/f1_macro")  # those this run logged
 
 
 @contextmanager
@@ -127,7 +127,7 @@ class RunLogger:
 
     def hparams(self, config: dict) -> None:
         if self.writer is not None:
-            write_hparams(self.writer, config, {tag: self.final[tag] for tag in HPARAM_METRICS})
+            write_hparams(self.writer, config, {tag: self.final[tag] for tag in HPARAM_METRICS if tag in self.final})
 
     def close(self) -> None:
         if self.writer is not None:
