@@ -5,6 +5,7 @@ file.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -127,3 +128,36 @@ def write_hparams(writer: SummaryWriter, config: Mapping, metrics: Mapping[str, 
     file_writer = writer._get_file_writer()
     for summary in hparams(tuned_hparams(config), dict(metrics)):
         file_writer.add_summary(summary)
+
+
+def _only(*tags: str) -> list[str]:
+    """The custom-scalar plugin matches each entry as a regular expression from a tag's start: anchor it,
+    or val/acc would also draw val/acc_best and every val/acc_class/<class>."""
+    return [f"{re.escape(tag)}$" for tag in tags]
+
+
+# CUSTOM SCALARS: what a user looks at first, side by side. Every run writes the same layout, so runs
+# compared in one dashboard merge into the same charts; per-class accuracy is a pattern, whatever the classes.
+# A tag a run does not log (val/f1_macro before it exists) just draws no line. Throughput (thousands of
+# samples/s) and data wait (a fraction) get a chart each: on one axis the wait would be a flat line at zero.
+LAYOUT = {
+    "loss": {"train and validation loss": ["Multiline", _only("train/loss", "val/loss")]},
+    "accuracy": {
+        "validation accuracy": ["Multiline", _only("val/acc", "val/acc_best", "val/f1_macro")],
+        "per-class validation accuracy": ["Multiline", ["val/acc_class/"]],
+    },
+    "speed": {
+        "throughput (samples/s)": ["Multiline", _only("train/throughput")],
+        "waiting on data (fraction of time)": ["Multiline", _only("train/data_wait")],
+    },
+    "schedule": {"learning rate": ["Multiline", _only("train/lr")]},
+}
+
+
+def summary_markdown(title: str, sections: Mapping[str, Mapping[str, str]]) -> str:
+    """A run's summary for TensorBoard's TEXT tab: a heading, then a two-column table per section."""
+    lines = [f"## {title}"]
+    for section, rows in sections.items():
+        lines += ["", f"### {section}", "", "| | |", "| --- | --- |"]
+        lines += [f"| {key} | {str(value).replace('|', '/')} |" for key, value in rows.items()]
+    return "\n".join(lines)

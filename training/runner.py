@@ -30,7 +30,7 @@ from training import distributed
 from training import speed as speeds
 from training.build import Data, build_data, build_model, build_optimizer, require_keys, resolve_device
 from training.loaders import cores_per_process
-from training.logger import RunLogger, run_log
+from training.logger import RunLogger, describe_run, run_log
 from training.schema import check_ranges
 from training.loop import NonFiniteLoss, Normalizer, evaluate, train_one_epoch
 
@@ -195,11 +195,19 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
                        loader=data.train_loader, progress=trainer.progress)
     normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
     last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
+    logger.describe(describe_run(config, bundle, model, speed, data.train_loader, process.world_size, device,
+                                 prep_seconds))
+    outcome = "stopped by an error (see train.log)"
     try:
         loop = EpochLoop(cfg, run_dir, data, state, normalize, logger, config, process, device)
         last_val = loop.run(position, best_acc, last_val)
         logger.hparams(config)
+        outcome = "finished"
+    except KeyboardInterrupt:
+        outcome = f"interrupted: continue with resume={run_dir / CHECKPOINT_DIR / 'last.pt'}"
+        raise
     finally:
+        logger.summary(outcome, {name: run_dir / CHECKPOINT_DIR / name for name in ("last.pt", "best.pt")})
         logger.close()
 
     metrics = {**logger.final, "data/prep_seconds": prep_seconds, "world_size": process.world_size}
