@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
 from errors import UserError
+from progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def materialize(dataset: Dataset, shape: tuple[int, int, int], desc: str) -> InM
     images = torch.empty((n, *shape), dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.int64)
     problems = []
-    for i in tqdm(range(n), desc=desc, unit="img", leave=False):
+    for i in progress_bar(range(n), desc=desc, unit="img"):
         try:
             images[i], labels[i] = dataset[i]
         except UserError as e:

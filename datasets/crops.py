@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from datasets import crop_cache, demo
 from datasets.base import (
@@ -35,6 +34,7 @@ from datasets.base import (
 from datasets.crop_csv import Crop, read_crops, require_csv
 from datasets.transforms import DECODE_ERRORS, FileSource
 from errors import UserError
+from progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def extract(crops: list[Crop], out: torch.Tensor, desc: str) -> None:
     for i, crop in enumerate(crops):
         by_file[crop.path].append(i)
     unreadable = []
-    for path, rows in tqdm(by_file.items(), desc=desc, unit="file", leave=False):
+    for path, rows in progress_bar(by_file.items(), desc=desc, unit="file"):
         try:
             source = FileSource(path, out.shape[1])
         except DECODE_ERRORS as e:

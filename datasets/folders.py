@@ -12,12 +12,12 @@ from pathlib import Path
 
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv
-from tqdm import tqdm
 
 from datasets.base import (DataBundle, check_image_keys, materialize, outside_root, per_channel, problem_list,
                            split_indices)
 from datasets.transforms import DECODE_ERRORS, LoadItem
 from errors import UserError
+from progress import progress_bar
 
 FOLDER_CACHE_MODES = ("none", "memory")
 
@@ -61,7 +61,7 @@ def verify_files(folders: list[tv.DatasetFolder]) -> None:
     """Load every file as training would (full decode, so truncated files fail); list all that fail."""
     problems = []
     for folder in folders:
-        for path, _ in tqdm(folder.samples, desc=f"verifying {folder.root}", unit="file", leave=False):
+        for path, _ in progress_bar(folder.samples, desc=f"verifying {folder.root}", unit="file"):
             try:
                 folder.loader(path)
             except (*DECODE_ERRORS, UserError) as e:

@@ -37,3 +37,32 @@ def test_batch_size_must_be_positive(batch_size):
     with pytest.raises(UserError, match=f"^loader.batch_size must be a positive integer, got {batch_size}$"):
         build_loader([], device=torch.device("cpu"), seed=0, train=True, mode="auto", batch_size=batch_size,
                      shuffle=True, num_workers=0, pin_memory=False, persistent_workers=False, prefetch_factor=2)
+
+
+def test_every_bad_value_is_one_line_before_any_data_is_read(make_cfg, tmp_path):
+    """The CSV does not exist: reading any data would fail on it first. Each bad key is its own line, naming
+    the key, its accepted range and the value (torch would have said only 'Invalid learning rate')."""
+    import training
+
+    cfg = make_cfg(f"dataset.csv={tmp_path / 'absent.csv'}", "loader.batch_size=0", "optim.lr=-1",
+                   "optim.momentum=1.5", "loader.num_workers=-2")
+    with pytest.raises(UserError) as error:
+        training.run(cfg)
+    assert str(error.value).splitlines() == [
+        "loader.batch_size must be at least 1, got 0",
+        "loader.num_workers must be auto or an integer >= 0, got -2",
+        "optim.lr must be greater than 0, got -1.0",
+        "optim.momentum must be between 0 and 1, got 1.5",
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_checks_ranges_before_reading_the_checkpoint(make_eval_cfg, tmp_path):
+    from training.evaluation import run_evaluation
+
+    cfg = make_eval_cfg(f"checkpoint={tmp_path / 'absent.pt'}", "dataset=imagefolder", f"dataset.root={tmp_path}",
+                        "dataset.val_fraction=2", "dataset.width=0")
+    with pytest.raises(UserError) as error:
+        run_evaluation(cfg)
+    assert str(error.value).splitlines() == ["dataset.width must be at least 1, got 0",
+                                             "dataset.val_fraction must be between 0 and 1 (exclusive), got 2.0"]

@@ -4,6 +4,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +16,7 @@ from torch.utils.tensorboard.summary import compute_curve
 import training
 from datasets.base import labels_of
 from tests.scoring import score_checkpoint
-from training.board import confusion_image, mistakes_image
+from training.board import TUNED, confusion_image, hparam_value, mistakes_image, tuned_hparams
 from training.evaluation import run_evaluation
 from training.metrics import MISTAKES, PR_THRESHOLDS
 
@@ -51,11 +52,19 @@ def test_per_class_confusion_images_lr_and_hparams(make_cfg, make_eval_cfg, crop
     hparams = {tag: plugin_data_pb2.HParamsPluginData.FromString(content)
                for tag, content in events.PluginTagToContent("hparams").items()}
     session = hparams["_hparams_/session_start_info"].session_start_info.hparams
-    assert session["optim.lr"].number_value == pytest.approx(0.01)
-    assert session["scheduler._target_"].string_value == "torch.optim.lr_scheduler.CosineAnnealingLR"
-    assert session["dataset.csv"].string_value == str(crop_csv)
-    metric_tags = {m.name.tag for m in hparams["_hparams_/experiment"].experiment.metric_infos}
-    assert metric_tags == {"val/acc", "val/loss", "val/acc_best"}
+    # The keys users tune, no wiring (_target_, _partial_, cache_dir, allow_outside_root); groups by name.
+    shown = {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind")) for key, value in session.items()}
+    assert shown == {
+        "optim.lr": pytest.approx(0.01), "loader.batch_size": 8, "trainer.epochs": 2, "model": "TutorialCNN",
+        "optim": "SGD", "optim.momentum": pytest.approx(0.9), "optim.clip_grad_norm": "null",
+        "scheduler": "CosineAnnealingLR", "dataset.hflip": False, "dataset": "crops", "dataset.csv": str(crop_csv),
+        "dataset.root": "null", "dataset.width": 32, "dataset.height": 32, "dataset.channels": 3,
+        "dataset.cache": "memory", "dataset.val_fraction": pytest.approx(0.2), "loader.mode": "auto", "loader.sampler": "uniform",
+        "trainer.precision": "auto", "trainer.seed": 0,
+    }
+    experiment = hparams["_hparams_/experiment"].experiment
+    assert [info.name for info in experiment.hparam_infos] == [key for key in TUNED if key in shown]
+    assert {m.name.tag for m in experiment.metric_infos} == {"val/acc", "val/loss", "val/acc_best", "val/f1_macro"}
 
 
 def test_f1_pr_curves_mistakes_and_class_counts(make_cfg, make_eval_cfg, crop_csv):
@@ -94,3 +103,10 @@ def test_f1_pr_curves_mistakes_and_class_counts(make_cfg, make_eval_cfg, crop_cs
     log = (run_dir / "train.log").read_text()
     assert "train class counts: bright 26, dark 26" in log and "val class counts: bright 6, dark 6" in log
     assert "class imbalance" not in log
+
+
+def test_hparams_name_a_missing_scheduler_and_show_lists_and_null_as_typed(make_cfg):
+    values = tuned_hparams(OmegaConf.to_container(make_cfg(), resolve=True))
+    assert values["scheduler"] == "constant" and "trainer.label_smoothing" not in values
+    assert hparam_value([0.5, 0.25]) == "[0.5, 0.25]" and hparam_value(None) == "null"
+    assert hparam_value(["a", None]) == "[a, null]"

@@ -1,12 +1,15 @@
 """What TensorBoard shows besides scalars: a confusion-matrix image, a grid of training inputs, the
-highest-loss validation items, a class-count table, and the hparams view. Pure rendering plus one helper that writes hparams into the run's own events file.
+highest-loss validation items, a class-count table, and the hparams view of the keys users tune. Pure
+rendering plus one helper that writes hparams into the run's own events file.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from omegaconf import OmegaConf
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.tensorboard import SummaryWriter
@@ -19,18 +22,6 @@ TILE = 96  # minimum width in pixels of one item in the mistakes grid: room for 
 LINE = 13  # pixels per caption line in the default font
 CAPTION = 2 * LINE  # caption under each item: the true class, then "-> predicted"
 GAP = 2  # pixels between items
-
-
-def flatten(tree: Mapping, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}: the config as the dotted keys a user types as overrides."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def confusion_image(confusion: torch.Tensor, classes: Sequence[str]) -> np.ndarray:
@@ -104,16 +95,111 @@ def class_count_table(classes: Sequence[str], counts: Mapping[str, Sequence[int]
     return "\n".join(lines)
 
 
+# The keys a user compares across runs, as typed on the command line; a group's name ("model", "optim")
+# shows what it builds (TutorialCNN, SGD). Keys the config lacks are left out, except those with a value
+# here for that case (no scheduler: a constant rate). A new tuned key is one entry. TensorBoard (2.21) lists
+# the keys whose values differ between the runs first, then the rest by name; older versions keep this order.
+TUNED: dict[str, str | None] = {
+    "optim.lr": None,
+    "loader.batch_size": None,
+    "trainer.epochs": None,
+    "model": None,
+    "optim": None,
+    "optim.momentum": None,
+    "optim.nesterov": None,
+    "optim.weight_decay": None,
+    "optim.clip_grad_norm": None,
+    "scheduler": "constant",
+    "trainer.label_smoothing": None,
+    "augment.pad": None,
+    "augment.hflip": None,
+    "augment.vflip": None,
+    "augment.transpose": None,
+    "augment.cutout": None,
+    "dataset.hflip": None,
+    "dataset": None,
+    "dataset.csv": None,
+    "dataset.root": None,
+    "dataset.width": None,
+    "dataset.height": None,
+    "dataset.channels": None,
+    "dataset.cache": None,
+    "dataset.val_fraction": None,
+    "loader.mode": None,
+    "loader.sampler": None,
+    "trainer.precision": None,
+    "trainer.seed": None,
+}
+_ABSENT = object()
+
+
+def target_name(target: str) -> str:
+    """What a `_target_` builds, in a word: datasets.crops.build -> crops, datasets.folders.build_imagefolder
+    -> imagefolder, torch.optim.SGD -> SGD."""
+    module, _, name = target.rpartition(".")
+    return module.rpartition(".")[2] if name == "build" else name.removeprefix("build_")
+
+
 def hparam_value(value):
-    """TensorBoard's hparams take numbers, strings and booleans; lists and None become their text."""
+    """TensorBoard's hparams take numbers, strings and booleans: a group shows the name of what it builds,
+    None and lists the way they are typed as overrides (null, [0.5, 0.5])."""
+    if isinstance(value, Mapping):
+        return target_name(value["_target_"]) if "_target_" in value else None
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(hparam_value(v)) for v in value) + "]"
     return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def tuned_hparams(config: Mapping) -> dict:
+    """TUNED's keys that this run's resolved config has, in TUNED's order, as hparams values."""
+    tree, values = OmegaConf.create(dict(config)), {}
+    for key, when_absent in TUNED.items():
+        value = OmegaConf.select(tree, key, default=_ABSENT)
+        shown = when_absent if value is _ABSENT else hparam_value(value)
+        if shown is not None:
+            values[key] = shown
+    return values
 
 
 def write_hparams(writer: SummaryWriter, config: Mapping, metrics: Mapping[str, float]) -> None:
     """The hparams view, written into the run's own events file: SummaryWriter.add_hparams would open a
     timestamped subfolder, which TensorBoard lists as a second run. Metric values come from the scalars of
     the same tags already in this file."""
-    values = {key: hparam_value(value) for key, value in flatten(config).items()}
     file_writer = writer._get_file_writer()
-    for summary in hparams(values, dict(metrics)):
+    for summary in hparams(tuned_hparams(config), dict(metrics)):
         file_writer.add_summary(summary)
+
+
+def _only(*tags: str) -> list[str]:
+    """The custom-scalar plugin matches each entry as a regular expression from a tag's start: anchor it,
+    or val/acc would also draw val/acc_best and every val/acc_class/<class>."""
+    return [f"{re.escape(tag)}$" for tag in tags]
+
+
+# CUSTOM SCALARS: what a user looks at first, side by side. Every run writes the same layout, so runs
+# compared in one dashboard merge into the same charts; per-class accuracy is a pattern, whatever the classes.
+# A tag a run does not log (val/f1_macro before it exists) just draws no line. Throughput (thousands of
+# samples/s) and data wait (a fraction) get a chart each: on one axis the wait would be a flat line at zero.
+LAYOUT = {
+    "loss": {"train and validation loss": ["Multiline", _only("train/loss", "val/loss")]},
+    "accuracy": {
+        "validation accuracy": ["Multiline", _only("val/acc", "val/acc_best", "val/f1_macro")],
+        "per-class validation accuracy": ["Multiline", ["val/acc_class/"]],
+    },
+    "speed": {
+        "throughput (samples/s)": ["Multiline", _only("train/throughput")],
+        "waiting on data (fraction of time)": ["Multiline", _only("train/data_wait")],
+    },
+    "schedule": {"learning rate": ["Multiline", _only("train/lr")]},
+}
+
+
+def summary_markdown(title: str, sections: Mapping[str, Mapping[str, str]]) -> str:
+    """A run's summary for TensorBoard's TEXT tab: a heading, then a two-column table per section."""
+    lines = [f"## {title}"]
+    for section, rows in sections.items():
+        lines += ["", f"### {section}", "", "| | |", "| --- | --- |"]
+        lines += [f"| {key} | {str(value).replace('|', '/')} |" for key, value in rows.items()]
+    return "\n".join(lines)

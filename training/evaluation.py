@@ -25,12 +25,14 @@ from training.build import build_data, build_model, require_keys, resolve_device
 from training import speed as speeds
 from training.loop import FP32, Normalizer, evaluate
 from training.logger import run_log
+from training.schema import check_ranges
 
 log = logging.getLogger(__name__)
 
 
 def run_evaluation(cfg: DictConfig) -> dict:
     """Score the checkpoint (eval.json) or, with `predict` files, classify them (predictions.json)."""
+    check_ranges(cfg)
     require_keys(cfg)
     limit_image_pixels(cfg.max_image_pixels)
     run_dir = Path(cfg.run_dir)

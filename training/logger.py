@@ -1,5 +1,6 @@
-"""What a run reports while it trains: train.log, TensorBoard (rank 0 only), the progress bar, the starvation
-warning, and the final value of every scalar, which becomes metrics.json.
+"""What a run reports while it trains: train.log, TensorBoard (rank 0 only: scalars, images, hparams, the
+custom-scalars layout and the markdown run summary), the progress bar, the starvation warning, and the
+final value of every scalar, which becomes metrics.json.
 
 The runner decides what happens; this module is the one place that decides how it is shown.
 """
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
+from datasets.base import DataBundle
+from progress import progress_bar
 from training import metrics
-from training.board import class_count_table, confusion_image, input_grid, mistakes_image, write_hparams
+from training.board import (LAYOUT, class_count_table, confusion_image, hparam_value, input_grid, mistakes_image,
+                            summary_markdown, target_name, write_hparams)
 from training.loaders import DeviceLoader
 from training.loop import Window
 
@@ -23,7 +26,10 @@ log = logging.getLogger(__name__)
 
 DATA_WAIT_WARNING = 0.2  # a window waiting more than this fraction of its time on data is starved
 IMBALANCE_WARNING = 10.0  # largest / smallest training class above this: suggest the balanced sampler
-HPARAM_METRICS = ("val/acc", "val/loss", "val/acc_best")
+SUMMARY_TAG = "run/summary"  # the TEXT entry: data, model, recipe, machine and results of one run
+RESULT_METRICS = ("val/acc", "val/acc_best", "val/f1_macro", "val/loss", "train/loss", "train/throughput",
+                  "train/data_wait")
+HPARAM_METRICS = ("val/acc", "val/loss", "val/acc_best", "val/f1_macro")  # those this run logged
 
 
 @contextmanager
@@ -61,7 +67,16 @@ class RunLogger:
     def __init__(self, run_dir: Path | None, purge_step: int | None, loader, progress: bool):
         # purge_step: a resumed run drops whatever the interrupted one logged after its checkpoint, so no step
         # is logged twice.
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step) if run_dir is not None else None
+        self.writer = None
+        if run_dir is not None:
+            continued = any(run_dir.glob("events.out.tfevents.*"))  # this run's earlier attempt wrote the layout
+            # A fresh run starts a session at step 0 too: TensorBoard's server takes a run's first session start
+            # for its beginning and purges only on a later one, so without it a resume would purge nothing.
+            self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step if purge_step is not None else 0)
+            if not continued:
+                self.writer.add_custom_scalars(LAYOUT)
+        self.last_step = purge_step - 1 if purge_step else 0
+        self.about: dict[str, dict[str, str]] = {}
         self.loader = loader
         self.progress = progress and run_dir is not None
         self.final: dict[str, float] = {}
@@ -73,6 +88,7 @@ class RunLogger:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
         self.final.update(values)
+        self.last_step = max(self.last_step, step)
 
     def window(self, window: Window) -> None:
         """A closed logging window: loss always; speed and data wait once past warm-up."""
@@ -93,7 +109,7 @@ class RunLogger:
     @contextmanager
     def epoch_bar(self, total: int, desc: str):
         """A progress bar for one epoch; `step` advances it by one batch."""
-        with tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not self.progress) as bar:
+        with progress_bar(total=total, desc=desc, unit="batch", enabled=self.progress) as bar:
             self.bar = bar
             try:
                 yield
@@ -157,8 +173,74 @@ class RunLogger:
 
     def hparams(self, config: dict) -> None:
         if self.writer is not None:
-            write_hparams(self.writer, config, {tag: self.final[tag] for tag in HPARAM_METRICS})
+            write_hparams(self.writer, config, {tag: self.final[tag] for tag in HPARAM_METRICS if tag in self.final})
+
+    def describe(self, about: dict[str, dict[str, str]]) -> None:
+        """What the run summary says about the data, model, recipe and machine (see `describe_run`)."""
+        self.about = about
+
+    def summary(self, outcome: str, checkpoints: dict[str, Path]) -> None:
+        """The run summary (TEXT, tag SUMMARY_TAG) with the final and best metrics: written one step past the
+        last, so a resumed run's purge (every step after its checkpoint's) removes the earlier attempt's and
+        the run keeps one."""
+        if self.writer is None:
+            return
+        results = {"outcome": outcome, "last step": str(self.last_step)}
+        results |= {tag: f"{self.final[tag]:.4g}" for tag in RESULT_METRICS if tag in self.final}
+        results |= {name: f"`{path}`" for name, path in checkpoints.items() if path.is_file()}
+        text = summary_markdown(f"Run {self.writer.log_dir}", {**self.about, "Results": results})
+        self.writer.add_text(SUMMARY_TAG, text, self.last_step + 1)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()  # flushes what was logged, also when the run stops on an error or Ctrl-C
+
+
+def _settings(node) -> str:
+    """A group as its name and constructor settings: SGD (lr=0.01, momentum=0.9)."""
+    settings = ", ".join(f"{key}={hparam_value(value)}" for key, value in node.items() if not key.startswith("_"))
+    return f"{target_name(node['_target_'])} ({settings})" if settings else target_name(node["_target_"])
+
+
+def _class_counts(counts: list[int], classes: list[str]) -> str:
+    """Items per class of a split, as one line of the summary."""
+    return f"{sum(counts)} items: " + ", ".join(f"{name} {n}" for name, n in zip(classes, counts))
+
+
+def describe_run(config: dict, bundle: DataBundle, counts: dict[str, list[int]], model: torch.nn.Module, speed, loader,
+                 world_size: int, device: torch.device, prep_seconds: float) -> dict[str, dict[str, str]]:
+    """The run summary's sections other than its results, from the resolved config and what was built;
+    `counts`: items per class of each split."""
+    dataset, optim, trainer = config["dataset"], config["optim"], config["trainer"]
+    source = dataset.get("csv") or dataset.get("root") or "the bundled demo"
+    augment = {"dataset.hflip": dataset.get("hflip")} | {f"augment.{k}": v for k, v in config.get("augment", {}).items()}
+    return {
+        "Data": {
+            "family": target_name(dataset["_target_"]),
+            "source": f"`{source}`",
+            "classes": f"{len(bundle.classes)}",
+            "train": _class_counts(counts["train"], bundle.classes),
+            "val": _class_counts(counts["val"], bundle.classes),
+            "input (C, H, W)": str(tuple(bundle.input_shape)),
+            "cache": str(dataset.get("cache", "memory")),
+            "prepared in": f"{prep_seconds:.2f} s",
+        },
+        "Model": {
+            "name": target_name(config["model"]["_target_"]),
+            "parameters": f"{sum(p.numel() for p in model.parameters()):,}",
+        },
+        "Recipe": {
+            "optimiser": _settings(optim),
+            "schedule": _settings(config["scheduler"]) if config.get("scheduler") else "constant",
+            "batch size": f"{config['loader']['batch_size']} per process, {config['loader']['batch_size'] * world_size} in all",
+            "epochs": str(trainer["epochs"]),
+            "augmentation": ", ".join(f"{k}={hparam_value(v)}" for k, v in augment.items()),
+            "seed": str(trainer["seed"]),
+        },
+        "Where": {
+            "device": str(device),
+            "precision": str(speed.precision),
+            "processes": str(world_size),
+            "loader": f"{type(loader).__name__}, {loader.num_workers} workers",
+        },
+    }

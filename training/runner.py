@@ -30,7 +30,8 @@ from training import distributed, metrics, run_folder, saved_config
 from training import speed as speeds
 from training.build import Data, build_data, build_model, build_optimizer, require_keys, resolve_device
 from training.loaders import cores_per_process
-from training.logger import RunLogger, run_log
+from training.logger import RunLogger, describe_run, run_log
+from training.schema import check_ranges
 from training.loop import NonFiniteLoss, Normalizer, evaluate, train_one_epoch
 from training.graphs import CudaGraphStep
 
@@ -99,15 +100,12 @@ def torch_threads(workers: int):
 
 
 def run(cfg: DictConfig) -> dict:
+    check_ranges(cfg)  # the command's own values (a resumed run keeps its checkpoint's, checked when it started)
     checkpoint = checkpoints.load(cfg.resume, "resume") if cfg.resume else None
     if checkpoint is not None:
         cfg = _resumed_config(checkpoint, cfg)
     require_keys(cfg)
     limit_image_pixels(cfg.max_image_pixels)
-    if cfg.trainer.epochs < 1:
-        raise UserError(f"trainer.epochs must be at least 1, got {cfg.trainer.epochs}")
-    if not 0 <= cfg.trainer.seed < 2**32:  # numpy's seeding range
-        raise UserError(f"trainer.seed must be between 0 and 2**32 - 1, got {cfg.trainer.seed}")
     process = distributed.from_environment()
     device = resolve_device(cfg.trainer.device)
     if process.distributed and device.type == "cuda":
@@ -203,16 +201,25 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
 
     logger = RunLogger(run_dir if main else None, purge_step=position.step + 1 if checkpoint is not None else None,
                        loader=data.train_loader, progress=trainer.progress)
+    counts = _class_counts(bundle)
     if main:
         # Step 0 only: a resumed run's events already hold the table from its start.
-        logger.class_counts(bundle.classes, _class_counts(bundle), cfg.loader.get("sampler", "uniform"),
+        logger.class_counts(bundle.classes, counts, cfg.loader.get("sampler", "uniform"),
                             step=0 if checkpoint is None else None)
     last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
+    logger.describe(describe_run(config, bundle, counts, model, speed, data.train_loader, process.world_size, device,
+                                 prep_seconds))
+    outcome = "stopped by an error (see train.log)"
     try:
         loop = EpochLoop(cfg, run_dir, data, state, normalize, logger, process, device, graphed_step)
         last_val = loop.run(position, best_acc, last_val)
         logger.hparams(config)
+        outcome = "finished"
+    except KeyboardInterrupt:
+        outcome = f"interrupted: continue with resume={run_dir / CHECKPOINT_DIR / 'last.pt'}"
+        raise
     finally:
+        logger.summary(outcome, {name: run_dir / CHECKPOINT_DIR / name for name in ("last.pt", "best.pt")})
         logger.close()
 
     metrics = {**logger.final, "data/prep_seconds": prep_seconds, "world_size": process.world_size}

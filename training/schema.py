@@ -2,16 +2,67 @@
 (`defaults: [crops_schema, _self_]`), so a value of the wrong type or a misspelt key fails at composition,
 naming the key, before anything runs.
 
-The schemas hold types only: every value, default and comment stays in configs/, which users read.
-A field without a default is MISSING until its YAML sets it. Range checks (width >= 16, batch size > 0, ...)
-stay in the code that uses the values, which says what to do about them.
+The schemas hold types, and the accepted range of each value whose validity does not depend on the data
+(`lr: float = ranged(above=0)`): `check_ranges` checks them all right after composition, before any data is
+decoded, one line per bad key. A new key with a range is one field here. Every value, default and comment
+stays in configs/, which users read; a field without a default is MISSING until its YAML sets it. Checks
+that need the data or other keys (a crop too small for the model, a missing file) stay in the code that
+uses the values.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from errors import UserError
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a key accepts: numbers within the bounds (open bounds refuse the bound itself), or one of
+    `words` such as auto. None always passes: it means "off" for the optional keys that take it."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False  # for keys typed Any (num_workers: auto or an int), where the schema cannot say int
+    words: tuple = ()
+    text: Optional[str] = None  # the range in words, where the bounds alone read badly
+
+    def accepts(self, value: Any) -> bool:
+        if value is None or value in self.words:
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return low_ok and high_ok
+
+    def describe(self) -> str:
+        if self.text is not None:
+            return self.text
+        low = None if self.low is None else f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
+        high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {self.high:g}"
+        if low and high:
+            if self.low_open == self.high_open:
+                return f"between {self.low:g} and {self.high:g}{' (exclusive)' if self.low_open else ''}"
+            return f"{low} and {high}"
+        return " or ".join([*self.words, low or high])
+
+
+def ranged(*, above: Optional[float] = None, at_least: Optional[float] = None, below: Optional[float] = None,
+           at_most: Optional[float] = None, **options: Any) -> Any:
+    """A schema field (still without a default) that accepts only the given range."""
+    limits = Range(low=above if above is not None else at_least, high=below if below is not None else at_most,
+                   low_open=above is not None, high_open=below is not None, **options)
+    return dataclasses.field(metadata={"range": limits})
+
 
 # Field order follows each YAML file, so the composed config prints in the order it always did.
 # typing's List and Optional, not `list[float] | None`: OmegaConf 2.3 reads these annotations at runtime.
@@ -22,12 +73,12 @@ class CropsSchema:
     _target_: str
     csv: Optional[str]
     root: Optional[str]
-    width: int
-    height: int
+    width: int = ranged(at_least=1)
+    height: int = ranged(at_least=1)
     channels: int
     cache: str
     cache_dir: Optional[str]
-    val_fraction: float
+    val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
     mean: List[float]
     std: List[float]
     on_bad_rows: str
@@ -39,11 +90,11 @@ class CropsSchema:
 class ImageFolderSchema:
     _target_: str
     root: str
-    width: int
-    height: int
+    width: int = ranged(at_least=1)
+    height: int = ranged(at_least=1)
     channels: int
     cache: str
-    val_fraction: float
+    val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
     mean: List[float]
     std: List[float]
     verify: bool
@@ -56,11 +107,11 @@ class DatasetFolderSchema:
     _target_: str
     root: str
     extensions: List[str]
-    width: int
-    height: int
+    width: int = ranged(at_least=1)
+    height: int = ranged(at_least=1)
     channels: int
     cache: str
-    val_fraction: float
+    val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
     mean: List[float]
     std: List[float]
     verify: bool
@@ -88,46 +139,46 @@ class LoaderSchema:
     _target_: str
     _partial_: bool
     mode: str
-    batch_size: int
+    batch_size: int = ranged(at_least=1)  # per process
     shuffle: bool
     sampler: str  # uniform or balanced: build_loader checks it
-    num_workers: Any  # auto or an int: build_loader checks it, with a message that says so
+    num_workers: Any = ranged(at_least=0, integer=True, words=("auto",), text="auto or an integer >= 0")
     pin_memory: Any  # auto or a bool: checked by build_loader
     persistent_workers: bool
-    prefetch_factor: int
+    prefetch_factor: int = ranged(at_least=1)
 
 
 @dataclass
 class SGDSchema:
     _target_: str
-    lr: float
-    momentum: float
-    clip_grad_norm: Optional[float]
+    lr: float = ranged(above=0)
+    momentum: float = ranged(at_least=0, at_most=1)
+    clip_grad_norm: Optional[float] = ranged(above=0)
 
 
 @dataclass
 class StepSchema:
     _target_: str
     _partial_: bool
-    step_size: int
-    gamma: float
+    step_size: int = ranged(at_least=1)
+    gamma: float = ranged(above=0)
 
 
 @dataclass
 class CosineSchema:
     _target_: str
     _partial_: bool
-    T_max: int
-    eta_min: float
+    T_max: int = ranged(at_least=1)
+    eta_min: float = ranged(at_least=0)
 
 
 @dataclass
 class TrainerSchema:
-    epochs: int
+    epochs: int = ranged(at_least=1)
     device: str
-    seed: int
-    log_every: int
-    warmup_steps: int
+    seed: int = ranged(at_least=0, at_most=2**32 - 1, text="between 0 and 2**32 - 1")  # numpy's seeding range
+    log_every: int = ranged(at_least=1)
+    warmup_steps: int = ranged(at_least=0)
     progress: bool
     precision: str
     channels_last: Any  # auto, true or false: checked by training/speed.py
@@ -208,3 +259,29 @@ def register() -> None:
             store.store(name=stored_name(group, name), node=schema)
     for name, schema in PRIMARY.items():
         store.store(name=name, node=_open(schema))
+
+
+def range_problems(node: DictConfig, prefix: str = "") -> list[str]:
+    """One line per value outside its schema's range, in `node` and the groups below it."""
+    problems = []
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        for field in dataclasses.fields(schema):
+            limits = field.metadata.get("range")
+            if limits is None or field.name not in node or OmegaConf.is_missing(node, field.name):
+                continue
+            value = OmegaConf.select(node, field.name)
+            if not limits.accepts(value):
+                problems.append(f"{prefix}{field.name} must be {limits.describe()}, got {value!r}")
+    for key, child in node.items_ex(resolve=False):  # unresolved: run_dir's ${hydra:...} needs a Hydra run
+        if isinstance(child, DictConfig):
+            problems += range_problems(child, f"{prefix}{key}.")
+    return problems
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Every ranged value of a composed config (train.yaml or evaluate.yaml), before anything is built; a
+    config without schemas (one saved in a checkpoint) has nothing to check."""
+    problems = range_problems(cfg)
+    if problems:
+        raise UserError("\n".join(problems))
