@@ -131,7 +131,6 @@ def build(
     seed: int,
     on_bad_rows: str = "error",
     allow_outside_root: bool = False,
-    hflip: bool = False,
 ) -> DataBundle:
     check_image_keys(width, height, channels, val_fraction)
     if cache not in CACHE_MODES:
@@ -179,7 +178,6 @@ def build(
         input_shape=shape,
         mean=per_channel(mean, channels, "dataset.mean"),
         std=per_channel(std, channels, "dataset.std"),
-        hflip=hflip,
         skipped=skipped,
     )
 

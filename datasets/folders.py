@@ -70,7 +70,7 @@ def verify_files(folders: list[tv.DatasetFolder]) -> None:
                         + problem_list(problems))
 
 
-def _build(make, root, width, height, channels, cache, val_fraction, mean, std, seed, verify, hflip) -> DataBundle:
+def _build(make, root, width, height, channels, cache, val_fraction, mean, std, seed, verify) -> DataBundle:
     check_image_keys(width, height, channels, val_fraction)
     if cache not in FOLDER_CACHE_MODES:
         raise UserError(f"dataset.cache must be one of {', '.join(FOLDER_CACHE_MODES)} for folders, got {cache!r}")
@@ -103,20 +103,18 @@ def _build(make, root, width, height, channels, cache, val_fraction, mean, std, 
         input_shape=shape,
         mean=per_channel(mean, channels, "dataset.mean"),
         std=per_channel(std, channels, "dataset.std"),
-        hflip=hflip,
     )
 
 
-def build_imagefolder(root, width, height, channels, cache, val_fraction, mean, std, seed, verify=False,
-                      hflip=False) -> DataBundle:
+def build_imagefolder(root, width, height, channels, cache, val_fraction, mean, std, seed, verify=False) -> DataBundle:
     load = LoadItem(height, width, channels)
     return _build(lambda d: ImageFolder(d, loader=load), root, width, height, channels, cache, val_fraction,
-                  mean, std, seed, verify, hflip)
+                  mean, std, seed, verify)
 
 
 def build_datasetfolder(root, extensions, width, height, channels, cache, val_fraction, mean, std, seed,
-                        verify=False, hflip=False) -> DataBundle:
+                        verify=False) -> DataBundle:
     load = LoadItem(height, width, channels)
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in extensions)
     return _build(lambda d: DatasetFolder(d, loader=load, extensions=extensions), root, width, height, channels,
-                  cache, val_fraction, mean, std, seed, verify, hflip)
+                  cache, val_fraction, mean, std, seed, verify)

@@ -15,6 +15,7 @@ from torch import nn
 
 from datasets.base import DataBundle
 from errors import UserError
+from training.augment import Augment
 
 
 def _instantiate(node: DictConfig, **runtime):
@@ -68,10 +69,18 @@ def build_data(dataset_cfg: DictConfig, loader_cfg: DictConfig, seed: int, devic
     make_loader = _instantiate(loader_cfg)  # a partial: the data set, device and seed are known only here
     return Data(
         bundle=bundle,
-        train_loader=make_loader(bundle.train, device=device, seed=seed, train=True, hflip=bundle.hflip, rank=rank,
-                                 world_size=world_size),
+        train_loader=make_loader(bundle.train, device=device, seed=seed, train=True, rank=rank, world_size=world_size),
         val_loader=make_loader(bundle.val, device=device, seed=seed, train=False, rank=rank, world_size=world_size),
     )
+
+
+def build_augment(augment_cfg: DictConfig | None, input_shape: tuple[int, int, int],
+                  mean: tuple[float, ...] = (0.0,)) -> Augment:
+    """The training batches' augmentation for inputs of `input_shape` (C, H, W), checked to apply to them;
+    `mean` (0..1) is the colour cutout fills with. No augment group (an older checkpoint's config): none."""
+    if augment_cfg is None:
+        return Augment()
+    return _instantiate(augment_cfg)(mean=mean, input_shape=input_shape)
 
 
 def build_model(model_cfg: DictConfig, input_shape: tuple[int, int, int], num_classes: int,

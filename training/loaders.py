@@ -8,10 +8,8 @@ dataloader  torch's DataLoader over any dataset, with workers for data decoded p
 Both take their order from `epoch_order`: a permutation seeded by (seed + epoch), so an epoch is
 reproducible on its own and a resumed run sees the batches an unbroken one would.
 
-Random augmentation (hflip) is done here, on whole training batches after the loader yields them, not per
-item in workers: the flip decisions come from one generator per (seed, epoch), drawn batch by batch in
-the main process. So they differ across epochs and across the batches different workers built, repeat
-exactly for a seed whatever the worker count, and are the same in both modes.
+Random augmentation is not done here but on whole batches after the loader, on the training device
+(training/augment.py), so it is the same in both modes and for any number of workers.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -28,7 +25,6 @@ from errors import UserError
 from training.distributed import local_processes, shard, shard_size
 
 MODES = ("auto", "device", "dataloader")
-_HFLIP_STREAM = 1  # keeps the flip generator's seed apart from the order's (seed + epoch)
 _WORKER_ERROR = "Caught UserError in DataLoader worker"
 _WORKER_DIED = "DataLoader worker (pid"  # torch's words for a worker killed by a signal or exited
 
@@ -52,44 +48,16 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
 
 
-def hflip_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
-    """The CPU generator for one epoch's flip decisions (per rank under DDP), well mixed and independent of
-    the epoch's order."""
-    # SeedSequence takes non-negative entropy only; torch accepts any seed, so fold negatives in.
-    entropy = [seed % 2**64, epoch, _HFLIP_STREAM, rank]
-    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def epoch_flips(hflip: bool, seed: int, epoch: int, rank: int, skip_batches: int,
-                batch_size: int) -> torch.Generator | None:
-    """The flip generator for an epoch (None without hflip), advanced past the batches a resumed epoch
-    skips by drawing what they would have drawn."""
-    if not hflip:
-        return None
-    generator = hflip_generator(seed, epoch, rank)
-    for _ in range(skip_batches):
-        torch.rand(batch_size, generator=generator)
-    return generator
-
-
-def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror each item of a uint8 batch (N, C, H, W) left-right with probability 1/2, as one tensor op on
-    the batch's device. Decisions are drawn on the CPU (N floats) so every device flips the same items."""
-    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device, non_blocking=True)
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-
-
 class DeviceLoader:
     """Whole batches sliced from uint8 data that lives on the training device."""
 
     num_workers = 0
 
     def __init__(self, dataset: InMemoryDataset, batch_size: int, shuffle: bool, device: torch.device, seed: int,
-                 hflip: bool = False, rank: int = 0, world_size: int = 1, pad: bool = False):
+                 rank: int = 0, world_size: int = 1, pad: bool = False):
         self.images, self.labels = dataset.store.on(device)
         self.indices = dataset.indices.to(device)
-        self.batch_size, self.shuffle, self.seed, self.hflip = batch_size, shuffle, seed, hflip
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.pad = rank, world_size, pad
         self.epoch = self.skip_batches = 0
 
@@ -111,11 +79,9 @@ class DeviceLoader:
     def __iter__(self):
         order = epoch_order(len(self.indices), self.shuffle, self.seed, self.epoch)
         order = self.indices[shard(order, self.rank, self.world_size, self.pad).to(self.indices.device)]
-        flips = epoch_flips(self.hflip, self.seed, self.epoch, self.rank, self.skip_batches, self.batch_size)
         for start in range(self.skip_batches * self.batch_size, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            images = self.images[batch]
-            yield (images if flips is None else random_hflip(images, flips)), self.labels[batch]
+            yield self.images[batch], self.labels[batch]
 
 
 class EpochSampler(Sampler[int]):
@@ -137,11 +103,11 @@ class EpochSampler(Sampler[int]):
 
 
 class EpochSeededDataLoader(DataLoader):
-    """torch's DataLoader whose order, worker seeds and flips depend only on (seed, epoch)."""
+    """torch's DataLoader whose order and worker seeds depend only on (seed, epoch)."""
 
-    def __init__(self, dataset: Dataset, seed: int, shuffle: bool, hflip: bool = False, rank: int = 0,
-                 world_size: int = 1, pad: bool = False, **kwargs):
-        self.seed, self.hflip, self.epoch, self.skip_batches, self.rank = seed, hflip, 0, 0, rank
+    def __init__(self, dataset: Dataset, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
+                 pad: bool = False, **kwargs):
+        self.seed, self.epoch, self.skip_batches = seed, 0, 0
         sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size, pad)
         super().__init__(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs)
 
@@ -161,15 +127,14 @@ class EpochSeededDataLoader(DataLoader):
         self.set_epoch(state["epoch"])
 
     def __iter__(self) -> _EpochBatches:
-        flips = epoch_flips(self.hflip, self.seed, self.epoch, self.rank, self.skip_batches, self.batch_size)
-        return _EpochBatches(super().__iter__(), flips)
+        return _EpochBatches(super().__iter__())
 
 
 class _EpochBatches:
-    """One epoch of a DataLoader's batches, flipped when asked; a worker's UserError comes out as one line."""
+    """One epoch of a DataLoader's batches; a worker's UserError comes out as one line."""
 
-    def __init__(self, batches, flips: torch.Generator | None):
-        self.batches, self.flips = batches, flips
+    def __init__(self, batches):
+        self.batches = batches
 
     def __iter__(self) -> _EpochBatches:
         return self
@@ -187,8 +152,7 @@ class _EpochBatches:
                 "in the main process, or, if it ran out of shared memory (/dev/shm is small in containers), give it "
                 "more, e.g. docker run --shm-size=2g"
             ) from None
-        # A flipped batch is a new tensor: with pin_memory its copy to CUDA is no longer asynchronous.
-        return (images if self.flips is None else random_hflip(images, self.flips)), labels
+        return images, labels
 
 
 def _without_worker_traceback(error: UserError) -> UserError:
@@ -220,7 +184,6 @@ def build_loader(
     device: torch.device,
     seed: int,
     train: bool,
-    hflip: bool = False,
     rank: int = 0,
     world_size: int = 1,
     mode: str,
@@ -231,7 +194,7 @@ def build_loader(
     persistent_workers: bool,
     prefetch_factor: int,
 ) -> DeviceLoader | EpochSeededDataLoader:
-    """The loader for one split; `train=False` never shuffles nor flips. Config: configs/loader/.
+    """The loader for one split; `train=False` never shuffles. Config: configs/loader/.
 
     Under DDP each rank loads every world_size-th item of the epoch's order; training pads the order so
     all ranks take the same number of steps, validation does not, so every item is scored exactly once."""
@@ -239,7 +202,7 @@ def build_loader(
         raise UserError(f"loader.mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise UserError(f"loader.batch_size must be a positive integer, got {batch_size!r}")
-    shuffle, hflip = shuffle and train, hflip and train
+    shuffle = shuffle and train
     in_memory = isinstance(dataset, InMemoryDataset)
     if mode == "device" and not in_memory:
         raise UserError(
@@ -247,7 +210,7 @@ def build_loader(
             "or use loader.mode=dataloader"
         )
     if mode == "device" or (mode == "auto" and in_memory):
-        return DeviceLoader(dataset, batch_size, shuffle, device, seed, hflip, rank, world_size, pad=train)
+        return DeviceLoader(dataset, batch_size, shuffle, device, seed, rank, world_size, pad=train)
     workers = resolve_workers(num_workers, dataset)
     if pin_memory == "auto":
         pin_memory = device.type == "cuda"
@@ -255,5 +218,5 @@ def build_loader(
         raise UserError(f"loader.pin_memory must be auto, true or false, got {pin_memory!r}")
     extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return EpochSeededDataLoader(
-        dataset, seed, shuffle, hflip, rank, world_size, train, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, **extra
+        dataset, seed, shuffle, rank, world_size, train, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, **extra
     )

@@ -73,12 +73,14 @@ def _clock(device: torch.device) -> float:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-               clip_grad_norm: float | None = None, amp: MixedPrecision = FP32):
-    """One optimizer step; returns the detached loss tensor (no host sync)."""
+               clip_grad_norm: float | None = None, amp: MixedPrecision = FP32, label_smoothing: float = 0.0):
+    """One optimizer step; returns the detached loss tensor (no host sync). `label_smoothing` spreads that
+    share of each target over all classes (training only: validation scores the plain loss)."""
     optimizer.zero_grad(set_to_none=True)
     with amp.autocast():
         logits = model(inputs)
-    loss = nn.functional.cross_entropy(logits.float(), targets)  # the loss in fp32 whatever the forward ran in
+    # The loss in fp32 whatever the forward ran in.
+    loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
     amp.backward_and_step(loss, optimizer, model, clip_grad_norm)
     return loss.detach()
 
@@ -97,7 +99,11 @@ def train_one_epoch(
     clip_grad_norm: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     amp: MixedPrecision = FP32,
+    augment: Callable[[torch.Tensor], torch.Tensor] = lambda images: images,
+    label_smoothing: float = 0.0,
 ) -> EpochStats:
+    """`augment` takes each uint8 batch on the device, before normalisation, and returns the one to train on;
+    `on_step` runs after every optimizer step (progress bar, per-step learning-rate schedules)."""
     model.train()
     step = start_step
     epoch_loss = torch.zeros((), device=device)
@@ -126,7 +132,7 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         waited = time.perf_counter() - fetch_started
 
-        loss = train_step(model, optimizer, normalize(images), targets, clip_grad_norm, amp)
+        loss = train_step(model, optimizer, normalize(augment(images)), targets, clip_grad_norm, amp, label_smoothing)
         step += 1
         window_losses.append(loss)
         epoch_loss += loss

@@ -28,7 +28,9 @@ from errors import UserError
 from training import checkpoint as checkpoints
 from training import distributed
 from training import speed as speeds
-from training.build import Data, build_data, build_model, build_optimizer, require_keys, resolve_device
+from training.augment import Augment
+from training.build import (Data, build_augment, build_data, build_model, build_optimizer, require_keys,
+                            resolve_device)
 from training.loaders import cores_per_process
 from training.logger import RunLogger, run_log
 from training.loop import NonFiniteLoss, Normalizer, evaluate, train_one_epoch
@@ -151,11 +153,13 @@ def _check_classes(checkpoint: dict, cfg: DictConfig, bundle: DataBundle) -> Non
 
 
 def _check_input_size(cfg: DictConfig) -> None:
-    """Build the model once for the configured input size before any data is decoded, so a crop too small
-    for it fails in a second rather than after decoding a large data set. (CIFAR10 declares no size.)"""
+    """Build the model and the augmentation once for the configured input size before any data is decoded,
+    so a crop too small for either fails in a second rather than after decoding a large data set. (CIFAR10
+    declares no size: its fixed 32x32 is checked once it is loaded.)"""
     shape = tuple(OmegaConf.select(cfg, f"dataset.{key}") for key in ("channels", "height", "width"))
     if None not in shape:
         build_model(cfg.model, shape, 2, torch.device("cpu"))
+        build_augment(cfg.get("augment"), shape)
 
 
 def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distributed.Process,
@@ -166,6 +170,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     seed_everything(trainer.seed)  # the same on every rank: identical initial weights, one shared epoch order
     data, prep_seconds = _prepare_data(cfg, run_dir, process, device)
     bundle = data.bundle
+    augment = build_augment(cfg.get("augment"), bundle.input_shape, bundle.mean)
 
     model = build_model(cfg.model, bundle.input_shape, len(bundle.classes), device)
     optimizer, scheduler = build_optimizer(cfg.optim, cfg.get("scheduler"), model)
@@ -198,7 +203,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
     last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
     try:
-        loop = EpochLoop(cfg, run_dir, data, state, normalize, logger, config, process, device)
+        loop = EpochLoop(cfg=cfg, run_dir=run_dir, data=data, state=state, augment=augment, normalize=normalize,
+                         logger=logger, config=config, process=process, device=device)
         last_val = loop.run(position, best_acc, last_val)
         logger.hparams(config)
     finally:
@@ -245,6 +251,7 @@ class EpochLoop:
     run_dir: Path
     data: Data
     state: checkpoints.TrainingState
+    augment: Augment  # applied to training batches on the device, before normalisation
     normalize: Normalizer
     logger: RunLogger
     config: dict  # the resolved config, saved in every checkpoint
@@ -265,10 +272,12 @@ class EpochLoop:
                 lr = self.state.optimizer.param_groups[0]["lr"]
                 epoch_started = time.perf_counter()
                 with self.logger.epoch_bar(len(loader), f"epoch {epoch + 1}/{trainer.epochs}"):
-                    stats = train_one_epoch(self.state.model, self.state.optimizer, loader, self.normalize,
-                                            self.device, position.step, warmup_until, trainer.log_every,
-                                            self.logger.window, self.logger.step, self.cfg.optim.get("clip_grad_norm"),
-                                            stop, self.state.amp)
+                    stats = train_one_epoch(
+                        self.state.model, self.state.optimizer, loader, self.normalize, self.device,
+                        start_step=position.step, warmup_steps=warmup_until, log_every=trainer.log_every,
+                        on_window=self.logger.window, on_step=self.logger.step,
+                        clip_grad_norm=self.cfg.optim.get("clip_grad_norm"), should_stop=stop, amp=self.state.amp,
+                        augment=self._augment(epoch, skip))
                 epoch_seconds = time.perf_counter() - epoch_started
                 position = checkpoints.Position(epoch, skip + stats.steps, position.step + stats.steps)
                 if stats.interrupted:
@@ -293,15 +302,20 @@ class EpochLoop:
                 )
         return last_val
 
+    def _augment(self, epoch: int, first_batch: int):
+        """This rank's augmentation for an epoch, from its batch `first_batch` on (a resumed epoch's next)."""
+        return self.augment.for_epoch(self.cfg.trainer.seed, epoch, self.process.rank, first_batch)
+
     def _first_batch(self, position: checkpoints.Position) -> None:
-        """The first batch the model will see, logged as an image once per run (by the main process)."""
+        """The first batch the model will see, augmented, logged as an image once per run (by the main process)."""
         loader = self.data.train_loader
         loader.set_epoch(position.epoch, position.batches_done)
         # None when Ctrl-C came during an epoch's last step: the resumed epoch has no batches left.
         first = next(iter(loader), None) if self.process.is_main else None
         if first is not None:
-            self.logger.first_batch(self.normalize(first[0].to(self.device)), self.data.bundle.mean,
-                                    self.data.bundle.std, position.step)
+            images = self._augment(position.epoch, position.batches_done)(first[0].to(self.device))
+            self.logger.first_batch(self.normalize(images), self.data.bundle.mean, self.data.bundle.std,
+                                    position.step)
 
     def _validate(self, epoch: int, step: int) -> dict:
         # The bare model: DDP's forward would sync buffers, and ranks hold different numbers of val batches.

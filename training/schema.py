@@ -32,7 +32,6 @@ class CropsSchema:
     std: List[float]
     on_bad_rows: str
     allow_outside_root: bool
-    hflip: bool
 
 
 @dataclass
@@ -47,7 +46,6 @@ class ImageFolderSchema:
     mean: List[float]
     std: List[float]
     verify: bool
-    hflip: bool
 
 
 @dataclass
@@ -63,7 +61,6 @@ class DatasetFolderSchema:
     mean: List[float]
     std: List[float]
     verify: bool
-    hflip: bool
 
 
 @dataclass
@@ -73,7 +70,17 @@ class Cifar10Schema:
     download: bool
     mean: List[float]
     std: List[float]
+
+
+@dataclass
+class AugmentSchema:
+    _target_: str
+    _partial_: bool
+    pad: int
     hflip: bool
+    vflip: bool
+    transpose: bool
+    cutout: int
 
 
 @dataclass
@@ -149,6 +156,7 @@ class EvaluateSchema:
 GROUPS = {
     "dataset": {"crops_schema": CropsSchema, "imagefolder_schema": ImageFolderSchema,
                 "datasetfolder_schema": DatasetFolderSchema, "cifar10_schema": Cifar10Schema},
+    "augment": {"default_schema": AugmentSchema},
     "model": {"tutorial_cnn_schema": ModelSchema},
     "loader": {"default_schema": LoaderSchema},
     "optim": {"sgd_schema": SGDSchema},
