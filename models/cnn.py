@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from errors import UserError
+from models.size import require_input_size
 
 KERNEL = 5
 POOL = 2
@@ -29,14 +29,11 @@ def min_input_size() -> int:
 class TutorialCNN(nn.Module):
     """conv5x5(6) - pool - conv5x5(16) - pool - fc120 - fc84 - fc(num_classes), as in the tutorial."""
 
+    MIN_INPUT_SIZE = min_input_size()
+
     def __init__(self, in_channels: int, height: int, width: int, num_classes: int):
         super().__init__()
-        smallest = min_input_size()
-        if height < smallest or width < smallest:
-            raise UserError(
-                f"input {width}x{height} (width x height) is too small for the tutorial CNN: "
-                f"dataset.width and dataset.height must each be at least {smallest}"
-            )
+        require_input_size("the tutorial CNN", self.MIN_INPUT_SIZE, height, width)
         self.conv1 = nn.Conv2d(in_channels, 6, KERNEL)
         self.pool = nn.MaxPool2d(POOL, POOL)
         self.conv2 = nn.Conv2d(6, 16, KERNEL)

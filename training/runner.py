@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from datasets.base import DataBundle
+from models.size import cost as model_cost
 from errors import UserError
 from training import checkpoint as checkpoints
 from training import distributed
@@ -173,6 +174,9 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     augment = build_augment(cfg.get("augment"), bundle.input_shape, bundle.mean)
 
     model = build_model(cfg.model, bundle.input_shape, len(bundle.classes), device)
+    parameters, flops = model_cost(model, bundle.input_shape)
+    log.info("model: %s, %.3gM parameters, %.3g MFLOPs per sample (forward)", type(model).__name__, parameters / 1e6,
+             flops / 1e6)
     optimizer, scheduler = build_optimizer(cfg.optim, cfg.get("scheduler"), model)
     speed = speeds.resolve(trainer.precision, trainer.channels_last, trainer.compile, trainer.deterministic, device)
     amp = speeds.MixedPrecision(speed.precision, device)
@@ -237,8 +241,13 @@ def _prepare_data(cfg: DictConfig, run_dir: Path, process: distributed.Process,
 
 
 def _wrap(model: nn.Module, speed: speeds.Speed, process: distributed.Process, device: torch.device) -> nn.Module:
-    """DDP after the weights are loaded (it copies rank 0's parameters to every rank as it wraps), then compile."""
+    """DDP after the weights are loaded (it copies rank 0's parameters to every rank as it wraps), then compile.
+    On CUDA, BatchNorm layers become SyncBatchNorm: batch statistics over the whole effective batch, as
+    usual for DDP (same state-dict keys, so checkpoints load into the plain model). Gloo on CPU has no
+    SyncBatchNorm: each process normalises by its own batch and DDP copies rank 0's running statistics."""
     if process.distributed:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(model) if speed.compile else model
 

@@ -157,7 +157,7 @@ GROUPS = {
     "dataset": {"crops_schema": CropsSchema, "imagefolder_schema": ImageFolderSchema,
                 "datasetfolder_schema": DatasetFolderSchema, "cifar10_schema": Cifar10Schema},
     "augment": {"default_schema": AugmentSchema},
-    "model": {"tutorial_cnn_schema": ModelSchema},
+    "model": {"tutorial_cnn_schema": ModelSchema, "resnet18_schema": ModelSchema, "fastnet_schema": ModelSchema},
     "loader": {"default_schema": LoaderSchema},
     "optim": {"sgd_schema": SGDSchema},
     "scheduler": {"step_schema": StepSchema, "cosine_schema": CosineSchema},
