@@ -23,7 +23,8 @@ LOADER = dict(device=torch.device("cpu"), batch_size=8, shuffle=True, pin_memory
 
 def distinct_images(n: int, channels: int = 2, size: int = 6) -> torch.Tensor:
     """Every pixel of every item different, so each output pixel names the one input pixel it came from."""
-    return torch.randperm(256)[: channels * size * size].to(torch.uint8).view(1, channels, size, size).repeat(n, 1, 1, 1)
+    image = torch.randperm(256)[: channels * size * size].to(torch.uint8).view(1, channels, size, size)
+    return image.repeat(n, 1, 1, 1)
 
 
 def dihedral(image: torch.Tensor) -> list[torch.Tensor]:

@@ -58,3 +58,17 @@ def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, m
     events = EventAccumulator(str(tmp_path / "run"))
     events.Reload()
     assert [e.step for e in events.Scalars("val/acc")] == [7, 14, 21]
+
+
+def test_two_processes_train_fastnet_with_augmentation_and_a_per_step_schedule(crop_csv, tmp_path, make_eval_cfg):
+    """BatchNorm buffers, per-rank augmentation draws and a per-step schedule under DDP (gloo, CPU)."""
+    result = torchrun(f"dataset.csv={crop_csv}", "dataset.width=16", "dataset.height=16", "loader.batch_size=4",
+                      "model=fastnet", "augment=standard", "scheduler=warmup_cosine", "trainer.epochs=1",
+                      "trainer.progress=false", "trainer.device=cpu", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["scheduler"]["last_epoch"] == checkpoint["step"] == 7  # stepped once per optimizer step
+    assert any(k.endswith("running_mean") for k in checkpoint["model"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    scored = run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"))
+    assert scored["acc"] == metrics["val/acc"]

@@ -40,4 +40,5 @@ def test_fastnet_fits_the_crops(make_cfg, crop_csv, tmp_path):
     metrics = training.run(make_cfg(f"dataset.csv={crop_csv}", "dataset.width=16", "dataset.height=16",
                                     "loader.batch_size=16", "model=fastnet", "trainer.epochs=2"))
     assert metrics["train/loss"] < 0.1  # from ln 2 = 0.69 for two classes
-    assert "model: FastNet, 0.832M parameters, 38.5 MFLOPs per sample" in (Path(tmp_path / "run") / "train.log").read_text()
+    log = (Path(tmp_path / "run") / "train.log").read_text()
+    assert "model: FastNet, 0.832M parameters, 38.5 MFLOPs per sample" in log

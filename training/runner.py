@@ -107,6 +107,7 @@ def run(cfg: DictConfig) -> dict:
     require_keys(cfg)
     if cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs must be at least 1, got {cfg.trainer.epochs}")
+    _check_schedule_length(cfg)
     if not 0 <= cfg.trainer.seed < 2**32:  # numpy's seeding range
         raise UserError(f"trainer.seed must be between 0 and 2**32 - 1, got {cfg.trainer.seed}")
     process = distributed.from_environment()
@@ -146,6 +147,18 @@ def _resumed_config(checkpoint: dict, cfg: DictConfig) -> DictConfig:
     return resumed
 
 
+def _check_schedule_length(cfg: DictConfig) -> None:
+    """A per-step schedule spans scheduler.epochs (trainer.epochs when the run started, kept by a resumed run):
+    training past its end would go on at a rate of zero (warmup_cosine) or fail (onecycle)."""
+    scheduler = cfg.get("scheduler")
+    if scheduler is None or scheduler.get("interval") != "step" or cfg.trainer.epochs <= scheduler.epochs:
+        return
+    resumed = f" (resume={cfg.resume} keeps the schedule its run started with)" if cfg.resume else ""
+    raise UserError(f"scheduler.epochs={scheduler.epochs} ends the learning-rate schedule before "
+                    f"trainer.epochs={cfg.trainer.epochs}{resumed}: set trainer.epochs <= {scheduler.epochs}, "
+                    "or start a new run")
+
+
 def _check_classes(checkpoint: dict, cfg: DictConfig, bundle: DataBundle) -> None:
     """The same config can meet other data: a CSV or folder edited since the checkpoint was saved."""
     if checkpoint["classes"] != bundle.classes:
@@ -177,7 +190,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     parameters, flops = model_cost(model, bundle.input_shape)
     log.info("model: %s, %.3gM parameters, %.3g MFLOPs per sample (forward)", type(model).__name__, parameters / 1e6,
              flops / 1e6)
-    optimizer, scheduler = build_optimizer(cfg.optim, cfg.get("scheduler"), model)
+    optimizer, scheduler, per_step = build_optimizer(cfg.optim, cfg.get("scheduler"), model,
+                                                     steps_per_epoch=len(data.train_loader))
     speed = speeds.resolve(trainer.precision, trainer.channels_last, trainer.compile, trainer.deterministic, device)
     amp = speeds.MixedPrecision(speed.precision, device)
     state = checkpoints.TrainingState(model, optimizer, scheduler, amp, data.train_loader, bundle)
@@ -207,8 +221,9 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
     last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
     try:
-        loop = EpochLoop(cfg=cfg, run_dir=run_dir, data=data, state=state, augment=augment, normalize=normalize,
-                         logger=logger, config=config, process=process, device=device)
+        loop = EpochLoop(cfg=cfg, run_dir=run_dir, data=data, state=state, schedule_per_step=per_step,
+                         augment=augment, normalize=normalize, logger=logger, config=config, process=process,
+                         device=device)
         last_val = loop.run(position, best_acc, last_val)
         logger.hparams(config)
     finally:
@@ -260,6 +275,7 @@ class EpochLoop:
     run_dir: Path
     data: Data
     state: checkpoints.TrainingState
+    schedule_per_step: bool  # the scheduler steps after every optimizer step, not once per epoch
     augment: Augment  # applied to training batches on the device, before normalisation
     normalize: Normalizer
     logger: RunLogger
@@ -284,9 +300,9 @@ class EpochLoop:
                     stats = train_one_epoch(
                         self.state.model, self.state.optimizer, loader, self.normalize, self.device,
                         start_step=position.step, warmup_steps=warmup_until, log_every=trainer.log_every,
-                        on_window=self.logger.window, on_step=self.logger.step,
+                        on_window=self.logger.window, on_step=self._after_step,
                         clip_grad_norm=self.cfg.optim.get("clip_grad_norm"), should_stop=stop, amp=self.state.amp,
-                        augment=self._augment(epoch, skip))
+                        augment=self._augment(epoch, skip), label_smoothing=trainer.get("label_smoothing", 0.0))
                 epoch_seconds = time.perf_counter() - epoch_started
                 position = checkpoints.Position(epoch, skip + stats.steps, position.step + stats.steps)
                 if stats.interrupted:
@@ -300,7 +316,7 @@ class EpochLoop:
                 best_acc = max(best_acc, val["acc"])
                 last_val = self.logger.validation(val, best_acc, bundle.classes, lr, epoch_seconds, position.step)
                 self.logger.epoch_throughput(stats.throughput)
-                if self.state.scheduler is not None:
+                if self.state.scheduler is not None and not self.schedule_per_step:
                     self.state.scheduler.step()
                 position = checkpoints.Position(epoch + 1, 0, position.step)
                 self._save(position, last_val, best=improved)
@@ -310,6 +326,11 @@ class EpochLoop:
                     epoch_seconds, val["loss"], 100 * val["acc"], " (best)" if improved else "",
                 )
         return last_val
+
+    def _after_step(self) -> None:
+        self.logger.step()
+        if self.schedule_per_step and self.state.scheduler is not None:
+            self.state.scheduler.step()
 
     def _augment(self, epoch: int, first_batch: int):
         """This rank's augmentation for an epoch, from its batch `first_batch` on (a resumed epoch's next)."""

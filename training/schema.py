@@ -106,6 +106,8 @@ class SGDSchema:
     _target_: str
     lr: float
     momentum: float
+    nesterov: bool
+    weight_decay: float
     clip_grad_norm: Optional[float]
 
 
@@ -113,6 +115,7 @@ class SGDSchema:
 class StepSchema:
     _target_: str
     _partial_: bool
+    interval: str
     step_size: int
     gamma: float
 
@@ -121,8 +124,34 @@ class StepSchema:
 class CosineSchema:
     _target_: str
     _partial_: bool
+    interval: str
     T_max: int
     eta_min: float
+
+
+@dataclass
+class WarmupCosineSchema:
+    _target_: str
+    _partial_: bool
+    interval: str
+    epochs: int
+    warmup: float
+
+
+@dataclass
+class OneCycleSchema:
+    _target_: str
+    _partial_: bool
+    interval: str
+    epochs: int
+    max_lr: float
+    pct_start: float
+    anneal_strategy: str
+    div_factor: float
+    final_div_factor: float
+    cycle_momentum: bool
+    base_momentum: float
+    max_momentum: float
 
 
 @dataclass
@@ -130,6 +159,7 @@ class TrainerSchema:
     epochs: int
     device: str
     seed: int
+    label_smoothing: float
     log_every: int
     warmup_steps: int
     progress: bool
@@ -160,7 +190,8 @@ GROUPS = {
     "model": {"tutorial_cnn_schema": ModelSchema, "resnet18_schema": ModelSchema, "fastnet_schema": ModelSchema},
     "loader": {"default_schema": LoaderSchema},
     "optim": {"sgd_schema": SGDSchema},
-    "scheduler": {"step_schema": StepSchema, "cosine_schema": CosineSchema},
+    "scheduler": {"step_schema": StepSchema, "cosine_schema": CosineSchema,
+                  "warmup_cosine_schema": WarmupCosineSchema, "onecycle_schema": OneCycleSchema},
     "trainer": {"default_schema": TrainerSchema},
 }
 PRIMARY = {"train_schema": TrainSchema, "evaluate_schema": EvaluateSchema}
