@@ -99,6 +99,16 @@ def test_decisions_repeat_for_their_coordinates_and_differ_across_seeds_epochs_r
         assert not torch.equal(augment(images, batch_generator(*other)), first), other
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_get_the_same_augmentation_as_cpu_batches():
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    augment = Augment(pad=4, hflip=True, vflip=True, transpose=True, cutout=6, fill=(1, 2, 3))
+    on_cuda = augment(images.cuda(), batch_generator(0, 1, 0, 2))
+    assert on_cuda.device.type == "cuda"
+    assert torch.equal(on_cuda.cpu(), augment(images, batch_generator(0, 1, 0, 2)))
+
+
 def test_none_returns_the_batch_itself():
     images = distinct_images(4)
     assert Augment()(images, batch_generator(0, 0, 0, 0)) is images

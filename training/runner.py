@@ -24,8 +24,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from datasets.base import DataBundle
-from models.size import cost as model_cost
 from errors import UserError
+from models.size import cost as model_cost
 from training import checkpoint as checkpoints
 from training import distributed
 from training import speed as speeds
