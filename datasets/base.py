@@ -34,7 +34,6 @@ class DataBundle:
     input_shape: tuple[int, int, int]  # (C, H, W) of every item
     mean: tuple[float, ...]  # per channel, in [0, 1] units (applied after dividing by 255)
     std: tuple[float, ...]
-    hflip: bool = False  # the loader mirrors a seeded random half of each training batch (training/loaders.py)
     skipped: list[str] = field(default_factory=list)  # bad rows left out (dataset.on_bad_rows=skip), one per line
 
 

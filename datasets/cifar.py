@@ -48,7 +48,7 @@ def _split(root: str, train: bool, download: bool) -> tuple[InMemoryDataset, lis
     return InMemoryDataset(ArrayStore(images, torch.tensor(data.targets))), list(data.classes)
 
 
-def build(root: str, download: bool, mean: list[float], std: list[float], seed: int, hflip: bool = False) -> DataBundle:
+def build(root: str, download: bool, mean: list[float], std: list[float], seed: int) -> DataBundle:
     """`seed` is accepted like every family's, and unused: CIFAR10's splits are fixed."""
     train, classes = _split(root, True, download)
     val, _ = _split(root, False, False)  # the first call downloaded everything if asked to
@@ -59,5 +59,4 @@ def build(root: str, download: bool, mean: list[float], std: list[float], seed: 
         input_shape=(3, 32, 32),
         mean=per_channel(mean, 3, "dataset.mean"),
         std=per_channel(std, 3, "dataset.std"),
-        hflip=hflip,
     )

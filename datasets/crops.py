@@ -136,7 +136,6 @@ def build(
     seed: int,
     on_bad_rows: str = "error",
     allow_outside_root: bool = False,
-    hflip: bool = False,
 ) -> DataBundle:
     check_image_keys(width, height, channels, val_fraction)
     if cache not in CACHE_MODES:
@@ -185,7 +184,6 @@ def build(
         input_shape=shape,
         mean=per_channel(mean, channels, "dataset.mean"),
         std=per_channel(std, channels, "dataset.std"),
-        hflip=hflip,
         skipped=skipped,
     )
 

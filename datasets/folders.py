@@ -71,7 +71,7 @@ def verify_files(folders: list[tv.DatasetFolder]) -> None:
                         + problem_list(problems))
 
 
-def _build(make, root, width, height, channels, cache, val_fraction, mean, std, seed, verify, hflip,
+def _build(make, root, width, height, channels, cache, val_fraction, mean, std, seed, verify,
            allow_outside_root) -> DataBundle:
     check_image_keys(width, height, channels, val_fraction)
     if cache not in FOLDER_CACHE_MODES:
@@ -110,20 +110,18 @@ def _build(make, root, width, height, channels, cache, val_fraction, mean, std, 
         input_shape=shape,
         mean=per_channel(mean, channels, "dataset.mean"),
         std=per_channel(std, channels, "dataset.std"),
-        hflip=hflip,
     )
 
 
-def build_imagefolder(root, width, height, channels, cache, val_fraction, mean, std, seed, verify=False,
-                      hflip=False, allow_outside_root=False) -> DataBundle:
+def build_imagefolder(root, width, height, channels, cache, val_fraction, mean, std, seed, verify=False, allow_outside_root=False) -> DataBundle:
     load = LoadItem(height, width, channels)
     return _build(lambda d: ImageFolder(d, loader=load), root, width, height, channels, cache, val_fraction,
-                  mean, std, seed, verify, hflip, allow_outside_root)
+                  mean, std, seed, verify, allow_outside_root)
 
 
 def build_datasetfolder(root, extensions, width, height, channels, cache, val_fraction, mean, std, seed,
-                        verify=False, hflip=False, allow_outside_root=False) -> DataBundle:
+                        verify=False, allow_outside_root=False) -> DataBundle:
     load = LoadItem(height, width, channels)
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in extensions)
     return _build(lambda d: DatasetFolder(d, loader=load, extensions=extensions), root, width, height, channels,
-                  cache, val_fraction, mean, std, seed, verify, hflip, allow_outside_root)
+                  cache, val_fraction, mean, std, seed, verify, allow_outside_root)

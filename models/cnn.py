@@ -7,6 +7,7 @@ from torch import nn
 
 from datasets.base import available_memory
 from errors import UserError
+from models.size import require_input_size
 
 KERNEL = 5
 POOL = 2
@@ -30,14 +31,11 @@ def min_input_size() -> int:
 class TutorialCNN(nn.Module):
     """conv5x5(6) - pool - conv5x5(16) - pool - fc120 - fc84 - fc(num_classes), as in the tutorial."""
 
+    MIN_INPUT_SIZE = min_input_size()
+
     def __init__(self, in_channels: int, height: int, width: int, num_classes: int):
         super().__init__()
-        smallest = min_input_size()
-        if height < smallest or width < smallest:
-            raise UserError(
-                f"input {width}x{height} (width x height) is too small for the tutorial CNN: "
-                f"dataset.width and dataset.height must each be at least {smallest}"
-            )
+        require_input_size("the tutorial CNN", self.MIN_INPUT_SIZE, height, width)
         flat = 16 * _after_features(height) * _after_features(width)
         weight_bytes = 4 * 120 * flat  # fc1's float32 weights, nearly all of the model at large inputs
         available = available_memory()

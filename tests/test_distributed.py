@@ -107,3 +107,17 @@ def test_a_one_process_torchrun_launch_joins_a_process_group(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name)
     assert not from_environment().distributed
+
+
+def test_two_processes_train_fastnet_with_augmentation_and_a_per_step_schedule(crop_csv, tmp_path, make_eval_cfg):
+    """BatchNorm buffers, per-rank augmentation draws and a per-step schedule under DDP (gloo, CPU)."""
+    result = torchrun(f"dataset.csv={crop_csv}", "dataset.width=16", "dataset.height=16", "loader.batch_size=4",
+                      "model=fastnet", "augment=standard", "scheduler=warmup_cosine", "trainer.epochs=1",
+                      "trainer.progress=false", "trainer.device=cpu", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["scheduler"]["last_epoch"] == checkpoint["step"] == 7  # stepped once per optimizer step
+    assert any(k.endswith("running_mean") for k in checkpoint["model"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    scored = run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"))
+    assert scored["acc"] == metrics["val/acc"]

@@ -45,7 +45,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 def test_clip_grad_norm_bounds_each_step(make_cfg):
     cfg = make_cfg("optim.clip_grad_norm=0.001", "optim.momentum=0")
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
-    optimizer, _ = build_optimizer(cfg.optim, None, model)
+    optimizer, _, _ = build_optimizer(cfg.optim, None, model, steps_per_epoch=1)
     before = [p.detach().clone() for p in model.parameters()]
     inputs, targets = torch.randn(8, 3, 2, 2) * 100, torch.randint(0, 3, (8,))
 

@@ -8,8 +8,8 @@ import training
 from errors import UserError
 from training.evaluation import run_evaluation
 
-CHOICES = {"dataset": "crops", "model": "tutorial_cnn", "loader": "default", "optim": "sgd", "scheduler": "step",
-           "trainer": "default"}
+CHOICES = {"dataset": "crops", "augment": "none", "model": "tutorial_cnn", "loader": "default", "optim": "sgd",
+           "scheduler": "step", "trainer": "default"}
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def last_pt(make_cfg, crop_csv, tmp_path):
     """A real checkpoint of a one-epoch crop run with a step schedule and an added optimizer key."""
     run_dir = tmp_path / "run"
     training.run(make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=16", "scheduler=step",
-                          "+optim.weight_decay=0.001", run_dir=run_dir))
+                          "+optim.dampening=0.25", run_dir=run_dir))
     return run_dir / "checkpoints" / "last.pt"
 
 
@@ -62,7 +62,7 @@ def test_a_config_naming_a_function_is_refused_and_never_runs(make_cfg, make_eva
 def test_an_unknown_choice_is_refused_in_one_line(make_cfg, make_eval_cfg, last_pt):
     tampered(last_pt, lambda c: c["choices"].update(model="../../evil"))
     refused_everywhere(make_cfg, make_eval_cfg, last_pt,
-                       r"records model='../../evil', which this trainer does not ship \(choices: tutorial_cnn\)")
+                       r"records model='../../evil', which this trainer does not ship \(choices: fastnet, resnet18, tutorial_cnn\)")
 
 
 @pytest.mark.parametrize("key, value, match", [
@@ -82,7 +82,7 @@ def test_a_checkpoint_without_choices_resumes_with_its_values(make_cfg, make_eva
     training.run(make_cfg(f"resume={last_pt}", "trainer.epochs=2"))
     resumed = torch.load(last_pt, weights_only=True)
     assert resumed["epoch"] == 2 and resumed["choices"] == CHOICES
-    assert resumed["optimizer"]["param_groups"][0]["weight_decay"] == 0.001
+    assert resumed["optimizer"]["param_groups"][0]["dampening"] == 0.25
     assert resumed["config"]["loader"]["batch_size"] == 16
     assert run_evaluation(make_eval_cfg(f"checkpoint={last_pt}"))["epoch"] == 2
 

@@ -89,9 +89,9 @@ def test_unknown_or_doubled_key_fails_at_composition(make_cfg, override):
 
 def test_added_key_reaches_the_constructor(make_cfg):
     """`+key=value` still adds what a constructor takes and the config does not list."""
-    cfg = make_cfg("+optim.weight_decay=0.0005")
-    optimizer, _ = build_optimizer(cfg.optim, None, nn.Linear(2, 2))
-    assert optimizer.param_groups[0]["weight_decay"] == 0.0005
+    cfg = make_cfg("+optim.dampening=0.5")
+    optimizer, _, _ = build_optimizer(cfg.optim, None, nn.Linear(2, 2), steps_per_epoch=1)
+    assert optimizer.param_groups[0]["dampening"] == 0.5
 
 
 def test_num_workers_keeps_its_own_check(make_cfg):

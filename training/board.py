@@ -116,7 +116,6 @@ TUNED: dict[str, str | None] = {
     "augment.vflip": None,
     "augment.transpose": None,
     "augment.cutout": None,
-    "dataset.hflip": None,
     "dataset": None,
     "dataset.csv": None,
     "dataset.root": None,

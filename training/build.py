@@ -15,6 +15,7 @@ from torch import nn
 
 from datasets.base import DataBundle, check_class_coverage
 from errors import UserError
+from training.augment import Augment
 
 
 def _instantiate(node: DictConfig, **runtime):
@@ -75,10 +76,19 @@ def build_data(dataset_cfg: DictConfig, loader_cfg: DictConfig, seed: int, devic
     make_loader = _instantiate(loader_cfg)  # a partial: the data set, device and seed are known only here
     return Data(
         bundle=bundle,
-        train_loader=make_loader(bundle.train, device=device, seed=seed, train=True, hflip=bundle.hflip, rank=rank,
+        train_loader=make_loader(bundle.train, device=device, seed=seed, train=True, rank=rank,
                                  world_size=world_size) if train else None,
         val_loader=make_loader(bundle.val, device=device, seed=seed, train=False, rank=rank, world_size=world_size),
     )
+
+
+def build_augment(augment_cfg: DictConfig | None, input_shape: tuple[int, int, int],
+                  mean: tuple[float, ...] = (0.0,)) -> Augment:
+    """The training batches' augmentation for inputs of `input_shape` (C, H, W), checked to apply to them;
+    `mean` (0..1) is the colour cutout fills with. No augment group (an older checkpoint's config): none."""
+    if augment_cfg is None:
+        return Augment()
+    return _instantiate(augment_cfg)(mean=mean, input_shape=input_shape)
 
 
 def build_model(model_cfg: DictConfig, input_shape: tuple[int, int, int], num_classes: int,
@@ -88,10 +98,19 @@ def build_model(model_cfg: DictConfig, input_shape: tuple[int, int, int], num_cl
                        num_classes=num_classes).to(device)
 
 
-def build_optimizer(optim_cfg: DictConfig, scheduler_cfg: DictConfig | None, model: nn.Module):
-    """The optimizer, and its epoch-stepped learning-rate scheduler (None for a constant rate).
-    optim.clip_grad_norm belongs to the training step, not the optimizer's constructor: it is left out."""
+def build_optimizer(optim_cfg: DictConfig, scheduler_cfg: DictConfig | None, model: nn.Module,
+                    steps_per_epoch: int):
+    """The optimizer, its learning-rate scheduler (None for a constant rate) and whether that scheduler steps
+    after every optimizer step (scheduler.interval=step; else once per epoch). optim.clip_grad_norm belongs
+    to the training step and scheduler.interval to the runner, not to the constructors: both are left out."""
     constructor_args = OmegaConf.masked_copy(optim_cfg, [k for k in optim_cfg if k != "clip_grad_norm"])
     optimizer = _instantiate(constructor_args, params=model.parameters())
-    scheduler = _instantiate(scheduler_cfg)(optimizer) if scheduler_cfg is not None else None
-    return optimizer, scheduler
+    if scheduler_cfg is None:
+        return optimizer, None, False
+    per_step = scheduler_cfg.get("interval") == "step"  # absent in older checkpoints' configs: per epoch
+    # Resolved first: its ${trainer.epochs} and ${optim.lr} point outside the group.
+    constructor_args = OmegaConf.to_container(scheduler_cfg, resolve=True)
+    constructor_args.pop("interval", None)
+    make_scheduler = _instantiate(OmegaConf.create(constructor_args))
+    runtime = {"steps_per_epoch": steps_per_epoch} if per_step else {}  # per-step schedules span epochs x steps
+    return optimizer, make_scheduler(optimizer, **runtime), per_step

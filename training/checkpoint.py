@@ -133,7 +133,7 @@ class TrainingState:
 
     model: nn.Module  # possibly wrapped in DDP or torch.compile: saved unwrapped
     optimizer: torch.optim.Optimizer
-    scheduler: object | None  # an epoch-stepped lr scheduler, None for a constant rate
+    scheduler: object | None  # an lr scheduler (per epoch or per step), None for a constant rate
     amp: object  # training.speed.MixedPrecision: its GradScaler (fp16) is saved
     loader: object  # the training loader: its seed and epoch
     bundle: DataBundle

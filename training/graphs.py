@@ -35,11 +35,12 @@ class CudaGraphStep:
     batches of `batch_size` items; the returned loss is a detached device tensor of its own."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, normalize, amp: MixedPrecision,
-                 clip_grad_norm: float | None, batch_size: int, device: torch.device):
+                 clip_grad_norm: float | None, batch_size: int, device: torch.device, label_smoothing: float = 0.0):
         if amp.scaler is not None:
             raise ValueError("a GradScaler step syncs with the host and cannot be captured")
         self.model, self.optimizer, self.normalize, self.amp = model, optimizer, normalize, amp
         self.clip_grad_norm, self.batch_size, self.device = clip_grad_norm, batch_size, device
+        self.label_smoothing = label_smoothing
         self.warmup_left = WARMUP_STEPS
         self.side = torch.cuda.Stream(device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -52,7 +53,8 @@ class CudaGraphStep:
         inputs = self.normalize(images)
         with self.amp.autocast(cache_enabled=False):
             logits = self.model(inputs)
-        loss = nn.functional.cross_entropy(logits.float(), targets)  # in fp32, as training.loop.train_step
+        # In fp32, as training.loop.train_step.
+        loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
         self.amp.backward_and_step(loss, self.optimizer, self.model, self.clip_grad_norm)
         return loss.detach()
 

@@ -11,10 +11,8 @@ reproducible on its own and a resumed run sees the batches an unbroken one would
 equally often (`balanced_order`); DDP sharding and the batches a resumed epoch skips apply to either order
 alike.
 
-Random augmentation (hflip) is done here, on whole training batches after the loader yields them, not per
-item in workers: the flip decisions come from one generator per (seed, epoch), drawn batch by batch in
-the main process. So they differ across epochs and across the batches different workers built, repeat
-exactly for a seed whatever the worker count, and are the same in both modes.
+Random augmentation is not done here but on whole batches after the loader, on the training device
+(training/augment.py), so it is the same in both modes and for any number of workers.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -34,7 +31,6 @@ MODES = ("auto", "device", "dataloader")
 SAMPLERS = ("uniform", "balanced")
 DEVICE_MEMORY_SHARE = 0.8  # of a GPU's free memory the data may take: the rest is for the model, its
 # activations, cuDNN workspaces and the allocator's rounding
-_HFLIP_STREAM = 1  # keeps the flip generator's seed apart from the order's (seed + epoch)
 _WORKER_ERROR = "Caught UserError in DataLoader worker"
 _WORKER_DIED = "DataLoader worker (pid"  # torch's words for a worker killed by a signal or exited
 
@@ -78,34 +74,6 @@ def balanced_order(labels: torch.Tensor, generator: torch.Generator) -> torch.Te
     return members[starts[classes] + within]
 
 
-def hflip_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
-    """The CPU generator for one epoch's flip decisions (per rank under DDP), well mixed and independent of
-    the epoch's order."""
-    # SeedSequence takes non-negative entropy only; torch accepts any seed, so fold negatives in.
-    entropy = [seed % 2**64, epoch, _HFLIP_STREAM, rank]
-    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def epoch_flips(hflip: bool, seed: int, epoch: int, rank: int, skip_batches: int,
-                batch_size: int) -> torch.Generator | None:
-    """The flip generator for an epoch (None without hflip), advanced past the batches a resumed epoch
-    skips by drawing what they would have drawn."""
-    if not hflip:
-        return None
-    generator = hflip_generator(seed, epoch, rank)
-    for _ in range(skip_batches):
-        torch.rand(batch_size, generator=generator)
-    return generator
-
-
-def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror each item of a uint8 batch (N, C, H, W) left-right with probability 1/2, as one tensor op on
-    the batch's device. Decisions are drawn on the CPU (N floats) so every device flips the same items."""
-    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device, non_blocking=True)
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-
-
 def device_bytes(dataset: InMemoryDataset, device: torch.device, train: bool) -> int:
     """What a DeviceLoader for this split adds to the device: the whole store for training (validation then
     shares it), only its own items for a split scored alone (evaluate.py), nothing when already there."""
@@ -145,7 +113,7 @@ class DeviceLoader:
     notice = None  # see EpochSeededDataLoader.notice
 
     def __init__(self, dataset: InMemoryDataset, batch_size: int, shuffle: bool, device: torch.device, seed: int,
-                 hflip: bool = False, rank: int = 0, world_size: int = 1, pad: bool = False, train: bool = True,
+                 rank: int = 0, world_size: int = 1, pad: bool = False, train: bool = True,
                  balance: torch.Tensor | None = None):
         if train or dataset.store.is_on(device):
             self.images, self.labels = dataset.store.on(device)
@@ -155,7 +123,7 @@ class DeviceLoader:
             self.labels = dataset.store.labels[dataset.indices].to(device)
             self.indices = torch.arange(len(dataset), device=device)
         self.balance = balance  # the split's labels (CPU) when loader.sampler=balanced
-        self.batch_size, self.shuffle, self.seed, self.hflip = batch_size, shuffle, seed, hflip
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.pad = rank, world_size, pad
         self.epoch = self.skip_batches = 0
 
@@ -177,11 +145,10 @@ class DeviceLoader:
     def __iter__(self):
         order = epoch_order(len(self.indices), self.shuffle, self.seed, self.epoch, self.balance)
         order = self.indices[shard(order, self.rank, self.world_size, self.pad).to(self.indices.device)]
-        flips = epoch_flips(self.hflip, self.seed, self.epoch, self.rank, self.skip_batches, self.batch_size)
         for start in range(self.skip_batches * self.batch_size, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             images = self.images[batch]
-            yield (images if flips is None else random_hflip(images, flips)), self.labels[batch]
+            yield images, self.labels[batch]
 
 
 class EpochSampler(Sampler[int]):
@@ -205,12 +172,12 @@ class EpochSampler(Sampler[int]):
 
 
 class EpochSeededDataLoader(DataLoader):
-    """torch's DataLoader whose order, worker seeds and flips depend only on (seed, epoch)."""
+    """torch's DataLoader whose order and worker seeds depend only on (seed, epoch)."""
 
-    def __init__(self, dataset: Dataset, seed: int, shuffle: bool, hflip: bool = False, rank: int = 0,
+    def __init__(self, dataset: Dataset, seed: int, shuffle: bool, rank: int = 0,
                  world_size: int = 1, pad: bool = False, balance: torch.Tensor | None = None,
                  notice: str | None = None, **kwargs):
-        self.seed, self.hflip, self.epoch, self.skip_batches, self.rank = seed, hflip, 0, 0, rank
+        self.seed, self.epoch, self.skip_batches, self.rank = seed, 0, 0, rank
         self.notice = notice  # why loader.mode=auto chose this loader over the DeviceLoader, for the run's log
         sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size, pad, balance)
         super().__init__(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs)
@@ -231,15 +198,14 @@ class EpochSeededDataLoader(DataLoader):
         self.set_epoch(state["epoch"])
 
     def __iter__(self) -> _EpochBatches:
-        flips = epoch_flips(self.hflip, self.seed, self.epoch, self.rank, self.skip_batches, self.batch_size)
-        return _EpochBatches(super().__iter__(), flips)
+        return _EpochBatches(super().__iter__())
 
 
 class _EpochBatches:
-    """One epoch of a DataLoader's batches, flipped when asked; a worker's UserError comes out as one line."""
+    """One epoch of a DataLoader's batches; a worker's UserError comes out as one line."""
 
-    def __init__(self, batches, flips: torch.Generator | None):
-        self.batches, self.flips = batches, flips
+    def __init__(self, batches):
+        self.batches = batches
 
     def __iter__(self) -> _EpochBatches:
         return self
@@ -257,8 +223,7 @@ class _EpochBatches:
                 "in the main process, or, if it ran out of shared memory (/dev/shm is small in containers), give it "
                 "more, e.g. docker run --shm-size=2g"
             ) from None
-        # A flipped batch is a new tensor: with pin_memory its copy to CUDA is no longer asynchronous.
-        return (images if self.flips is None else random_hflip(images, self.flips)), labels
+        return images, labels
 
 
 def _without_worker_traceback(error: UserError) -> UserError:
@@ -290,7 +255,6 @@ def build_loader(
     device: torch.device,
     seed: int,
     train: bool,
-    hflip: bool = False,
     rank: int = 0,
     world_size: int = 1,
     mode: str,
@@ -302,7 +266,7 @@ def build_loader(
     prefetch_factor: int,
     sampler: str = "uniform",  # the default for checkpoints saved before the key existed
 ) -> DeviceLoader | EpochSeededDataLoader:
-    """The loader for one split; `train=False` never shuffles, flips nor balances. Config: configs/loader/.
+    """The loader for one split; `train=False` never shuffles nor balances. Config: configs/loader/.
 
     Under DDP each rank loads every world_size-th item of the epoch's order; training pads the order so
     all ranks take the same number of steps, validation does not, so every item is scored exactly once."""
@@ -316,7 +280,7 @@ def build_loader(
         raise UserError("loader.sampler=balanced draws a random order each epoch: set loader.shuffle=true with it")
     # The labels are read before any item is decoded (datasets.base.labels_of).
     balance = labels_of(dataset) if sampler == "balanced" and train else None
-    shuffle, hflip = shuffle and train, hflip and train
+    shuffle = shuffle and train
     in_memory = isinstance(dataset, InMemoryDataset)
     if mode == "device" and not in_memory:
         raise UserError(
@@ -328,7 +292,7 @@ def build_loader(
         on_device, notice = choose_device_loader(mode, device_bytes(dataset, device, train), free_memory(device),
                                                  device)
         if on_device:
-            return DeviceLoader(dataset, batch_size, shuffle, device, seed, hflip, rank, world_size, pad=train,
+            return DeviceLoader(dataset, batch_size, shuffle, device, seed, rank, world_size, pad=train,
                                 train=train, balance=balance)
     workers = resolve_workers(num_workers, dataset)
     if pin_memory == "auto":
@@ -337,6 +301,6 @@ def build_loader(
         raise UserError(f"loader.pin_memory must be auto, true or false, got {pin_memory!r}")
     extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return EpochSeededDataLoader(
-        dataset, seed, shuffle, hflip, rank, world_size, train, balance, notice, batch_size=batch_size,
+        dataset, seed, shuffle, rank, world_size, train, balance, notice, batch_size=batch_size,
         num_workers=workers, pin_memory=pin_memory, **extra
     )

@@ -73,12 +73,14 @@ def _clock(device: torch.device) -> float:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-               clip_grad_norm: float | None = None, amp: MixedPrecision = FP32):
-    """One optimizer step; returns the detached loss tensor (no host sync)."""
+               clip_grad_norm: float | None = None, amp: MixedPrecision = FP32, label_smoothing: float = 0.0):
+    """One optimizer step; returns the detached loss tensor (no host sync). `label_smoothing` spreads that
+    share of each target over all classes (training only: validation scores the plain loss)."""
     optimizer.zero_grad(set_to_none=True)
     with amp.autocast():
         logits = model(inputs)
-    loss = nn.functional.cross_entropy(logits.float(), targets)  # the loss in fp32 whatever the forward ran in
+    # The loss in fp32 whatever the forward ran in.
+    loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
     amp.backward_and_step(loss, optimizer, model, clip_grad_norm)
     return loss.detach()
 
@@ -97,10 +99,14 @@ def train_one_epoch(
     clip_grad_norm: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     amp: MixedPrecision = FP32,
+    augment: Callable[[torch.Tensor], torch.Tensor] = lambda images: images,
+    label_smoothing: float = 0.0,
     graphed_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochStats:
-    """One epoch of steps. `graphed_step(images, targets) -> loss` (training.graphs.CudaGraphStep), when
-    given, replaces normalisation and train_step: the step replayed from a CUDA graph."""
+    """`augment` takes each uint8 batch on the device, before normalisation, and returns the one to train on;
+    `on_step` runs after every optimizer step (progress bar, per-step learning-rate schedules).
+    `graphed_step(images, targets) -> loss` (training.graphs.CudaGraphStep), when given, replaces
+    normalisation and train_step: the step replayed from a CUDA graph."""
     model.train()
     step = start_step
     epoch_loss = torch.zeros((), device=device)
@@ -129,10 +135,11 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         waited = time.perf_counter() - fetch_started
 
+        images = augment(images)
         if graphed_step is not None:
             loss = graphed_step(images, targets)
         else:
-            loss = train_step(model, optimizer, normalize(images), targets, clip_grad_norm, amp)
+            loss = train_step(model, optimizer, normalize(images), targets, clip_grad_norm, amp, label_smoothing)
         step += 1
         window_losses.append(loss)
         epoch_loss += loss

@@ -25,10 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from datasets.base import DataBundle, labels_of, limit_image_pixels
 from errors import UserError
+from models.size import cost as model_cost
 from training import checkpoint as checkpoints
 from training import distributed, metrics, run_folder, saved_config
 from training import speed as speeds
-from training.build import Data, build_data, build_model, build_optimizer, require_keys, resolve_device
+from training.augment import Augment
+from training.build import (Data, build_augment, build_data, build_model, build_optimizer, require_keys,
+                            resolve_device)
 from training.loaders import cores_per_process
 from training.logger import RunLogger, describe_run, run_log
 from training.schema import check_ranges
@@ -106,6 +109,7 @@ def run(cfg: DictConfig) -> dict:
         cfg = _resumed_config(checkpoint, cfg)
     require_keys(cfg)
     limit_image_pixels(cfg.max_image_pixels)
+    _check_schedule_length(cfg)
     process = distributed.from_environment()
     device = resolve_device(cfg.trainer.device)
     if process.distributed and device.type == "cuda":
@@ -142,6 +146,18 @@ def _resumed_config(checkpoint: dict, cfg: DictConfig) -> DictConfig:
     return resumed
 
 
+def _check_schedule_length(cfg: DictConfig) -> None:
+    """A per-step schedule spans scheduler.epochs (trainer.epochs when the run started, kept by a resumed run):
+    training past its end would go on at a rate of zero (warmup_cosine) or fail (onecycle)."""
+    scheduler = cfg.get("scheduler")
+    if scheduler is None or scheduler.get("interval") != "step" or cfg.trainer.epochs <= scheduler.epochs:
+        return
+    resumed = f" (resume={cfg.resume} keeps the schedule its run started with)" if cfg.resume else ""
+    raise UserError(f"scheduler.epochs={scheduler.epochs} ends the learning-rate schedule before "
+                    f"trainer.epochs={cfg.trainer.epochs}{resumed}: set trainer.epochs <= {scheduler.epochs}, "
+                    "or start a new run")
+
+
 def _check_classes(checkpoint: dict, cfg: DictConfig, bundle: DataBundle) -> None:
     """The same config can meet other data: a CSV or folder edited since the checkpoint was saved."""
     if checkpoint["classes"] != bundle.classes:
@@ -150,11 +166,13 @@ def _check_classes(checkpoint: dict, cfg: DictConfig, bundle: DataBundle) -> Non
 
 
 def _check_input_size(cfg: DictConfig) -> None:
-    """Build the model once for the configured input size before any data is decoded, so a crop too small
-    for it fails in a second rather than after decoding a large data set. (CIFAR10 declares no size.)"""
+    """Build the model and the augmentation once for the configured input size before any data is decoded,
+    so a crop too small for either fails in a second rather than after decoding a large data set. (CIFAR10
+    declares no size: its fixed 32x32 is checked once it is loaded.)"""
     shape = tuple(OmegaConf.select(cfg, f"dataset.{key}") for key in ("channels", "height", "width"))
     if None not in shape:
         build_model(cfg.model, shape, 2, torch.device("cpu"))
+        build_augment(cfg.get("augment"), shape)
 
 
 def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distributed.Process,
@@ -167,11 +185,20 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     # Before any data is read: a setting this device cannot run fails in a second.
     speed = speeds.resolve(trainer.precision, trainer.channels_last, trainer.compile, trainer.deterministic, device,
                            cuda_graphs=trainer.cuda_graphs, distributed=process.distributed)
+    if speed.cuda_graphs and OmegaConf.select(cfg, "scheduler.interval") == "step":
+        # A captured step holds the learning rate it saw: a new rate every step would re-capture every step.
+        raise UserError("trainer.cuda_graphs=true cannot replay a per-step scheduler (scheduler.interval=step): "
+                        "use an epoch-stepped scheduler or trainer.cuda_graphs=false")
     data, prep_seconds = _prepare_data(cfg, run_dir, process, device)
     bundle = data.bundle
+    augment = build_augment(cfg.get("augment"), bundle.input_shape, bundle.mean)
 
     model = build_model(cfg.model, bundle.input_shape, len(bundle.classes), device)
-    optimizer, scheduler = build_optimizer(cfg.optim, cfg.get("scheduler"), model)
+    parameters, flops = model_cost(model, bundle.input_shape)
+    log.info("model: %s, %.3gM parameters, %.3g MFLOPs per sample (forward)", type(model).__name__, parameters / 1e6,
+             flops / 1e6)
+    optimizer, scheduler, per_step = build_optimizer(cfg.optim, cfg.get("scheduler"), model,
+                                                     steps_per_epoch=len(data.train_loader))
     amp = speeds.MixedPrecision(speed.precision, device)
     config = OmegaConf.to_container(cfg, resolve=True)
     state = checkpoints.TrainingState(model, optimizer, scheduler, amp, data.train_loader, bundle, config,
@@ -187,7 +214,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     state.model = _wrap(speeds.prepare(speed, model), speed, process, device)
     normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
     graphed_step = (CudaGraphStep(state.model, optimizer, normalize, amp, cfg.optim.get("clip_grad_norm"),
-                                  cfg.loader.batch_size, device) if speed.cuda_graphs else None)
+                                  cfg.loader.batch_size, device, trainer.get("label_smoothing", 0.0))
+                    if speed.cuda_graphs else None)
     log.info("speed: %s", ", ".join(f"{k}={v}" for k, v in vars(speed).items()))
 
     if main:
@@ -211,7 +239,9 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
                                  prep_seconds))
     outcome = "stopped by an error (see train.log)"
     try:
-        loop = EpochLoop(cfg, run_dir, data, state, normalize, logger, process, device, graphed_step)
+        loop = EpochLoop(cfg=cfg, run_dir=run_dir, data=data, state=state, schedule_per_step=per_step,
+                         augment=augment, normalize=normalize, logger=logger, process=process, device=device,
+                         graphed_step=graphed_step)
         last_val = loop.run(position, best_acc, last_val)
         logger.hparams(config)
         outcome = "finished"
@@ -257,8 +287,13 @@ def _class_counts(bundle: DataBundle) -> dict[str, list[int]]:
 
 
 def _wrap(model: nn.Module, speed: speeds.Speed, process: distributed.Process, device: torch.device) -> nn.Module:
-    """DDP after the weights are loaded (it copies rank 0's parameters to every rank as it wraps), then compile."""
+    """DDP after the weights are loaded (it copies rank 0's parameters to every rank as it wraps), then compile.
+    On CUDA, BatchNorm layers become SyncBatchNorm: batch statistics over the whole effective batch, as
+    usual for DDP (same state-dict keys, so checkpoints load into the plain model). Gloo on CPU has no
+    SyncBatchNorm: each process normalises by its own batch and DDP copies rank 0's running statistics."""
     if process.distributed:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(model) if speed.compile else model
 
@@ -271,6 +306,8 @@ class EpochLoop:
     run_dir: Path
     data: Data
     state: checkpoints.TrainingState
+    schedule_per_step: bool  # the scheduler steps after every optimizer step, not once per epoch
+    augment: Augment  # applied to training batches on the device, before normalisation
     normalize: Normalizer
     logger: RunLogger
     process: distributed.Process
@@ -291,10 +328,13 @@ class EpochLoop:
                 lr = self.state.optimizer.param_groups[0]["lr"]
                 epoch_started = time.perf_counter()
                 with self.logger.epoch_bar(len(loader), f"epoch {epoch + 1}/{trainer.epochs}"):
-                    stats = train_one_epoch(self.state.model, self.state.optimizer, loader, self.normalize,
-                                            self.device, position.step, warmup_until, trainer.log_every,
-                                            self.logger.window, self.logger.step, self.cfg.optim.get("clip_grad_norm"),
-                                            stop, self.state.amp, self.graphed_step)
+                    stats = train_one_epoch(
+                        self.state.model, self.state.optimizer, loader, self.normalize, self.device,
+                        start_step=position.step, warmup_steps=warmup_until, log_every=trainer.log_every,
+                        on_window=self.logger.window, on_step=self._after_step,
+                        clip_grad_norm=self.cfg.optim.get("clip_grad_norm"), should_stop=stop, amp=self.state.amp,
+                        augment=self._augment(epoch, skip), label_smoothing=trainer.get("label_smoothing", 0.0),
+                        graphed_step=self.graphed_step)
                 epoch_seconds = time.perf_counter() - epoch_started
                 position = checkpoints.Position(epoch, skip + stats.steps, position.step + stats.steps)
                 if stats.interrupted:
@@ -309,7 +349,7 @@ class EpochLoop:
                 last_val = self.logger.validation(val, best_acc, bundle.classes, lr, epoch_seconds, position.step)
                 self.logger.validation_details(val, bundle.classes, position.step)
                 self.logger.epoch_throughput(stats.throughput)
-                if self.state.scheduler is not None:
+                if self.state.scheduler is not None and not self.schedule_per_step:
                     self.state.scheduler.step()
                 position = checkpoints.Position(epoch + 1, 0, position.step)
                 self._save(position, last_val, best=improved)
@@ -320,15 +360,25 @@ class EpochLoop:
                 )
         return last_val
 
+    def _after_step(self) -> None:
+        self.logger.step()
+        if self.schedule_per_step and self.state.scheduler is not None:
+            self.state.scheduler.step()
+
+    def _augment(self, epoch: int, first_batch: int):
+        """This rank's augmentation for an epoch, from its batch `first_batch` on (a resumed epoch's next)."""
+        return self.augment.for_epoch(self.cfg.trainer.seed, epoch, self.process.rank, first_batch)
+
     def _first_batch(self, position: checkpoints.Position) -> None:
-        """The first batch the model will see, logged as an image once per run (by the main process)."""
+        """The first batch the model will see, augmented, logged as an image once per run (by the main process)."""
         loader = self.data.train_loader
         loader.set_epoch(position.epoch, position.batches_done)
         # None when Ctrl-C came during an epoch's last step: the resumed epoch has no batches left.
         first = next(iter(loader), None) if self.process.is_main else None
         if first is not None:
-            self.logger.first_batch(self.normalize(first[0].to(self.device)), self.data.bundle.mean,
-                                    self.data.bundle.std, position.step)
+            images = self._augment(position.epoch, position.batches_done)(first[0].to(self.device))
+            self.logger.first_batch(self.normalize(images), self.data.bundle.mean, self.data.bundle.std,
+                                    position.step)
 
     def _validate(self, epoch: int, step: int) -> dict:
         # The bare model: DDP's forward would sync buffers, and ranks hold different numbers of val batches.

@@ -25,8 +25,11 @@ from training import schema
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # The config groups a training config is built from, in the order train.yaml lists them.
-GROUPS = ("dataset", "model", "loader", "optim", "scheduler", "trainer")
+GROUPS = ("dataset", "augment", "model", "loader", "optim", "scheduler", "trainer")
 OPTIONAL = {"scheduler"}  # `scheduler: null` in train.yaml: a constant learning rate, no node at all
+# Groups added after checkpoints were first written: a config saved before a group existed trained as its
+# default choice did.
+ADDED_LATER = {"augment": "none"}
 # Top-level keys of a training config that are not groups; typed by schema.TrainSchema.
 TOP_LEVEL = schema.TrainSchema
 
@@ -60,11 +63,14 @@ def choices(cfg: DictConfig) -> dict[str, str | None]:
         if node is None:
             found[group] = None
             continue
-        wiring = _wiring(OmegaConf.to_container(node, resolve=False))
-        matches = [name for name, shipped_node in shipped(group).items() if _wiring(shipped_node) == wiring]
+        stored = OmegaConf.to_container(node, resolve=True)
+        matches = [name for name, shipped_node in shipped(group).items() if _wiring(shipped_node) == _wiring(stored)]
         if len(matches) > 1 and hydra_choices.get(group) in matches:
             matches = [hydra_choices[group]]
-        found[group] = matches[0] if len(matches) == 1 else None
+        # Choices sharing a wiring differ only in plain values (augment=none/standard/...): the one whose
+        # values the config has, else any of them, since `rebuild` copies the stored values in anyway.
+        exact = [name for name in matches if shipped(group)[name] == stored]
+        found[group] = (exact or matches or [None])[0]
     return found
 
 
@@ -95,6 +101,8 @@ def rebuild(stored: dict, recorded: dict | None, source: str) -> DictConfig:
 
 def _rebuild_group(group: str, stored, name, source: str) -> DictConfig | None:
     options = shipped(group)
+    if stored is None and name is None and group in ADDED_LATER:
+        name, stored = ADDED_LATER[group], dict(options[ADDED_LATER[group]])
     if name is None:
         if stored is None and group in OPTIONAL:
             return None
@@ -110,7 +118,8 @@ def _rebuild_group(group: str, stored, name, source: str) -> DictConfig | None:
         if shipped_node.get(key) != value:
             raise UserError(f"{source}: its config sets {group}.{key}={value!r} but {group}={name} ships "
                             f"{shipped_node.get(key)!r}: a checkpoint may not choose what code runs; refusing it")
-    schema_type = schema.GROUPS[group][f"{name}_schema"]
+    schemas = schema.GROUPS[group]
+    schema_type = schemas.get(f"{name}_schema") or schemas["default_schema"]  # augment: one schema for all
     node = OmegaConf.merge(OmegaConf.structured(schema_type), shipped_node)
     for key, value in stored.items():
         if not str(key).startswith("_"):
@@ -127,7 +136,7 @@ def _plain(value) -> bool:
 
 def _copy_value(node: DictConfig, key: str, value, source: str, full_key: str) -> None:
     """Set node[key] = value through the node's schema: a declared key must take the value's type; a key the
-    schema does not declare (what `+optim.weight_decay=5e-4` adds) is kept when its value is plain."""
+    schema does not declare (what `+optim.dampening=0.1` adds) is kept when its value is plain."""
     if not _plain(value):
         raise UserError(f"{source}: its config's {full_key} holds a {type(value).__name__}, not a plain value: "
                         "refusing to rebuild its config")

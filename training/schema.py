@@ -83,7 +83,6 @@ class CropsSchema:
     std: List[float]
     on_bad_rows: str
     allow_outside_root: bool
-    hflip: bool
 
 
 @dataclass
@@ -99,7 +98,6 @@ class ImageFolderSchema:
     std: List[float]
     verify: bool
     allow_outside_root: bool
-    hflip: bool
 
 
 @dataclass
@@ -116,7 +114,6 @@ class DatasetFolderSchema:
     std: List[float]
     verify: bool
     allow_outside_root: bool
-    hflip: bool
 
 
 @dataclass
@@ -126,7 +123,17 @@ class Cifar10Schema:
     download: bool
     mean: List[float]
     std: List[float]
+
+
+@dataclass
+class AugmentSchema:
+    _target_: str
+    _partial_: bool
+    pad: int = ranged(at_least=0)
     hflip: bool
+    vflip: bool
+    transpose: bool
+    cutout: int = ranged(at_least=0)
 
 
 @dataclass
@@ -153,6 +160,8 @@ class SGDSchema:
     _target_: str
     lr: float = ranged(above=0)
     momentum: float = ranged(at_least=0, at_most=1)
+    nesterov: bool
+    weight_decay: float = ranged(at_least=0)
     clip_grad_norm: Optional[float] = ranged(above=0)
 
 
@@ -160,6 +169,7 @@ class SGDSchema:
 class StepSchema:
     _target_: str
     _partial_: bool
+    interval: str
     step_size: int = ranged(at_least=1)
     gamma: float = ranged(above=0)
 
@@ -168,8 +178,34 @@ class StepSchema:
 class CosineSchema:
     _target_: str
     _partial_: bool
+    interval: str
     T_max: int = ranged(at_least=1)
     eta_min: float = ranged(at_least=0)
+
+
+@dataclass
+class WarmupCosineSchema:
+    _target_: str
+    _partial_: bool
+    interval: str
+    epochs: int = ranged(at_least=1)
+    warmup: float = ranged(at_least=0, below=1)  # a fraction of all steps
+
+
+@dataclass
+class OneCycleSchema:
+    _target_: str
+    _partial_: bool
+    interval: str
+    epochs: int = ranged(at_least=1)
+    max_lr: float = ranged(above=0)
+    pct_start: float = ranged(above=0, below=1)
+    anneal_strategy: str
+    div_factor: float
+    final_div_factor: float
+    cycle_momentum: bool
+    base_momentum: float
+    max_momentum: float
 
 
 @dataclass
@@ -177,6 +213,7 @@ class TrainerSchema:
     epochs: int = ranged(at_least=1)
     device: str
     seed: int = ranged(at_least=0, at_most=2**32 - 1, text="between 0 and 2**32 - 1")  # numpy's seeding range
+    label_smoothing: float = ranged(at_least=0, below=1)
     log_every: int = ranged(at_least=1)
     warmup_steps: int = ranged(at_least=0)
     progress: bool
@@ -223,10 +260,12 @@ class PreviewSchema:
 GROUPS = {
     "dataset": {"crops_schema": CropsSchema, "imagefolder_schema": ImageFolderSchema,
                 "datasetfolder_schema": DatasetFolderSchema, "cifar10_schema": Cifar10Schema},
-    "model": {"tutorial_cnn_schema": ModelSchema},
+    "augment": {"default_schema": AugmentSchema},
+    "model": {"tutorial_cnn_schema": ModelSchema, "resnet18_schema": ModelSchema, "fastnet_schema": ModelSchema},
     "loader": {"default_schema": LoaderSchema},
     "optim": {"sgd_schema": SGDSchema},
-    "scheduler": {"step_schema": StepSchema, "cosine_schema": CosineSchema},
+    "scheduler": {"step_schema": StepSchema, "cosine_schema": CosineSchema,
+                  "warmup_cosine_schema": WarmupCosineSchema, "onecycle_schema": OneCycleSchema},
     "trainer": {"default_schema": TrainerSchema},
 }
 PRIMARY = {"train_schema": TrainSchema, "evaluate_schema": EvaluateSchema, "export_schema": ExportSchema,
