@@ -30,6 +30,9 @@ class DataBundle:
     std: tuple[float, ...]
     hflip: bool = False  # the loader mirrors a seeded random half of each training batch (training/loaders.py)
     skipped: list[str] = field(default_factory=list)  # bad rows left out (dataset.on_bad_rows=skip), one per line
+    # How .npy values became uint8 (datasets/values.py): per_file, or the (low, high) mapped to 0..255 for
+    # every file; None where no value range applies (images, CIFAR10). Saved in checkpoints.
+    value_range: str | tuple[float, float] | None = None
 
 
 class ArrayStore:

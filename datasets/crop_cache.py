@@ -25,7 +25,7 @@ import torch
 
 from datasets.crop_csv import Crop
 
-FORMAT = 3  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
+FORMAT = 4  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
 
 
 @dataclass
@@ -34,11 +34,14 @@ class CachedCrops:
     labels: list[str]  # per row, in CSV order
     splits: list[str | None]
     skipped: list[str]  # one line per row on_bad_rows=skip left out
+    value_range: str | tuple[float, float]  # per_file, or the (low, high) every .npy source was mapped from
 
 
-def manifest_path(cache_dir: Path, csv_path: Path, root: Path, shape: tuple[int, int, int], rows: tuple) -> Path:
-    """`rows`: the settings that decide which rows count (on_bad_rows, allow_outside_root)."""
-    digest = hashlib.sha256(json.dumps([FORMAT, str(root.resolve()), *shape, *rows]).encode())
+def manifest_path(cache_dir: Path, csv_path: Path, root: Path, shape: tuple[int, int, int], rows: tuple,
+                  value_range: str | tuple[float, float]) -> Path:
+    """`rows`: the settings that decide which rows count (on_bad_rows, allow_outside_root); `value_range`:
+    the dataset.value_range setting (per_file, global or a pair), which decides every .npy crop's pixels."""
+    digest = hashlib.sha256(json.dumps([FORMAT, str(root.resolve()), *shape, *rows, value_range]).encode())
     digest.update(csv_path.read_bytes())
     return cache_dir / f"crops-{digest.hexdigest()[:24]}.json"
 
@@ -61,7 +64,9 @@ def load(manifest: Path) -> CachedCrops | None:
         images = np.load(manifest.with_name(entry["array"]), mmap_mode="c")
     except (OSError, ValueError, KeyError):  # missing, vanished or unreadable: extract again
         return None
-    return CachedCrops(torch.from_numpy(images), entry["labels"], entry["splits"], entry["skipped"])
+    resolved = entry["value_range"]
+    return CachedCrops(torch.from_numpy(images), entry["labels"], entry["splits"], entry["skipped"],
+                       resolved if isinstance(resolved, str) else tuple(resolved))
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -74,7 +79,7 @@ def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[int, int, int],
-          fill: Callable[[torch.Tensor], None]) -> CachedCrops:
+          fill: Callable[[torch.Tensor], None], value_range: str | tuple[float, float]) -> CachedCrops:
     """Extract the crops (`fill` writes them into the array it is given) into a new cache; return it mapped."""
     manifest.parent.mkdir(parents=True, exist_ok=True)
     # Stats taken before extraction: a file edited meanwhile makes this cache stale next time, never wrongly fresh.
@@ -91,14 +96,14 @@ def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[in
 
     def write_manifest(tmp: Path) -> None:
         tmp.write_text(json.dumps({"array": array_path.name, "sources": sources, "labels": labels, "splits": splits,
-                                   "skipped": skipped}))
+                                   "skipped": skipped, "value_range": value_range}))
 
     previous = _previous_array(manifest)
     _replace_atomically(array_path, write_array)
     _replace_atomically(manifest, write_manifest)
     if previous is not None and previous != array_path:
         previous.unlink(missing_ok=True)  # the stale array of the same CSV; runs mapping it keep their copy
-    return CachedCrops(torch.from_numpy(np.load(array_path, mmap_mode="c")), labels, splits, skipped)
+    return CachedCrops(torch.from_numpy(np.load(array_path, mmap_mode="c")), labels, splits, skipped, value_range)
 
 
 def _previous_array(manifest: Path) -> Path | None:

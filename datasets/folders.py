@@ -15,7 +15,8 @@ from torchvision import datasets as tv
 from tqdm import tqdm
 
 from datasets.base import DataBundle, check_image_keys, materialize, per_channel, problem_list, split_indices
-from datasets.transforms import DECODE_ERRORS, LoadItem
+from datasets import values
+from datasets.transforms import DECODE_ERRORS, LoadItem, scan_arrays
 from errors import UserError
 
 FOLDER_CACHE_MODES = ("none", "memory")
@@ -70,8 +71,14 @@ def verify_files(folders: list[tv.DatasetFolder]) -> None:
                         + problem_list(problems))
 
 
-def _build(make, root, width, height, channels, cache, val_fraction, mean, std, seed, verify, hflip) -> DataBundle:
+def _build(make, root, width, height, channels, cache, val_fraction, mean, std, seed, verify, hflip,
+           load: LoadItem, value_range=None) -> DataBundle:
+    """`value_range`: None for images; for arrays the dataset.value_range setting, resolved here by a scan of
+    every file of both splits (global or a given pair) and set on `load` before any item is loaded."""
     check_image_keys(width, height, channels, val_fraction)
+    if value_range is not None:
+        value_range = values.parse_value_range(value_range)
+    values.parse_statistic(mean, "dataset.mean"), values.parse_statistic(std, "dataset.std")
     if cache not in FOLDER_CACHE_MODES:
         raise UserError(f"dataset.cache must be one of {', '.join(FOLDER_CACHE_MODES)} for folders, got {cache!r}")
     root = Path(root)
@@ -90,12 +97,16 @@ def _build(make, root, width, height, channels, cache, val_fraction, mean, std, 
         train_idx, val_idx = split_indices(full.targets, val_fraction, seed)
         train_set, val_set, classes = Subset(full, train_idx), Subset(full, val_idx), full.classes
         folders = [full]
+    if value_range is not None and value_range != values.PER_FILE:
+        _, value_range = scan_arrays([path for folder in folders for path, _ in folder.samples], value_range)
+        load.scale = values.Scale(*value_range)
     if verify and cache != "memory":  # cache=memory decodes every file up front anyway and lists the failures
         verify_files(folders)
     shape = (channels, height, width)
     if cache == "memory":
         train_set = materialize(train_set, shape, f"loading {root} train")
         val_set = materialize(val_set, shape, f"loading {root} val")
+    mean, std = values.normalization(mean, std, train_set, channels)
     return DataBundle(
         train=train_set,
         val=val_set,
@@ -104,6 +115,7 @@ def _build(make, root, width, height, channels, cache, val_fraction, mean, std, 
         mean=per_channel(mean, channels, "dataset.mean"),
         std=per_channel(std, channels, "dataset.std"),
         hflip=hflip,
+        value_range=value_range,
     )
 
 
@@ -111,12 +123,12 @@ def build_imagefolder(root, width, height, channels, cache, val_fraction, mean, 
                       hflip=False) -> DataBundle:
     load = LoadItem(height, width, channels)
     return _build(lambda d: ImageFolder(d, loader=load), root, width, height, channels, cache, val_fraction,
-                  mean, std, seed, verify, hflip)
+                  mean, std, seed, verify, hflip, load)
 
 
 def build_datasetfolder(root, extensions, width, height, channels, cache, val_fraction, mean, std, seed,
-                        verify=False, hflip=False) -> DataBundle:
+                        verify=False, hflip=False, value_range=values.GLOBAL) -> DataBundle:
     load = LoadItem(height, width, channels)
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in extensions)
     return _build(lambda d: DatasetFolder(d, loader=load, extensions=extensions), root, width, height, channels,
-                  cache, val_fraction, mean, std, seed, verify, hflip)
+                  cache, val_fraction, mean, std, seed, verify, hflip, load, value_range)

@@ -61,10 +61,22 @@ class Data:
     val_loader: object
 
 
+def saved_mapping(checkpoint: dict, dataset_cfg: DictConfig) -> dict:
+    """The value mapping and normalisation a checkpoint's model learnt with, as dataset keys that replace
+    the config's (`global`, `auto`) when its data is built again: a resumed run, evaluate.py and predict= see
+    values exactly as training did, whatever data they now read, without scanning or counting again."""
+    fixed = {"mean": list(checkpoint["normalization"]["mean"]), "std": list(checkpoint["normalization"]["std"])}
+    value_range = checkpoint.get("value_range")  # absent from checkpoints made before it was saved
+    if "value_range" in dataset_cfg and value_range is not None:
+        fixed["value_range"] = value_range if isinstance(value_range, str) else list(value_range)
+    return fixed
+
+
 def build_data(dataset_cfg: DictConfig, loader_cfg: DictConfig, seed: int, device: torch.device, rank: int = 0,
-               world_size: int = 1) -> Data:
-    """The data and its loaders; under DDP each rank's loaders yield that rank's shard."""
-    bundle: DataBundle = _instantiate(dataset_cfg, seed=seed)
+               world_size: int = 1, fixed: dict | None = None) -> Data:
+    """The data and its loaders; under DDP each rank's loaders yield that rank's shard. `fixed`: dataset keys
+    that replace the config's (saved_mapping)."""
+    bundle: DataBundle = _instantiate(dataset_cfg, seed=seed, **(fixed or {}))
     make_loader = _instantiate(loader_cfg)  # a partial: the data set, device and seed are known only here
     return Data(
         bundle=bundle,

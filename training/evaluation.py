@@ -17,7 +17,8 @@ from torch import nn
 from datasets.transforms import DECODE_ERRORS, LoadItem
 from errors import UserError
 from training import checkpoint as checkpoints
-from training.build import build_data, build_model, require_keys, resolve_device
+from datasets.values import Scale
+from training.build import build_data, build_model, require_keys, resolve_device, saved_mapping
 from training.loop import Normalizer, evaluate
 from training.runner import run_log
 
@@ -54,8 +55,9 @@ def run_evaluation(cfg: DictConfig) -> dict:
 
 def score(model: nn.Module, normalize: Normalizer, checkpoint: dict, dataset_cfg: DictConfig, saved: DictConfig,
           device: torch.device) -> dict:
-    # The training run's seed, so a seeded validation split is the one the run held out.
-    data = build_data(dataset_cfg, saved.loader, saved.trainer.seed, device)
+    # The training run's seed, so a seeded validation split is the one the run held out; its value mapping
+    # and normalisation, so the data reaches the model as in training (and mean/std=auto is not recomputed).
+    data = build_data(dataset_cfg, saved.loader, saved.trainer.seed, device, fixed=saved_mapping(checkpoint, dataset_cfg))
     classes = checkpoint["classes"]
     if data.bundle.classes != classes:
         raise UserError(f"dataset has classes {data.bundle.classes} but the checkpoint was trained on {classes}: "
@@ -80,9 +82,11 @@ def score(model: nn.Module, normalize: Normalizer, checkpoint: dict, dataset_cfg
 @torch.no_grad()
 def predict(model: nn.Module, normalize: Normalizer, checkpoint: dict, paths: list[Path],
             device: torch.device) -> list[dict]:
-    """Each file decoded, resized and normalised as training items are, then its most probable class."""
+    """Each file decoded, value-mapped, resized and normalised as training items are, then its most probable
+    class. A per_file value range maps each .npy file by its own range, as training did per source file."""
     channels, height, width = checkpoint["input_shape"]
-    load = LoadItem(height, width, channels)
+    value_range = checkpoint.get("value_range")
+    load = LoadItem(height, width, channels, Scale(*value_range) if isinstance(value_range, (list, tuple)) else None)
     predictions = []
     for path in paths:
         if not path.is_file():

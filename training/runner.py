@@ -29,7 +29,7 @@ from training import checkpoint as checkpoints
 from training import distributed
 from training import speed as speeds
 from training.board import confusion_image, input_grid, write_hparams
-from training.build import build_data, build_model, build_optimizer, require_keys, resolve_device
+from training.build import build_data, build_model, build_optimizer, require_keys, resolve_device, saved_mapping
 from training.loaders import DeviceLoader, cores_per_process
 from training.loop import NonFiniteLoss, Normalizer, Window, evaluate, train_one_epoch
 
@@ -214,7 +214,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     main_builds_first = process.distributed and OmegaConf.select(cfg, "dataset.cache") == "disk"
     if main_builds_first and not main:
         distributed.barrier()
-    data = build_data(cfg.dataset, cfg.loader, trainer.seed, device, process.rank, process.world_size)
+    data = build_data(cfg.dataset, cfg.loader, trainer.seed, device, process.rank, process.world_size,
+                      fixed=saved_mapping(checkpoint, cfg.dataset) if checkpoint is not None else None)
     if main_builds_first and main:
         distributed.barrier()
     bundle, train_loader = data.bundle, data.train_loader
@@ -310,6 +311,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
             "input_shape": list(bundle.input_shape),  # (C, H, W)
             "channels": bundle.input_shape[0],
             "normalization": {"mean": list(bundle.mean), "std": list(bundle.std)},
+            "value_range": list(bundle.value_range) if isinstance(bundle.value_range, tuple) else bundle.value_range,
             "metrics": last_val,
             "config": config,
         }

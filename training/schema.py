@@ -28,11 +28,12 @@ class CropsSchema:
     cache: str
     cache_dir: Optional[str]
     val_fraction: float
-    mean: List[float]
-    std: List[float]
+    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
+    std: Any
     on_bad_rows: str
     allow_outside_root: bool
     hflip: bool
+    value_range: Any  # per_file, global or [low, high]: checked by datasets/values.py
 
 
 @dataclass
@@ -44,8 +45,8 @@ class ImageFolderSchema:
     channels: int
     cache: str
     val_fraction: float
-    mean: List[float]
-    std: List[float]
+    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
+    std: Any
     verify: bool
     hflip: bool
 
@@ -60,10 +61,11 @@ class DatasetFolderSchema:
     channels: int
     cache: str
     val_fraction: float
-    mean: List[float]
-    std: List[float]
+    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
+    std: Any
     verify: bool
     hflip: bool
+    value_range: Any  # per_file, global or [low, high]: checked by datasets/values.py
 
 
 @dataclass
@@ -71,8 +73,8 @@ class Cifar10Schema:
     _target_: str
     root: str
     download: bool
-    mean: List[float]
-    std: List[float]
+    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
+    std: Any
     hflip: bool
 
 
