@@ -67,9 +67,9 @@ class LazyCrops(Dataset):
         return cut(source, crop, self.height, self.width), self.targets[index]
 
 
-def extract(crops: list[Crop], out: torch.Tensor, desc: str, scales: dict[Path, Scale]) -> None:
+def extract(crops: list[Crop], out: torch.Tensor, desc: str, scales: dict[Path, Scale] | None = None) -> None:
     """Fill out[i] with crop i, decoding each source file once (rows grouped by file); .npy values are
-    mapped by `scales` (from the value-range scan).
+    mapped by `scales` (from the value-range scan; a file without one, by its own range).
 
     Headers were checked already; a file whose pixels fail to decode (truncated, corrupt) is listed with
     every other such file in one error at the end.
@@ -81,7 +81,7 @@ def extract(crops: list[Crop], out: torch.Tensor, desc: str, scales: dict[Path, 
     unreadable = []
     for path, rows in tqdm(by_file.items(), desc=desc, unit="file", leave=False):
         try:
-            source = FileSource(path, out.shape[1], scales.get(path))
+            source = FileSource(path, out.shape[1], (scales or {}).get(path))
         except DECODE_ERRORS as e:
             unreadable.append(f"{path}: {e} (CSV line(s) {', '.join(str(crops[i].line) for i in rows[:5])}"
                               f"{', ...' if len(rows) > 5 else ''})")
