@@ -7,8 +7,9 @@ of random width, resized to 32x32x1; and the throughput benchmark's PNG boxes (d
 Each case is datasets.crops.build with cache=memory (and cache=none for the arrays, where preparation is
 the value scan alone plus, with auto, one decode pass); cases run in round-robin order and the fastest
 of the repeats is kept. The scan and the mean/std pass are also timed alone, which a busy machine blurs
-less than the difference of two whole preparations. Ratios are against per_file with given mean/std, the settings before these keys
-existed: per_file already read each whole .npy once for its min/max, which the scan now does up front.
+less than the difference of two whole preparations. Ratios are against per_file with given mean/std, the
+settings before these keys existed: per_file already read each whole .npy once for its min/max, which the
+scan now does up front.
 """
 
 from __future__ import annotations

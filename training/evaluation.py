@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from datasets.transforms import DECODE_ERRORS, LoadItem
+from datasets.values import Scale
 from errors import UserError
 from training import checkpoint as checkpoints
-from datasets.values import Scale
 from training.build import build_data, build_model, require_keys, resolve_device, saved_mapping
 from training.loop import Normalizer, evaluate
 from training.runner import run_log
@@ -57,7 +57,8 @@ def score(model: nn.Module, normalize: Normalizer, checkpoint: dict, dataset_cfg
           device: torch.device) -> dict:
     # The training run's seed, so a seeded validation split is the one the run held out; its value mapping
     # and normalisation, so the data reaches the model as in training (and mean/std=auto is not recomputed).
-    data = build_data(dataset_cfg, saved.loader, saved.trainer.seed, device, fixed=saved_mapping(checkpoint, dataset_cfg))
+    data = build_data(dataset_cfg, saved.loader, saved.trainer.seed, device,
+                      fixed=saved_mapping(checkpoint, dataset_cfg))
     classes = checkpoint["classes"]
     if data.bundle.classes != classes:
         raise UserError(f"dataset has classes {data.bundle.classes} but the checkpoint was trained on {classes}: "
