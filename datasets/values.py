@@ -146,7 +146,7 @@ def resolve(setting: str | tuple[float, float], arrays: Iterable[tuple[object, n
             "dataset.value_range=[%g, %g]: %d of %d values (%.3g%%) in %d of %d array file(s) lie outside and are "
             "clipped (scanned in %.2f s)", *bounds, outside, total, 100 * outside / max(total, 1), clipped_files,
             len(stats), seconds)
-    else:
+    elif stats:  # a data set of images alone has nothing to report
         log.info("dataset.value_range=global: [%g, %g] over %d array file(s) (scanned in %.2f s)", scale.low,
                  scale.high, len(stats), seconds)
     return dict.fromkeys(stats, scale), (scale.low, scale.high)
