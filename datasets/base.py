@@ -35,6 +35,9 @@ class DataBundle:
     mean: tuple[float, ...]  # per channel, in [0, 1] units (applied after dividing by 255)
     std: tuple[float, ...]
     skipped: list[str] = field(default_factory=list)  # bad rows left out (dataset.on_bad_rows=skip), one per line
+    # How .npy values became uint8 (datasets/values.py): per_file, or the (low, high) mapped to 0..255 for
+    # every file; None where no value range applies (images, CIFAR10). Saved in checkpoints.
+    value_range: str | tuple[float, float] | None = None
 
 
 class ArrayStore:

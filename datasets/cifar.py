@@ -12,6 +12,7 @@ import torch
 from torchvision import datasets as tv
 from torchvision.datasets.utils import check_integrity
 
+from datasets import values
 from datasets.base import ArrayStore, DataBundle, InMemoryDataset, per_channel
 from errors import UserError
 
@@ -48,10 +49,12 @@ def _split(root: str, train: bool, download: bool) -> tuple[InMemoryDataset, lis
     return InMemoryDataset(ArrayStore(images, torch.tensor(data.targets))), list(data.classes)
 
 
-def build(root: str, download: bool, mean: list[float], std: list[float], seed: int) -> DataBundle:
+def build(root: str, download: bool, mean: list[float] | str, std: list[float] | str, seed: int) -> DataBundle:
     """`seed` is accepted like every family's, and unused: CIFAR10's splits are fixed."""
+    values.parse_statistic(mean, "dataset.mean"), values.parse_statistic(std, "dataset.std")
     train, classes = _split(root, True, download)
     val, _ = _split(root, False, False)  # the first call downloaded everything if asked to
+    mean, std = values.normalization(mean, std, train, 3)  # from the 50k training images, never the test split
     return DataBundle(
         train=train,
         val=val,

@@ -27,7 +27,7 @@ from datasets.base import check_fits_on_disk
 from datasets.crop_csv import Crop
 from errors import UserError
 
-FORMAT = 3  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
+FORMAT = 4  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
 
 
 @dataclass
@@ -36,11 +36,14 @@ class CachedCrops:
     labels: list[str]  # per row, in CSV order
     splits: list[str | None]
     skipped: list[str]  # one line per row on_bad_rows=skip left out
+    value_range: str | tuple[float, float]  # per_file, or the (low, high) every .npy source was mapped from
 
 
-def manifest_path(cache_dir: Path, csv_path: Path, root: Path, shape: tuple[int, int, int], rows: tuple) -> Path:
-    """`rows`: the settings that decide which rows count (on_bad_rows, allow_outside_root)."""
-    digest = hashlib.sha256(json.dumps([FORMAT, str(root.resolve()), *shape, *rows]).encode())
+def manifest_path(cache_dir: Path, csv_path: Path, root: Path, shape: tuple[int, int, int], rows: tuple,
+                  value_range: str | tuple[float, float]) -> Path:
+    """`rows`: the settings that decide which rows count (on_bad_rows, allow_outside_root); `value_range`:
+    the dataset.value_range setting (per_file, global or a pair), which decides every .npy crop's pixels."""
+    digest = hashlib.sha256(json.dumps([FORMAT, str(root.resolve()), *shape, *rows, value_range]).encode())
     digest.update(csv_path.read_bytes())
     return cache_dir / f"crops-{digest.hexdigest()[:24]}.json"
 
@@ -63,7 +66,9 @@ def load(manifest: Path) -> CachedCrops | None:
         images = np.load(manifest.with_name(entry["array"]), mmap_mode="c")
     except (OSError, ValueError, KeyError):  # missing, vanished or unreadable: extract again
         return None
-    return CachedCrops(torch.from_numpy(images), entry["labels"], entry["splits"], entry["skipped"])
+    resolved = entry["value_range"]
+    return CachedCrops(torch.from_numpy(images), entry["labels"], entry["splits"], entry["skipped"],
+                       resolved if isinstance(resolved, str) else tuple(resolved))
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -76,7 +81,7 @@ def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[int, int, int],
-          fill: Callable[[torch.Tensor], None]) -> CachedCrops:
+          fill: Callable[[torch.Tensor], None], value_range: str | tuple[float, float]) -> CachedCrops:
     """Extract the crops (`fill` writes them into the array it is given) into a new cache; return it mapped."""
     try:
         manifest.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +109,7 @@ def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[in
 
     def write_manifest(tmp: Path) -> None:
         tmp.write_text(json.dumps({"array": array_path.name, "sources": sources, "labels": labels, "splits": splits,
-                                   "skipped": skipped}))
+                                   "skipped": skipped, "value_range": value_range}))
 
     previous = _previous_array(manifest)
     try:
@@ -115,7 +120,7 @@ def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[in
                         "space there, point dataset.cache_dir at another folder, or set dataset.cache=memory") from None
     if previous is not None and previous != array_path:
         previous.unlink(missing_ok=True)  # the stale array of the same CSV; runs mapping it keep their copy
-    return CachedCrops(torch.from_numpy(np.load(array_path, mmap_mode="c")), labels, splits, skipped)
+    return CachedCrops(torch.from_numpy(np.load(array_path, mmap_mode="c")), labels, splits, skipped, value_range)
 
 
 def _previous_array(manifest: Path) -> Path | None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets import crop_cache, demo
+from datasets import crop_cache, demo, values
 from datasets.base import (
     CACHE_MODES,
     ArrayStore,
@@ -32,7 +32,8 @@ from datasets.base import (
     split_indices,
 )
 from datasets.crop_csv import Crop, read_crops, require_csv
-from datasets.transforms import DECODE_ERRORS, FileSource
+from datasets.transforms import DECODE_ERRORS, FileSource, scan_arrays
+from datasets.values import Scale
 from errors import UserError
 from progress import progress_bar
 
@@ -47,12 +48,13 @@ def cut(source: FileSource, crop: Crop, height: int, width: int) -> torch.Tensor
 
 
 class LazyCrops(Dataset):
-    """cache=none: every item decodes its file again. Only .npy scale factors are remembered per file."""
+    """cache=none: every item decodes its file again; each .npy file's value mapping comes from the scan."""
 
-    def __init__(self, crops: list[Crop], targets: list[int], height: int, width: int, channels: int):
+    def __init__(self, crops: list[Crop], targets: list[int], height: int, width: int, channels: int,
+                 scales: dict[Path, Scale]):
         self.crops, self.targets = crops, targets
         self.height, self.width, self.channels = height, width, channels
-        self._scalers: dict[Path, object] = {}
+        self.scales = scales
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -60,15 +62,15 @@ class LazyCrops(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         crop = self.crops[index]
         try:
-            source = FileSource(crop.path, self.channels, self._scalers.get(crop.path))
+            source = FileSource(crop.path, self.channels, self.scales.get(crop.path))
         except DECODE_ERRORS as e:
             raise UserError(f"crop {index} (CSV line {crop.line}): cannot read {crop.path}: {e}") from e
-        self._scalers.setdefault(crop.path, source.scale)
         return cut(source, crop, self.height, self.width), self.targets[index]
 
 
-def extract(crops: list[Crop], out: torch.Tensor, desc: str) -> None:
-    """Fill out[i] with crop i, decoding each source file once (rows grouped by file).
+def extract(crops: list[Crop], out: torch.Tensor, desc: str, scales: dict[Path, Scale] | None = None) -> None:
+    """Fill out[i] with crop i, decoding each source file once (rows grouped by file); .npy values are
+    mapped by `scales` (from the value-range scan; a file without one, by its own range).
 
     Headers were checked already; a file whose pixels fail to decode (truncated, corrupt) is listed with
     every other such file in one error at the end.
@@ -80,7 +82,7 @@ def extract(crops: list[Crop], out: torch.Tensor, desc: str) -> None:
     unreadable = []
     for path, rows in progress_bar(by_file.items(), desc=desc, unit="file"):
         try:
-            source = FileSource(path, out.shape[1])
+            source = FileSource(path, out.shape[1], (scales or {}).get(path))
         except DECODE_ERRORS as e:
             unreadable.append(f"{path}: {e} (CSV line(s) {', '.join(str(crops[i].line) for i in rows[:5])}"
                               f"{', ...' if len(rows) > 5 else ''})")
@@ -131,13 +133,16 @@ def build(
     cache: str,
     cache_dir: str | None,
     val_fraction: float,
-    mean: list[float],
-    std: list[float],
+    mean: list[float] | str,
+    std: list[float] | str,
     seed: int,
     on_bad_rows: str = "error",
     allow_outside_root: bool = False,
+    value_range: str | list[float] = values.GLOBAL,
 ) -> DataBundle:
     check_image_keys(width, height, channels, val_fraction)
+    value_range = values.parse_value_range(value_range)
+    values.parse_statistic(mean, "dataset.mean"), values.parse_statistic(std, "dataset.std")
     if cache not in CACHE_MODES:
         raise UserError(f"dataset.cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     if csv is None:
@@ -151,16 +156,19 @@ def build(
     started = time.perf_counter()
     images = None
     if cache == "disk":
-        cached = _load_or_cache(csv_path, root, shape, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR, rows)
+        cached = _load_or_cache(csv_path, root, shape, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR, rows,
+                                value_range)
         images, labels, splits, skipped = cached.images, cached.labels, cached.splits, cached.skipped
+        value_range = cached.value_range
     else:
         crops, skipped = read_crops(csv_path, root, *rows)
         labels, splits = [c.label for c in crops], [c.split for c in crops]
+        scales, value_range = scan_arrays([c.path for c in crops], value_range)
         if cache == "memory":
             check_fits_in_memory(len(crops) * int(np.prod(shape)), f"{csv_path} at {width}x{height}x{channels}",
                                  Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
             images = torch.empty((len(crops), *shape), dtype=torch.uint8)
-            extract(crops, images, desc="decoding crops")
+            extract(crops, images, desc="decoding crops", scales=scales)
     classes = _classes(labels)
     class_index = {name: i for i, name in enumerate(classes)}
     targets = [class_index[label] for label in labels]
@@ -168,7 +176,8 @@ def build(
 
     if images is None:
         def subset(indices):
-            return LazyCrops([crops[i] for i in indices], [targets[i] for i in indices], height, width, channels)
+            return LazyCrops([crops[i] for i in indices], [targets[i] for i in indices], height, width, channels,
+                             scales)
 
         train_set, val_set = subset(train), subset(val)
     else:
@@ -177,6 +186,7 @@ def build(
         store = ArrayStore(images, torch.tensor(targets))
         train_set, val_set = InMemoryDataset(store, train), InMemoryDataset(store, val)
 
+    mean, std = values.normalization(mean, std, train_set, channels)
     return DataBundle(
         train=train_set,
         val=val_set,
@@ -185,18 +195,22 @@ def build(
         mean=per_channel(mean, channels, "dataset.mean"),
         std=per_channel(std, channels, "dataset.std"),
         skipped=skipped,
+        value_range=value_range,
     )
 
 
 def _load_or_cache(csv_path: Path, root: str | None, shape: tuple[int, int, int], cache_dir: Path,
-                   rows: tuple[str, bool]) -> crop_cache.CachedCrops:
-    """cache=disk: the crops from the cache, or from the CSV and files, cached on the way."""
+                   rows: tuple[str, bool], value_range: str | tuple[float, float]) -> crop_cache.CachedCrops:
+    """cache=disk: the crops from the cache, or from the CSV and files, cached on the way. The cache is
+    keyed by the value-range setting too; a global range found by the scan is stored with it."""
     root_path = Path(root) if root is not None else csv_path.parent
-    manifest = crop_cache.manifest_path(cache_dir, require_csv(csv_path), root_path, shape, rows)
+    manifest = crop_cache.manifest_path(cache_dir, require_csv(csv_path), root_path, shape, rows, value_range)
     cached = crop_cache.load(manifest)
     if cached is not None:
         log.info("crop cache: reusing %s", manifest)
         return cached
     log.info("crop cache: writing %s", manifest)
     crops, skipped = read_crops(csv_path, root, *rows)
-    return crop_cache.write(manifest, crops, skipped, shape, lambda out: extract(crops, out, desc="caching crops"))
+    scales, resolved = scan_arrays([c.path for c in crops], value_range)
+    return crop_cache.write(manifest, crops, skipped, shape,
+                            lambda out: extract(crops, out, desc="caching crops", scales=scales), resolved)

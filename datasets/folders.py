@@ -13,9 +13,10 @@ from pathlib import Path
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv
 
+from datasets import values
 from datasets.base import (DataBundle, check_image_keys, materialize, outside_root, per_channel, problem_list,
                            split_indices)
-from datasets.transforms import DECODE_ERRORS, LoadItem
+from datasets.transforms import DECODE_ERRORS, LoadItem, scan_arrays
 from errors import UserError
 from progress import progress_bar
 
@@ -71,9 +72,14 @@ def verify_files(folders: list[tv.DatasetFolder]) -> None:
                         + problem_list(problems))
 
 
-def _build(make, root, width, height, channels, cache, val_fraction, mean, std, seed, verify,
-           allow_outside_root) -> DataBundle:
+def _build(make, root, width, height, channels, cache, val_fraction, mean, std, seed, verify, allow_outside_root,
+           load: LoadItem, value_range=None) -> DataBundle:
+    """`value_range`: None for images; for arrays the dataset.value_range setting, resolved here by a scan of
+    every file of both splits (global or a given pair) and set on `load` before any item is loaded."""
     check_image_keys(width, height, channels, val_fraction)
+    if value_range is not None:
+        value_range = values.parse_value_range(value_range)
+    values.parse_statistic(mean, "dataset.mean"), values.parse_statistic(std, "dataset.std")
     if cache not in FOLDER_CACHE_MODES:
         raise UserError(f"dataset.cache must be one of {', '.join(FOLDER_CACHE_MODES)} for folders, got {cache!r}")
     root = Path(root)
@@ -97,12 +103,16 @@ def _build(make, root, width, height, channels, cache, val_fraction, mean, std, 
         if escaped:
             raise UserError(f"dataset.root {root}: {len(escaped)} file(s) resolve outside it through symlinks; move "
                             "them under dataset.root or set dataset.allow_outside_root=true:" + problem_list(escaped))
+    if value_range is not None and value_range != values.PER_FILE:
+        _, value_range = scan_arrays([path for folder in folders for path, _ in folder.samples], value_range)
+        load.scale = values.Scale(*value_range)
     if verify and cache != "memory":  # cache=memory decodes every file up front anyway and lists the failures
         verify_files(folders)
     shape = (channels, height, width)
     if cache == "memory":
         train_set = materialize(train_set, shape, f"loading {root} train")
         val_set = materialize(val_set, shape, f"loading {root} val")
+    mean, std = values.normalization(mean, std, train_set, channels)
     return DataBundle(
         train=train_set,
         val=val_set,
@@ -110,18 +120,19 @@ def _build(make, root, width, height, channels, cache, val_fraction, mean, std, 
         input_shape=shape,
         mean=per_channel(mean, channels, "dataset.mean"),
         std=per_channel(std, channels, "dataset.std"),
+        value_range=value_range,
     )
 
 
 def build_imagefolder(root, width, height, channels, cache, val_fraction, mean, std, seed, verify=False, allow_outside_root=False) -> DataBundle:
     load = LoadItem(height, width, channels)
     return _build(lambda d: ImageFolder(d, loader=load), root, width, height, channels, cache, val_fraction,
-                  mean, std, seed, verify, allow_outside_root)
+                  mean, std, seed, verify, allow_outside_root, load)
 
 
 def build_datasetfolder(root, extensions, width, height, channels, cache, val_fraction, mean, std, seed,
-                        verify=False, allow_outside_root=False) -> DataBundle:
+                        verify=False, allow_outside_root=False, value_range=values.GLOBAL) -> DataBundle:
     load = LoadItem(height, width, channels)
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in extensions)
     return _build(lambda d: DatasetFolder(d, loader=load, extensions=extensions), root, width, height, channels,
-                  cache, val_fraction, mean, std, seed, verify, allow_outside_root)
+                  cache, val_fraction, mean, std, seed, verify, allow_outside_root, load, value_range)

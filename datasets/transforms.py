@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from datasets import values
 from errors import UserError
 
 NPY_SUFFIX = ".npy"
@@ -45,12 +46,30 @@ def open_array(path: str | Path) -> np.ndarray:
     return array
 
 
+# PIL modes holding more than 8 bits per pixel, which convert("L") would clip at 255 (a 16-bit PNG opens
+# as I;16, older Pillow gave I): their values are scaled to 8 bits by their depth instead.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_WIDE_MODES = (*_SIXTEEN_BIT_MODES, "I", "F")
+
+
 def load_image(path: str | Path, channels: int) -> np.ndarray:
-    """Decode an image of any PIL mode to uint8 (H, W, C) with the requested channels (1 = grey, 3 = RGB)."""
+    """Decode an image of any PIL mode to uint8 (H, W, C) with the requested channels (1 = grey, 3 = RGB).
+
+    High-depth grey images are scaled, not clipped: 16-bit values (I;16, and I within 0..65535) by
+    255/65535; wider integers (I) and floats (F) by the image's own range, NaN and infinity refused."""
     with Image.open(path) as img:
+        if img.mode in _WIDE_MODES:
+            return to_channels(_wide_to_uint8(np.asarray(img), img.mode, path)[:, :, None], channels)
         converted = img.convert("L" if channels == 1 else "RGB")
     array = np.array(converted)  # a writable copy: torch refuses to share read-only buffers
     return array[:, :, None] if array.ndim == 2 else array
+
+
+def _wide_to_uint8(array: np.ndarray, mode: str, path) -> np.ndarray:
+    stats = values.array_stats(array, path)
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and stats.low >= 0 and stats.high <= 65535):
+        return values.Scale(0.0, 65535.0)(array)
+    return values.rule_scale([stats])(array)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -62,23 +81,28 @@ def image_size(path: str | Path) -> tuple[int, int]:
         return img.height, img.width
 
 
-def uint8_scaler(array: np.ndarray):
-    """How to bring one file's values to 0..255, decided once per file so every crop of it scales alike.
+def array_scale(array: np.ndarray, path, scale: values.Scale | None = None):
+    """How one .npy file's values become 0..255, decided once per file so every crop of it scales alike:
+    uint8 and bool as they are, anything else by `scale` (found by a scan over the data set) or, without
+    one, by the file's own range (dataset.value_range=per_file; see datasets/values.py)."""
+    if values.is_pixels(array.dtype):
+        return values.pixels
+    return scale or values.rule_scale([values.array_stats(array, path)])
 
-    uint8 stays as is; bool becomes 0/255; floats within [0, 1] are multiplied by 255; integers within
-    0..255 are cast; anything else (dB spectrograms, raw counts) is min-max scaled over the whole file.
-    """
-    if array.dtype == np.uint8:
-        return lambda a: np.asarray(a)
-    if array.dtype == np.bool_:
-        return lambda a: np.asarray(a, dtype=np.uint8) * np.uint8(255)
-    low, high = float(np.min(array)), float(np.max(array))
-    if array.dtype.kind == "f" and low >= 0.0 and high <= 1.0:
-        return lambda a: np.rint(np.asarray(a, dtype=np.float32) * 255.0).astype(np.uint8)
-    if array.dtype.kind in "iu" and low >= 0 and high <= 255:
-        return lambda a: np.asarray(a).astype(np.uint8)
-    span = (high - low) or 1.0
-    return lambda a: np.rint((np.asarray(a, dtype=np.float64) - low) * (255.0 / span)).astype(np.uint8)
+
+def scan_arrays(paths, setting) -> tuple[dict, str | tuple[float, float]]:
+    """dataset.value_range resolved over the .npy files among `paths` (memory-mapped, one at a time):
+    {path: Scale} for every array that needs one, and per_file or the (low, high) they all use."""
+    problems: list[str] = []
+
+    def opened():
+        for path in dict.fromkeys(p for p in paths if is_array_file(p)):
+            try:
+                yield path, open_array(path)
+            except (*DECODE_ERRORS, UserError) as e:
+                problems.append(f"{path}: {e}")
+
+    return values.resolve(values.parse_value_range(setting), opened(), problems)
 
 
 def to_channels(hwc: np.ndarray, channels: int) -> np.ndarray:
@@ -114,13 +138,14 @@ def to_tensor(hwc: np.ndarray, height: int, width: int) -> torch.Tensor:
 
 class FileSource:
     """One file opened for cutting regions: an image decoded whole, or a .npy array memory-mapped (only the
-    rows a region touches are read). `scaler` reuses a .npy file's scaling decided earlier."""
+    rows a region touches are read). `scale` maps a .npy file's values as a scan of the data set decided;
+    without one, by the file's own range."""
 
-    def __init__(self, path: str | Path, channels: int, scaler=None):
+    def __init__(self, path: str | Path, channels: int, scale: values.Scale | None = None):
         self.channels = channels
         if is_array_file(path):
             self.array = open_array(path)
-            self.scale = scaler or uint8_scaler(self.array)
+            self.scale = array_scale(self.array, path, scale)
         else:
             self.array = load_image(path, channels)
             self.scale = lambda a: a
@@ -131,10 +156,11 @@ class FileSource:
 
 
 class LoadItem:
-    """A picklable per-file loader for torchvision's folder datasets: file -> uint8 (C, H, W)."""
+    """A picklable per-file loader for torchvision's folder datasets: file -> uint8 (C, H, W). `scale`: one
+    mapping for every .npy file (a global or given dataset.value_range); None maps each by its own range."""
 
-    def __init__(self, height: int, width: int, channels: int):
-        self.height, self.width, self.channels = height, width, channels
+    def __init__(self, height: int, width: int, channels: int, scale: values.Scale | None = None):
+        self.height, self.width, self.channels, self.scale = height, width, channels, scale
 
     def __call__(self, path: str) -> torch.Tensor:
-        return FileSource(path, self.channels).region(slice(None), slice(None), self.height, self.width)
+        return FileSource(path, self.channels, self.scale).region(slice(None), slice(None), self.height, self.width)

@@ -94,7 +94,7 @@ def test_crop_is_resized_to_width_by_height(box_png):
     assert torch.all(build(csv, width=48, height=24).train[0][0] == 77)
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "I;16", "1"])
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "1"])  # 16-bit: tests/test_values.py
 def test_images_of_any_pil_mode_load_like_pil_converts_them(tmp_path, mode):
     rng = np.random.default_rng(4)
     path = files.write_png(tmp_path / "img.png", files.random_image(rng, 16, 16), mode=mode)
@@ -120,13 +120,13 @@ def test_channels_grey_repeats_to_rgb_and_rgb_becomes_luma(tmp_path):
     assert torch.equal(as_grey["rgb.npy"][0], torch.from_numpy(luma))
 
 
-def test_npy_values_scale_to_uint8(tmp_path):
+def test_npy_values_scale_to_uint8_per_file(tmp_path):
     unit = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
     decibels = np.linspace(-80, 0, 256, dtype=np.float64).reshape(16, 16)
     files.write_npy(tmp_path / "unit.npy", unit)
     files.write_npy(tmp_path / "db.npy", decibels)
     rows = [{"path": p, "start": 0, "end": 16, "label": p} for p in ("unit.npy", "db.npy") * 2]
-    got = dict(items(build(write_crops(tmp_path / "s.csv", rows, strip=True), channels=1)))
+    got = dict(items(build(write_crops(tmp_path / "s.csv", rows, strip=True), channels=1, value_range="per_file")))
     assert torch.equal(got["unit.npy"][0], torch.from_numpy(np.rint(unit * 255).astype(np.uint8)))
     assert got["db.npy"].min() == 0 and got["db.npy"].max() == 255  # min-max over the file
 

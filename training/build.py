@@ -62,16 +62,29 @@ class Data:
     val_loader: object
 
 
-def build_dataset(dataset_cfg: DictConfig, seed: int) -> DataBundle:
-    """The train and validation sets the config describes; `seed` draws a seeded split as training does."""
-    return _instantiate(dataset_cfg, seed=seed)
+def build_dataset(dataset_cfg: DictConfig, seed: int, fixed: dict | None = None) -> DataBundle:
+    """The train and validation sets the config describes; `seed` draws a seeded split as training does.
+    `fixed`: dataset keys that replace the config's (saved_mapping)."""
+    return _instantiate(dataset_cfg, seed=seed, **(fixed or {}))
+
+
+def saved_mapping(checkpoint: dict, dataset_cfg: DictConfig) -> dict:
+    """The value mapping and normalisation a checkpoint's model learnt with, as dataset keys that replace
+    the config's (`global`, `auto`) when its data is built again: a resumed run, evaluate.py and predict= see
+    values exactly as training did, whatever data they now read, without scanning or counting again."""
+    fixed = {"mean": list(checkpoint["normalization"]["mean"]), "std": list(checkpoint["normalization"]["std"])}
+    value_range = checkpoint.get("value_range")  # absent from checkpoints made before it was saved
+    if "value_range" in dataset_cfg and value_range is not None:
+        fixed["value_range"] = value_range if isinstance(value_range, str) else list(value_range)
+    return fixed
 
 
 def build_data(dataset_cfg: DictConfig, loader_cfg: DictConfig, seed: int, device: torch.device, rank: int = 0,
-               world_size: int = 1, train: bool = True) -> Data:
+               world_size: int = 1, train: bool = True, fixed: dict | None = None) -> Data:
     """The data and its loaders; under DDP each rank's loaders yield that rank's shard. `train=False` (scoring
-    only) builds no training loader, so the training split is never copied to the device."""
-    bundle = build_dataset(dataset_cfg, seed)
+    only) builds no training loader, so the training split is never copied to the device. `fixed`: dataset
+    keys that replace the config's (saved_mapping)."""
+    bundle = build_dataset(dataset_cfg, seed, fixed)
     check_class_coverage(bundle)
     make_loader = _instantiate(loader_cfg)  # a partial: the data set, device and seed are known only here
     return Data(

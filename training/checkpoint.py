@@ -156,6 +156,9 @@ class TrainingState:
             "input_shape": list(self.bundle.input_shape),  # (C, H, W)
             "channels": self.bundle.input_shape[0],
             "normalization": {"mean": list(self.bundle.mean), "std": list(self.bundle.std)},
+            # How array values became 0..255: per_file, or the [low, high] every file was mapped from.
+            "value_range": (list(self.bundle.value_range) if isinstance(self.bundle.value_range, tuple)
+                            else self.bundle.value_range),
             "metrics": metrics,
             "config": self.config,
             "choices": self.choices,

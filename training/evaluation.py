@@ -18,10 +18,11 @@ from torch import nn
 
 from datasets.base import decode_problem, limit_image_pixels
 from datasets.transforms import DECODE_ERRORS, LoadItem
+from datasets.values import Scale
 from errors import UserError
 from training import checkpoint as checkpoints
 from training import onnx_model, saved_config
-from training.build import build_data, build_model, require_keys, resolve_device
+from training.build import build_data, build_model, require_keys, resolve_device, saved_mapping
 from training import speed as speeds
 from training.loop import FP32, Normalizer, evaluate
 from training.logger import run_log
@@ -79,8 +80,10 @@ def run_evaluation(cfg: DictConfig) -> dict:
 def score(model: nn.Module, normalize: Normalizer, checkpoint: dict, dataset_cfg: DictConfig, saved: DictConfig,
           device: torch.device, amp: speeds.MixedPrecision = FP32) -> dict:
     # The training run's seed, so a seeded validation split is the one the run held out; no training loader,
-    # so only the validation items are copied to a GPU.
-    data = build_data(dataset_cfg, saved.loader, saved.trainer.seed, device, train=False)
+    # so only the validation items are copied to a GPU; its value mapping and normalisation, so the data
+    # reaches the model as in training (and mean/std=auto is not recomputed).
+    data = build_data(dataset_cfg, saved.loader, saved.trainer.seed, device, train=False,
+                      fixed=saved_mapping(checkpoint, dataset_cfg))
     if data.val_loader.notice:
         log.warning("%s", data.val_loader.notice)
     classes = checkpoint["classes"]
@@ -113,9 +116,11 @@ def score(model: nn.Module, normalize: Normalizer, checkpoint: dict, dataset_cfg
 @torch.no_grad()
 def predict(model: nn.Module, normalize: Normalizer, checkpoint: dict, paths: list[Path],
             device: torch.device, amp: speeds.MixedPrecision = FP32) -> list[dict]:
-    """Each file decoded, resized and normalised as training items are, then its most probable class."""
+    """Each file decoded, value-mapped, resized and normalised as training items are, then its most probable
+    class. A per_file value range maps each .npy file by its own range, as training did per source file."""
     channels, height, width = checkpoint["input_shape"]
-    load = LoadItem(height, width, channels)
+    value_range = checkpoint.get("value_range")
+    load = LoadItem(height, width, channels, Scale(*value_range) if isinstance(value_range, (list, tuple)) else None)
     predictions = []
     for path in paths:
         if not path.is_file():

@@ -213,7 +213,7 @@ def describe_run(config: dict, bundle: DataBundle, counts: dict[str, list[int]],
     `counts`: items per class of each split."""
     dataset, optim, trainer = config["dataset"], config["optim"], config["trainer"]
     source = dataset.get("csv") or dataset.get("root") or "the bundled demo"
-    augment = {"dataset.hflip": dataset.get("hflip")} | {f"augment.{k}": v for k, v in config.get("augment", {}).items()}
+    augment = {f"augment.{k}": v for k, v in config.get("augment", {}).items()}
     return {
         "Data": {
             "family": target_name(dataset["_target_"]),

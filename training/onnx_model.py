@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".onnx"
 FORMAT = "cnn-trainer onnx 1"  # metadata `format`; bump when the keys below change meaning
-METADATA = ("format", "classes", "input_shape", "normalization", "epoch", "config", "choices")
+METADATA = ("format", "classes", "input_shape", "normalization", "value_range", "epoch", "config", "choices")
 INPUT, OUTPUT = "images", "logits"
 # ONNX Runtime computes in float32 with its own kernels: logits agree with torch's to ~1e-6 here; a larger
 # gap means a wrong graph, not rounding.
@@ -113,6 +113,9 @@ def export(checkpoint: dict, output: Path, source: str) -> None:
         "classes": checkpoint["classes"],
         "input_shape": list(shape),  # (C, H, W) of one uint8 item
         "normalization": checkpoint["normalization"],  # applied inside the graph
+        # How .npy values became the uint8 input (per_file or [low, high]): applied before the graph, as
+        # evaluate.py and predict= do for a .onnx file.
+        "value_range": checkpoint.get("value_range"),
         "epoch": checkpoint["epoch"],
         "metrics": checkpoint["metrics"],
         "config": stored,  # the run's resolved config

@@ -31,7 +31,7 @@ from training import distributed, metrics, run_folder, saved_config
 from training import speed as speeds
 from training.augment import Augment
 from training.build import (Data, build_augment, build_data, build_model, build_optimizer, require_keys,
-                            resolve_device)
+                            resolve_device, saved_mapping)
 from training.loaders import cores_per_process
 from training.logger import RunLogger, describe_run, run_log
 from training.schema import check_ranges
@@ -189,7 +189,9 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
         # A captured step holds the learning rate it saw: a new rate every step would re-capture every step.
         raise UserError("trainer.cuda_graphs=true cannot replay a per-step scheduler (scheduler.interval=step): "
                         "use an epoch-stepped scheduler or trainer.cuda_graphs=false")
-    data, prep_seconds = _prepare_data(cfg, run_dir, process, device)
+    # A resumed run maps values and normalises as it did before (mean/std=auto is not recomputed).
+    fixed = saved_mapping(checkpoint, cfg.dataset) if checkpoint is not None else None
+    data, prep_seconds = _prepare_data(cfg, run_dir, process, device, fixed)
     bundle = data.bundle
     augment = build_augment(cfg.get("augment"), bundle.input_shape, bundle.mean)
 
@@ -260,16 +262,18 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     return metrics
 
 
-def _prepare_data(cfg: DictConfig, run_dir: Path, process: distributed.Process,
-                  device: torch.device) -> tuple[Data, float]:
-    """The data and its loaders, and the seconds preparing them took."""
+def _prepare_data(cfg: DictConfig, run_dir: Path, process: distributed.Process, device: torch.device,
+                  fixed: dict | None) -> tuple[Data, float]:
+    """The data and its loaders, and the seconds preparing them took; `fixed`: dataset keys a resumed run takes
+    from its checkpoint (build.saved_mapping)."""
     started = time.perf_counter()
     # Under DDP with cache=disk, rank 0 writes the cache while the others wait, then they map it, instead
     # of every rank decoding every crop at once on the same cores.
     main_builds_first = process.distributed and OmegaConf.select(cfg, "dataset.cache") == "disk"
     if main_builds_first and not process.is_main:
         distributed.barrier()
-    data = build_data(cfg.dataset, cfg.loader, cfg.trainer.seed, device, process.rank, process.world_size)
+    data = build_data(cfg.dataset, cfg.loader, cfg.trainer.seed, device, process.rank, process.world_size,
+                      fixed=fixed)
     if main_builds_first and process.is_main:
         distributed.barrier()
     if data.train_loader.notice:  # loader.mode=auto fell back from the device loader: say why, once

@@ -79,10 +79,11 @@ class CropsSchema:
     cache: str
     cache_dir: Optional[str]
     val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
-    mean: List[float]
-    std: List[float]
+    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
+    std: Any
     on_bad_rows: str
     allow_outside_root: bool
+    value_range: Any  # per_file, global or [low, high]: checked by datasets/values.py
 
 
 @dataclass
@@ -94,8 +95,8 @@ class ImageFolderSchema:
     channels: int
     cache: str
     val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
-    mean: List[float]
-    std: List[float]
+    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
+    std: Any
     verify: bool
     allow_outside_root: bool
 
@@ -110,10 +111,11 @@ class DatasetFolderSchema:
     channels: int
     cache: str
     val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
-    mean: List[float]
-    std: List[float]
+    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
+    std: Any
     verify: bool
     allow_outside_root: bool
+    value_range: Any  # per_file, global or [low, high]: checked by datasets/values.py
 
 
 @dataclass
@@ -121,8 +123,8 @@ class Cifar10Schema:
     _target_: str
     root: str
     download: bool
-    mean: List[float]
-    std: List[float]
+    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
+    std: Any
 
 
 @dataclass
