@@ -10,11 +10,17 @@ reported at once, each with its CSV line number; or, with on_bad_rows=skip, left
 from __future__ import annotations
 
 import csv
+import gc
 import math
+import operator
 import sys
 from collections.abc import Iterable
+from contextlib import contextmanager
+from itertools import compress, repeat
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from datasets.base import problem_list
 from datasets.transforms import DECODE_ERRORS, image_size
@@ -114,6 +120,124 @@ def _parse_row(record: dict[str, str], form: tuple[str, ...], line: int, paths: 
     return Crop(line, paths(text["path"]), x0, y0, x1, y1, sys.intern(text["label"]), split)
 
 
+def _rows(f) -> tuple[list[str], list[list[str]], list[int]]:
+    """The stripped header, every non-blank record as a list of fields, and the CSV line each record ends on
+    (a quoted field may span lines), as csv.DictReader counts them."""
+    reader = csv.reader(f)
+    header = [h.strip() for h in next(reader, [])]
+    first = reader.line_num
+    rows = list(reader)
+    if reader.line_num - first == len(rows):  # every record on one line: its line number is its position
+        lines = list(range(first + 1, first + 1 + len(rows)))
+    else:  # a quoted field spans lines: count again, record by record
+        f.seek(0)
+        reader = csv.reader(f)
+        next(reader)
+        rows, lines = [], []
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)
+    if not all(rows):  # DictReader skips blank lines
+        lines = list(compress(lines, rows))
+        rows = list(filter(None, rows))
+    return header, rows, lines
+
+
+@contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector runs every few hundred new objects and, as they age, walks all of
+    them: while 192k rows were parsed it took ~2/3 of the time. Rows make no reference cycles."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _record(header: list[str], row: list[str]) -> dict:
+    """A row as csv.DictReader gives it: the last of repeated columns wins, missing fields are None."""
+    record = dict(zip(header, row))
+    for key in header[len(row):]:
+        record[key] = None
+    return record
+
+
+def _plain_ints(texts) -> np.ndarray:
+    """int64 values of texts Python's int() reads as 0 <= value < 2**31, else -1 (for _int to judge)."""
+    try:
+        values = np.fromiter(map(int, texts), dtype=np.int64, count=len(texts))
+    except (ValueError, OverflowError):  # a bad row somewhere: look at each text
+        values = np.array([_plain_int(text) for text in texts], dtype=np.int64)
+    values[(values < 0) | (values >= 2**31)] = -1
+    return values
+
+
+def _plain_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return -1
+
+
+def _parse_rows(header: list[str], rows: list[list[str]], lines: list[int], form: tuple[str, ...],
+                paths: _Paths) -> tuple[list[Crop], dict[int, str]]:
+    """Crops of the good rows (in CSV order) and CSV line -> problem for the bad ones.
+
+    Column by column, what every row of a clean CSV looks like is checked at once (~1 us a row, against ~20 us
+    for _parse_row); rows that fail any check, or have too few or many fields, go through _parse_row, so a bad
+    row gets the same message, and a row _parse_row accepts (x0=1.0) the same values, as row by row.
+    """
+    n, column = len(rows), {name: i for i, name in enumerate(header)}  # last of repeated names, as DictReader
+    regular = (np.fromiter(map(len, rows), dtype=np.int64, count=n) == len(header)).tolist()
+    fields = list(zip(*(compress(rows, regular) if not all(regular) else rows)))
+    m = sum(regular)
+
+    def texts(name: str) -> list[str]:
+        return list(map(str.strip, fields[column[name]])) if name in column else [""] * m
+
+    def check(values) -> np.ndarray:
+        return np.fromiter(values, dtype=bool, count=m)
+
+    path_text, label_text, split_text = texts("path"), texts("label"), texts("split")
+    resolved = {}
+    for text in dict.fromkeys(path_text):
+        try:
+            resolved[text] = paths(text) if text else None
+        except ValueError:
+            resolved[text] = None
+    found = list(map(resolved.get, path_text))
+    labels = {text: sys.intern(text) for text in dict.fromkeys(label_text) if text and text.lower() != "nan"}
+    split_of = {"": None, "train": "train", "val": "val"}
+    split_lower = list(map(str.lower, split_text))
+    ok = (check(map(operator.is_not, found, repeat(None))) & check(map(labels.__contains__, label_text))
+          & check(map(split_of.__contains__, split_lower)))
+    if form is BOX_COLUMNS:
+        x0, y0, x1, y1 = (_plain_ints(texts(c)) for c in ("x0", "y0", "x1", "y1"))
+        ok &= (x0 >= 0) & (y0 >= 0) & (x1 > x0) & (y1 > y0)
+        y0_list, y1_list = y0.tolist(), y1.tolist()
+    else:
+        x0, x1 = _plain_ints(texts("start")), _plain_ints(texts("end"))
+        ok &= (x0 >= 0) & (x1 > x0)
+        y0_list, y1_list = [0] * m, [None] * m
+    fast = list(map(Crop, compress(lines, regular), found, x0.tolist(), y0_list, x1.tolist(), y1_list,
+                    map(labels.get, label_text), map(split_of.get, split_lower)))
+    parsed, problems, next_regular = [], {}, iter(zip(fast, ok.tolist()))
+    for row, line, is_regular in zip(rows, lines, regular):
+        if is_regular:
+            crop, good = next(next_regular)
+            if good:
+                parsed.append(crop)
+                continue
+        record = _record(header, row)
+        try:
+            parsed.append(_parse_row(record, form, line, paths))
+        except ValueError as e:
+            problems[line] = f"{record.get('path') or ''}: {e}"
+    return parsed, problems
+
+
 def require_csv(csv_path: str | Path) -> Path:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -137,17 +261,11 @@ def read_crops(
     root = Path(root) if root is not None else csv_path.parent
     if not root.is_dir():
         raise UserError(f"dataset.root: folder not found: {root.resolve()}")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        reader.fieldnames = header
+    with open(csv_path, newline="", encoding="utf-8-sig") as f, _collector_paused():
+        header, rows, lines = _rows(f)
         form = _form(header, csv_path)
-        parsed, problems, paths = [], {}, _Paths(root, allow_outside_root)  # problems: CSV line -> what is wrong
-        for record in reader:
-            try:
-                parsed.append(_parse_row(record, form, reader.line_num, paths))
-            except ValueError as e:
-                problems[reader.line_num] = f"{record.get('path') or ''}: {e}"
+        parsed, problems = _parse_rows(header, rows, lines, form, _Paths(root, allow_outside_root))
+        del rows
     problems.update(_check_files(parsed))
     crops = [crop for crop in parsed if crop.line not in problems]
     bad = [f"line {line}: {problem}" for line, problem in sorted(problems.items())]

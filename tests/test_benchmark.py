@@ -21,3 +21,16 @@ def test_smoke_run_measures_every_case_and_target(tmp_path):
     assert set(report["targets"]) == set(throughput.TARGETS)
     assert all(target["ratio"] > 0 for target in report["targets"].values())
     assert report["peak_memory"]["ratio"] > 0
+
+
+def test_preparation_smoke_run_times_every_case_against_its_targets(tmp_path):
+    from benchmarks import preparation
+
+    out = tmp_path / "prep.json"
+    report = preparation.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report["seconds"]) == {"reference", "reference-grey", "read-csv", "app", "epoch"}
+    assert all(seconds > 0 for seconds in report["seconds"].values())
+    assert set(report["targets"]) == set(preparation.TARGETS)
+    assert report["peak_memory"]["memory"]["rows"] == report["settings"]["rows"]
+    assert report["vs_reference_grey_levels"]["max"] <= 2  # the same boxes as PIL cuts them, not others
