@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import gc
 import math
-import operator
+from operator import attrgetter, is_not
 import sys
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -32,7 +32,9 @@ SPLITS = ("train", "val")
 BAD_ROW_POLICIES = ("error", "skip")
 
 
-@dataclass(frozen=True, slots=True)  # slots: ~100 bytes less per row, which adds up over 50k-row CSVs
+# slots: ~100 bytes less per row, which adds up over 50k-row CSVs. Not frozen: a frozen dataclass sets each
+# field through object.__setattr__, which made creating 192k rows 4x slower (0.18 s against 0.04 s).
+@dataclass(slots=True)
 class Crop:
     """One example: a half-open region [y0, y1) x [x0, x1) of a file; y1 = None means the full height."""
 
@@ -165,7 +167,8 @@ def _record(header: list[str], row: list[str]) -> dict:
 
 
 def _plain_ints(texts) -> np.ndarray:
-    """int64 values of texts Python's int() reads as 0 <= value < 2**31, else -1 (for _int to judge)."""
+    """int64 values of texts Python's int() reads (it ignores surrounding spaces, as _int does) as
+    0 <= value < 2**31, else -1 (for _int to judge)."""
     try:
         values = np.fromiter(map(int, texts), dtype=np.int64, count=len(texts))
     except (ValueError, OverflowError):  # a bad row somewhere: look at each text
@@ -194,8 +197,10 @@ def _parse_rows(header: list[str], rows: list[list[str]], lines: list[int], form
     fields = list(zip(*(compress(rows, regular) if not all(regular) else rows)))
     m = sum(regular)
 
-    def texts(name: str) -> list[str]:
-        return list(map(str.strip, fields[column[name]])) if name in column else [""] * m
+    def texts(name: str, strip: bool = True) -> list[str]:
+        if name not in column:
+            return [""] * m
+        return list(map(str.strip, fields[column[name]])) if strip else fields[column[name]]
 
     def check(values) -> np.ndarray:
         return np.fromiter(values, dtype=bool, count=m)
@@ -211,14 +216,14 @@ def _parse_rows(header: list[str], rows: list[list[str]], lines: list[int], form
     labels = {text: sys.intern(text) for text in dict.fromkeys(label_text) if text and text.lower() != "nan"}
     split_of = {"": None, "train": "train", "val": "val"}
     split_lower = list(map(str.lower, split_text))
-    ok = (check(map(operator.is_not, found, repeat(None))) & check(map(labels.__contains__, label_text))
+    ok = (check(map(is_not, found, repeat(None))) & check(map(labels.__contains__, label_text))
           & check(map(split_of.__contains__, split_lower)))
     if form is BOX_COLUMNS:
-        x0, y0, x1, y1 = (_plain_ints(texts(c)) for c in ("x0", "y0", "x1", "y1"))
+        x0, y0, x1, y1 = (_plain_ints(texts(c, strip=False)) for c in ("x0", "y0", "x1", "y1"))
         ok &= (x0 >= 0) & (y0 >= 0) & (x1 > x0) & (y1 > y0)
         y0_list, y1_list = y0.tolist(), y1.tolist()
     else:
-        x0, x1 = _plain_ints(texts("start")), _plain_ints(texts("end"))
+        x0, x1 = _plain_ints(texts("start", strip=False)), _plain_ints(texts("end", strip=False))
         ok &= (x0 >= 0) & (x1 > x0)
         y0_list, y1_list = [0] * m, [None] * m
     fast = list(map(Crop, compress(lines, regular), found, x0.tolist(), y0_list, x1.tolist(), y1_list,
@@ -279,29 +284,34 @@ def read_crops(
     return crops, bad
 
 
-def _check_files(crops: Iterable[Crop]) -> dict[int, str]:
+def _check_files(crops: list[Crop]) -> dict[int, str]:
     """Every region must lie inside its file: CSV line -> problem. Sizes come from PIL's header read or the
-    .npy header (memory-mapped), so validating a large data set decodes no pixels."""
+    .npy header (memory-mapped), so validating a large data set decodes no pixels. The bounds of all rows are
+    compared at once; only the rows found outside are looked at one by one, for their messages."""
+    paths = list(map(attrgetter("path"), crops))
     sizes: dict[Path, tuple[int, int] | str] = {}
+    for path in dict.fromkeys(paths):
+        try:
+            sizes[path] = image_size(path)
+        except FileNotFoundError:
+            sizes[path] = "file not found"
+        except (*DECODE_ERRORS, UserError) as e:
+            sizes[path] = f"unreadable ({e})"
+    # (height, width) per row, -1 for files whose size could not be read
+    known = {path: size if isinstance(size, tuple) else (-1, -1) for path, size in sizes.items()}
+    height, width = np.array(list(map(known.__getitem__, paths)), dtype=np.int64).reshape(-1, 2).T
+    x1 = np.fromiter(map(attrgetter("x1"), crops), dtype=np.int64, count=len(crops))
+    y1 = np.array([-1 if y is None else y for y in map(attrgetter("y1"), crops)], dtype=np.int64)
+    y1 = np.where(y1 < 0, height, y1)  # strip form: the full height
     problems = {}
-    for crop in crops:
-        if crop.path not in sizes:
-            try:
-                sizes[crop.path] = image_size(crop.path)
-            except FileNotFoundError:
-                sizes[crop.path] = "file not found"
-            except (*DECODE_ERRORS, UserError) as e:
-                sizes[crop.path] = f"unreadable ({e})"
-        size = sizes[crop.path]
+    for i in np.flatnonzero((height < 0) | (x1 > width) | (y1 > height)).tolist():
+        crop, size = crops[i], sizes[paths[i]]
         if isinstance(size, str):
             problems[crop.line] = f"{crop.path}: {size}"
-            continue
-        height, width = size
-        y1 = height if crop.y1 is None else crop.y1
-        if crop.x1 > width or y1 > height:
+        else:
             problems[crop.line] = (
-                f"{crop.path}: region x {crop.x0}..{crop.x1}, y {crop.y0}..{y1} "
-                f"is outside the {width}x{height} (width x height) file"
+                f"{crop.path}: region x {crop.x0}..{crop.x1}, y {crop.y0}..{y1[i]} "
+                f"is outside the {size[1]}x{size[0]} (width x height) file"
             )
     return problems
 
