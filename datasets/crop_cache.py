@@ -14,6 +14,7 @@ so a killed run never leaves a manifest pointing at a half-written array.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable
@@ -73,9 +74,33 @@ def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class RowWriter:
+    """A uint8 (N, C, H, W) .npy file written by rows: `writer[rows] = values` as into a tensor, each call
+    going straight to the file (os.pwrite), so nothing of the array stays in this process's memory (a
+    memory-mapped file kept every page written resident until the end: the peak grew with the data set)."""
+
+    def __init__(self, fd: int, shape: tuple[int, ...]):
+        self.fd, self.shape = fd, shape
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        self.offset, self.row_bytes = header.tell(), int(np.prod(shape[1:]))
+        os.pwrite(fd, header.getvalue(), 0)
+        os.ftruncate(fd, self.offset + self.row_bytes * shape[0])
+
+    def __setitem__(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        order = torch.argsort(rows)
+        rows = rows[order].numpy()
+        data = values.expand(len(rows), *self.shape[1:])[torch.from_numpy(order.numpy())].contiguous().numpy()
+        # One write per run of consecutive rows: a CSV that lists a file's rows together writes once per file.
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for start, end in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
+            os.pwrite(self.fd, data[start:end].tobytes(), self.offset + int(rows[start]) * self.row_bytes)
+
+
 def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[int, int, int],
-          fill: Callable[[torch.Tensor], None]) -> CachedCrops:
-    """Extract the crops (`fill` writes them into the array it is given) into a new cache; return it mapped."""
+          fill: Callable[[torch.Tensor | RowWriter], None]) -> CachedCrops:
+    """Extract the crops (`fill` writes them into the array it is given, by rows) into a new cache; return it
+    mapped."""
     manifest.parent.mkdir(parents=True, exist_ok=True)
     # Stats taken before extraction: a file edited meanwhile makes this cache stale next time, never wrongly fresh.
     sources = _source_stats({crop.path for crop in crops})
@@ -83,9 +108,8 @@ def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[in
     array_path = manifest.with_name(f"{manifest.stem}-{sources_key}.npy")
 
     def write_array(tmp: Path) -> None:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(crops), *shape))
-        fill(torch.from_numpy(array))
-        array.flush()
+        with open(tmp, "wb") as f:
+            fill(RowWriter(f.fileno(), (len(crops), *shape)))
 
     labels, splits = [c.label for c in crops], [c.split for c in crops]
 

@@ -28,6 +28,7 @@ from datasets.base import (
     InMemoryDataset,
     check_fits_in_memory,
     check_image_keys,
+    decode_threads,
     per_channel,
     problem_list,
     split_indices,
@@ -67,13 +68,13 @@ class LazyCrops(Dataset):
         return cut(source, crop, self.height, self.width), self.targets[index]
 
 
-def extract(crops: list[Crop], out: torch.Tensor, desc: str, workers: int | None = None) -> None:
-    """Fill out[i] with crop i, decoding each source file once (rows grouped by file).
+def extract(crops: list[Crop], out: torch.Tensor | crop_cache.RowWriter, desc: str, workers: int | None = None) -> None:
+    """Fill out[i] with crop i, decoding each source file once (rows grouped by file); `out` is a tensor or a
+    cache file written by rows.
 
     A file's boxes are grouped by size and each group is resized in one call (transforms.resize_many: the
     same pixels as cutting them one by one); a grey image is resized as one channel and repeated as it is
-    stored. Files are cut on `workers` threads (default: this process's cores): decoding, copying and resizing
-    all run outside the GIL, and threads start in no time where a process pool took seconds.
+    stored. Files are cut on `workers` threads (default decode_threads()).
     Headers were checked already; a file whose pixels fail to decode (truncated, corrupt) is listed with
     every other such file in one error at the end.
     """
@@ -93,19 +94,15 @@ def extract(crops: list[Crop], out: torch.Tensor, desc: str, workers: int | None
                           for c in (crops[i] for i in rows)], dtype=np.int64).reshape(-1, 4)
         sizes = np.stack([boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]], axis=1)
         unique, group = np.unique(sizes, axis=0, return_inverse=True)
+        block = torch.empty((len(rows), channels, height, width), dtype=torch.uint8)
         for g, (h, w) in enumerate(unique.tolist()):
             members = np.flatnonzero(group.reshape(-1) == g)
-            out[torch.from_numpy(rows[members])] = source.regions(boxes[members, 0], boxes[members, 2], h, w,
-                                                                  height, width)
+            block[torch.from_numpy(members)] = source.regions(boxes[members, 0], boxes[members, 2], h, w,
+                                                              height, width)
+        out[torch.from_numpy(rows)] = block  # one store per file: a cache file gets one write per run of rows
         return None
 
-    if workers is None:
-        # Imported here: importing the training package at module level costs ~0.6 s (TensorBoard, OmegaConf)
-        # to every user of datasets; a run has imported it by the time it builds data.
-        from training.loaders import cores_per_process
-
-        workers = cores_per_process()
-    workers = min(workers, len(by_file))
+    workers = min(workers or decode_threads(), len(by_file))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         done = [pool.submit(cut_file, path, rows) for path, rows in by_file.items()]
         for _ in tqdm(as_completed(done), total=len(done), desc=desc, unit="file", leave=False):
