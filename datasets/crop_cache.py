@@ -88,13 +88,15 @@ class RowWriter:
         os.ftruncate(fd, self.offset + self.row_bytes * shape[0])
 
     def __setitem__(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        order = torch.argsort(rows)
-        rows = rows[order].numpy()
-        data = values.expand(len(rows), *self.shape[1:])[torch.from_numpy(order.numpy())].contiguous().numpy()
+        rows_np = rows.numpy()
+        data = values.expand(len(rows_np), *self.shape[1:]).contiguous().numpy()  # no copy when already whole
+        if np.any(np.diff(rows_np) <= 0):  # out of order: sort (a copy); in order, the data goes out as it is
+            order = np.argsort(rows_np, kind="stable")
+            rows_np, data = rows_np[order], data[order]
         # One write per run of consecutive rows: a CSV that lists a file's rows together writes once per file.
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        for start, end in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
-            os.pwrite(self.fd, data[start:end].tobytes(), self.offset + int(rows[start]) * self.row_bytes)
+        breaks = np.flatnonzero(np.diff(rows_np) != 1) + 1
+        for start, end in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows_np)]):
+            os.pwrite(self.fd, data[start:end], self.offset + int(rows_np[start]) * self.row_bytes)
 
 
 def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[int, int, int],
