@@ -112,7 +112,7 @@ def extract(crops: list[Crop], out: torch.Tensor | crop_cache.RowWriter, desc: s
             out[torch.from_numpy(rows)] = block
         return None
 
-    workers = min(workers or decode_threads(), len(by_file))
+    workers = max(1, min(workers or decode_threads(), len(by_file)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         done = [pool.submit(cut_file, path, rows) for path, rows in by_file.items()]
         for _ in tqdm(as_completed(done), total=len(done), desc=desc, unit="file", leave=False):
