@@ -1,6 +1,9 @@
-"""Peak resident memory of building the crop dataset with cache=memory, in its own process.
+"""Peak resident memory of building the crop dataset with cache=memory (or disk), in its own process.
 
-python -m benchmarks.peak_memory CROPS.csv  ->  prints JSON {"rows", "uint8_bytes", "peak_bytes", "ratio"}
+python -m benchmarks.peak_memory CROPS.csv [--cache disk]  ->  prints JSON {"rows", "uint8_bytes", "peak_bytes", "ratio"}
+
+cache=disk writes a new cache into a temporary folder; its array goes to the file as it is cut, so its peak
+should stay far below the array's size.
 
 The baseline is taken after a warm-up build of the CSV's first rows, so the one-time cost of paging in
 torch's and PIL's code is not counted as data; the peak is the kernel's high-water mark (VmHWM), reset
@@ -9,9 +12,9 @@ just before the measured build.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,25 +28,29 @@ def _status_bytes(key: str) -> int:
     return int(kib) * 1024
 
 
-def _build(csv_path: Path, root: Path):
-    return crops.build(csv=str(csv_path), root=str(root), width=32, height=32, channels=3, cache="memory",
-                       cache_dir=None, val_fraction=0.2, mean=[0.5], std=[0.5], seed=0)
+def _build(csv_path: Path, root: Path, cache: str, cache_dir: Path):
+    return crops.build(csv=str(csv_path), root=str(root), width=32, height=32, channels=3, cache=cache,
+                       cache_dir=str(cache_dir), val_fraction=0.2, mean=[0.5], std=[0.5], seed=0)
 
 
-def main(csv_path: Path) -> dict:
+def main(csv_path: Path, cache: str = "memory") -> dict:
     lines = csv_path.read_text().splitlines(keepends=True)
     with tempfile.TemporaryDirectory() as tmp:
         warmup = Path(tmp) / "warmup.csv"
         warmup.write_text("".join(lines[: WARMUP_ROWS + 1]))
-        _build(warmup, csv_path.parent)
-    baseline = _status_bytes("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    bundle = _build(csv_path, csv_path.parent)
-    peak = _status_bytes("VmHWM") - baseline
+        _build(warmup, csv_path.parent, cache, Path(tmp) / "cache")
+        baseline = _status_bytes("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        bundle = _build(csv_path, csv_path.parent, cache, Path(tmp) / "cache")
+        peak = _status_bytes("VmHWM") - baseline
     uint8_bytes = bundle.train.store.images.numel()
-    return {"rows": len(bundle.train.store), "uint8_bytes": uint8_bytes, "peak_bytes": peak,
+    return {"cache": cache, "rows": len(bundle.train.store), "uint8_bytes": uint8_bytes, "peak_bytes": peak,
             "ratio": peak / uint8_bytes}
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]))))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv", type=Path)
+    parser.add_argument("--cache", choices=("memory", "disk"), default="memory")
+    args = parser.parse_args()
+    print(json.dumps(main(args.csv, args.cache)))

@@ -14,6 +14,7 @@ so a killed run never leaves a manifest pointing at a half-written array.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable
@@ -80,9 +81,35 @@ def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class RowWriter:
+    """A uint8 (N, C, H, W) .npy file written by rows: `writer[rows] = values` as into a tensor, each call
+    going straight to the file (os.pwrite), so nothing of the array stays in this process's memory (a
+    memory-mapped file kept every page written resident until the end: the peak grew with the data set)."""
+
+    def __init__(self, fd: int, shape: tuple[int, ...]):
+        self.fd, self.shape = fd, shape
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        self.offset, self.row_bytes = header.tell(), int(np.prod(shape[1:]))
+        os.pwrite(fd, header.getvalue(), 0)
+        os.ftruncate(fd, self.offset + self.row_bytes * shape[0])
+
+    def __setitem__(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        rows_np = rows.numpy()
+        data = values.expand(len(rows_np), *self.shape[1:]).contiguous().numpy()  # no copy when already whole
+        if np.any(np.diff(rows_np) <= 0):  # out of order: sort (a copy); in order, the data goes out as it is
+            order = np.argsort(rows_np, kind="stable")
+            rows_np, data = rows_np[order], data[order]
+        # One write per run of consecutive rows: a CSV that lists a file's rows together writes once per file.
+        breaks = np.flatnonzero(np.diff(rows_np) != 1) + 1
+        for start, end in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows_np)]):
+            os.pwrite(self.fd, data[start:end], self.offset + int(rows_np[start]) * self.row_bytes)
+
+
 def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[int, int, int],
-          fill: Callable[[torch.Tensor], None], value_range: str | tuple[float, float]) -> CachedCrops:
-    """Extract the crops (`fill` writes them into the array it is given) into a new cache; return it mapped."""
+          fill: Callable[[torch.Tensor | RowWriter], None], value_range: str | tuple[float, float]) -> CachedCrops:
+    """Extract the crops (`fill` writes them into the array it is given, by rows) into a new cache; return it
+    mapped."""
     try:
         manifest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # read-only, or a file in the way
@@ -96,14 +123,10 @@ def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[in
     array_path = manifest.with_name(f"{manifest.stem}-{sources_key}.npy")
 
     def write_array(tmp: Path) -> None:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(crops), *shape))
-        # The new file is sparse: a store through the map into a block the full disk cannot give kills the
-        # process with SIGBUS. Reserving every block first turns a full disk into an ordinary OSError here.
-        if hasattr(os, "posix_fallocate"):
-            with open(tmp, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-        fill(torch.from_numpy(array))
-        array.flush()
+        # Plain writes (os.pwrite), not stores through a memory map: a full disk is an ordinary OSError here,
+        # where a store into a sparse mapped file would kill the process with SIGBUS.
+        with open(tmp, "wb") as f:
+            fill(RowWriter(f.fileno(), (len(crops), *shape)))
 
     labels, splits = [c.label for c in crops], [c.split for c in crops]
 

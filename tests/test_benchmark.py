@@ -27,3 +27,16 @@ def test_smoke_run_measures_every_case_and_target(tmp_path):
     assert report["ratios"]["bf16_vs_fp32"] > 0
     assert report["epoch_seconds"][f"epoch/1200/{throughput.GPU_BATCH}/default"] > 0
     assert report["machine"]["gpu"] is None and report["machine"]["speed"]["precision"] == "fp32"
+
+
+def test_preparation_smoke_run_times_every_case_against_its_targets(tmp_path):
+    from benchmarks import preparation
+
+    out = tmp_path / "prep.json"
+    report = preparation.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report["seconds"]) == {"reference", "reference-grey", "read-csv", "app", "epoch"}
+    assert all(seconds > 0 for seconds in report["seconds"].values())
+    assert set(report["targets"]) == set(preparation.TARGETS)
+    assert report["peak_memory"]["memory"]["rows"] == report["settings"]["rows"]
+    assert report["vs_reference_grey_levels"]["max"] <= 2  # the same boxes as PIL cuts them, not others

@@ -83,6 +83,28 @@ def test_none_and_memory_give_identical_items_after_resize(tmp_path):
         assert a[1].shape == (3, 12, 24)
 
 
+@pytest.mark.parametrize(("cache", "channels"), [("memory", 1), ("memory", 3), ("disk", 3)])
+def test_cached_crops_equal_cutting_each_crop_alone_for_boxes_of_shared_sizes(tmp_path, cache, channels):
+    """cache=memory and disk resize a file's same-size boxes in one batch (grey ones as one channel, 4 to a
+    call), and disk writes them by runs of rows: every pixel must equal the per-crop path cache=none takes,
+    shrinking, enlarging or neither, with the files' rows interleaved in the CSV."""
+    rng = np.random.default_rng(6)
+    files.write_png(tmp_path / "grey.png", files.random_image(rng, 70, 90, channels=1))
+    files.write_png(tmp_path / "rgb.png", files.random_image(rng, 70, 90))
+    rows = []
+    for path in ("grey.png", "rgb.png"):
+        for h, w, count in ((12, 16, 4), (40, 33, 5), (7, 5, 3), (64, 80, 1), (12, 16, 2)):  # 12x16 = no resize
+            for _ in range(count):
+                y0, x0 = int(rng.integers(0, 71 - h)), int(rng.integers(0, 91 - w))
+                rows.append({"path": path, "x0": x0, "y0": y0, "x1": x0 + w, "y1": y0 + h, "label": f"c{len(rows) % 2}"})
+    csv = write_crops(tmp_path / "sizes.csv", [rows[i] for i in rng.permutation(len(rows))])
+    lazy = build(csv, cache="none", channels=channels, width=16, height=12)
+    held = build(csv, cache=cache, channels=channels, width=16, height=12, cache_dir=str(tmp_path / "cache"))
+    for (label_a, a), (label_b, b) in zip(items(lazy), items(held), strict=True):
+        assert label_a == label_b and a.shape == (channels, 12, 16)
+        assert torch.equal(a, b)
+
+
 def test_crop_is_resized_to_width_by_height(box_png):
     csv, scene, boxes = box_png
     bundle = build(csv, width=48, height=24)

@@ -77,3 +77,30 @@ def test_imagefolder_trains_through_the_runner(make_cfg, image_tree):
     metrics = training.run(make_cfg("dataset=imagefolder", f"dataset.root={image_tree}", "loader.batch_size=4",
                                     "loader.mode=dataloader", "loader.num_workers=1"))
     assert 0.0 <= metrics["val/acc"] <= 1.0 and metrics["train/throughput"] > 0
+
+
+def test_threads_decode_a_folder_into_the_same_array_and_errors_as_one_thread(tmp_path):
+    """materialize shares chunks of items out to threads: the array, and the list of files that fail (in
+    index order), are those of one thread."""
+    from datasets.base import MATERIALIZE_CHUNK, materialize
+    from datasets.folders import ImageFolder
+    from datasets.transforms import LoadItem
+
+    rng = np.random.default_rng(7)
+    n = 2 * MATERIALIZE_CHUNK + 10  # three chunks, so two threads both work
+    for i in range(n):
+        files.write_png(tmp_path / "c" / f"{i:03d}.png", files.random_image(rng, 9, 11))
+    for i in (5, MATERIALIZE_CHUNK + 3, n - 2):  # a broken file in each chunk
+        files.write_truncated_png(tmp_path / "c" / f"{i:03d}.png", height=9, width=11, seed=i)
+    folder = ImageFolder(str(tmp_path), loader=LoadItem(8, 8, 3))
+    with pytest.raises(UserError) as one:
+        materialize(folder, (3, 8, 8), "one", workers=1)
+    with pytest.raises(UserError) as two:
+        materialize(folder, (3, 8, 8), "one", workers=2)
+    assert str(one.value) == str(two.value)
+    assert [f"{i:03d}.png" in str(one.value) for i in (5, MATERIALIZE_CHUNK + 3, n - 2)] == [True] * 3
+    for i in (5, MATERIALIZE_CHUNK + 3, n - 2):  # mended: now both must give the same pixels
+        files.write_png(tmp_path / "c" / f"{i:03d}.png", files.random_image(rng, 9, 11))
+    single, threaded = materialize(folder, (3, 8, 8), "one", workers=1), materialize(folder, (3, 8, 8), "two", workers=2)
+    assert torch.equal(single.store.images, threaded.store.images)
+    assert torch.equal(single.store.labels, threaded.store.labels)
