@@ -62,7 +62,7 @@ def test_layout_and_summary_once_per_run_also_after_resume(make_cfg, crop_csv, t
                  "| processes | 1 |", "| outcome | finished |",
                  f"| best.pt | `{first / 'checkpoints' / 'best.pt'}` |"]:
         assert line in text, line
-    assert "| optimiser | SGD (lr=0.01, momentum=0.9, clip_grad_norm=null) |" in text
+    assert "| optimiser | SGD (lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0, clip_grad_norm=null) |" in text
     assert "| val/acc_best |" in text and "| prepared in |" in text
     (second,) = summaries("second")
-    assert "| schedule | CosineAnnealingLR (T_max=1, eta_min=0.0) |" in second["text"]
+    assert "| schedule | CosineAnnealingLR (interval=epoch, T_max=1, eta_min=0.0) |" in second["text"]
