@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from PIL import Image
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from errors import UserError
 
+log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "disk")
 MAX_REPORTED = 20  # problems listed in one error; the rest are counted
@@ -119,17 +125,62 @@ def split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tupl
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def check_fits_in_memory(n_bytes: int, what: str) -> None:
-    """Refuse to hold more than half the available RAM: a clear error beats the OOM killer."""
+def available_memory() -> int | None:
+    """Bytes of RAM free now, or None where the platform does not say."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # not every platform reports it; then trust the user
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def free_disk(folder: Path) -> int:
+    """Bytes free on the file system that holds `folder` (or would: its nearest existing parent)."""
+    folder = Path(folder).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_fits_in_memory(n_bytes: int, what: str, cache_dir: Path | None = None) -> None:
+    """Refuse to hold more than half the available RAM: a clear error beats the OOM killer. With `cache_dir`
+    (crops), say whether dataset.cache=disk would fit there."""
+    available = available_memory()
+    if available is None or n_bytes <= available // 2:  # a platform that does not say: trust the user
         return
-    if n_bytes > available // 2:
-        raise UserError(
-            f"{what} needs {n_bytes / 2**30:.1f} GiB in memory but only {available / 2**30:.1f} GiB is available: "
-            "set dataset.cache=none to read from disk per item"
-        )
+    works = ("dataset.cache=disk (it fits in the free space of dataset.cache_dir) or dataset.cache=none"
+             if cache_dir is not None and n_bytes < free_disk(cache_dir) else "dataset.cache=none to read from disk per item")
+    raise UserError(f"{what} needs {n_bytes / 2**30:.1f} GiB in memory but only {available / 2**30:.1f} GiB is "
+                    f"available: set {works}, or lower dataset.width/height")
+
+
+def check_fits_on_disk(n_bytes: int, folder: Path, what: str) -> None:
+    """Refuse a disk cache larger than the free space, before writing any of it."""
+    free = free_disk(folder)
+    if n_bytes < free:
+        return
+    available = available_memory()
+    works = ("dataset.cache=memory (it fits in RAM) or dataset.cache=none"
+             if available is not None and n_bytes <= available // 2 else "dataset.cache=none to read from disk per item")
+    raise UserError(f"{what} needs {n_bytes / 2**30:.1f} GiB on disk but {folder} has {free / 2**30:.1f} GiB free: "
+                    f"set {works}, point dataset.cache_dir at a larger disk, or lower dataset.width/height")
+
+
+def limit_image_pixels(max_pixels: int) -> None:
+    """Refuse images of more than `max_pixels` pixels when their header is read, before decoding: a tiny
+    PNG can claim 12000x12000 and decode to ~430 MB. PIL only warns above Image.MAX_IMAGE_PIXELS and refuses
+    above twice it; half the limit (a float, so that twice it is exact) makes the refusal start at the limit."""
+    if max_pixels < 1:
+        raise UserError(f"max_image_pixels must be a positive number of pixels, got {max_pixels}")
+    Image.MAX_IMAGE_PIXELS = max_pixels / 2
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # below the limit: fine
+
+
+def decode_problem(error: Exception) -> str:
+    """A decode error as one line; an image over the pixel limit says which key raises it."""
+    if isinstance(error, Image.DecompressionBombError):
+        return (f"it has more than max_image_pixels={int(2 * Image.MAX_IMAGE_PIXELS)} pixels (a decompression "
+                "bomb?): if the file is trusted, raise max_image_pixels=N on the command line")
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def materialize(dataset: Dataset, shape: tuple[int, int, int], desc: str) -> InMemoryDataset:
@@ -149,3 +200,47 @@ def materialize(dataset: Dataset, shape: tuple[int, int, int], desc: str) -> InM
         raise UserError(f"{desc}: {len(problems)} item(s) cannot be loaded; replace or remove them:"
                         + problem_list(problems))
     return InMemoryDataset(ArrayStore(images, labels))
+
+
+def targets(dataset: Dataset) -> list[int] | None:
+    """Every item's class index without decoding anything, for the kinds of data set the families build;
+    None for another kind."""
+    if isinstance(dataset, InMemoryDataset):
+        return dataset.store.labels[dataset.indices].tolist()
+    if isinstance(dataset, Subset):
+        base = targets(dataset.dataset)
+        return None if base is None else [base[i] for i in dataset.indices]
+    found = getattr(dataset, "targets", None)
+    return list(found) if found is not None else None
+
+
+def check_class_coverage(bundle: DataBundle) -> None:
+    """A training split with a single class teaches nothing (its loss is zero from the start): an error. A
+    class with validation items but no training items can never be predicted: a warning naming it."""
+    train, val = targets(bundle.train), targets(bundle.val)
+    if train is None:
+        return
+    present = set(train)
+    if len(present) < 2:
+        names = [bundle.classes[i] for i in sorted(present)]
+        raise UserError(f"the training split holds only class {names} of {bundle.classes}: a classifier needs "
+                        "training items of at least two classes; add them, or check the split column / train/ folder")
+    missing = sorted({bundle.classes[i] for i in set(val or []) - present})
+    if missing:
+        log.warning("class(es) %s have validation items but no training items: the model cannot learn them, and "
+                    "their validation accuracy will be 0; give them training rows or files", missing)
+
+
+def outside_root(paths: Sequence[str], root: Path) -> list[str]:
+    """The paths that resolve outside `root` (through a symlinked file or folder). Each folder is resolved
+    once and only symlinked files on their own: resolving every path costs ~60 us a file."""
+    resolved_root = root.resolve()
+    inside: dict[str, bool] = {}
+    escaped = []
+    for path in paths:
+        folder = os.path.dirname(path)
+        if folder not in inside:
+            inside[folder] = Path(folder).resolve().is_relative_to(resolved_root)
+        if not inside[folder] or (os.path.islink(path) and not Path(path).resolve().is_relative_to(resolved_root)):
+            escaped.append(path)
+    return escaped

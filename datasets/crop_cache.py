@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datasets.base import check_fits_on_disk
 from datasets.crop_csv import Crop
+from errors import UserError
 
 FORMAT = 3  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
 
@@ -76,7 +78,13 @@ def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
 def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[int, int, int],
           fill: Callable[[torch.Tensor], None]) -> CachedCrops:
     """Extract the crops (`fill` writes them into the array it is given) into a new cache; return it mapped."""
-    manifest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only, or a file in the way
+        raise UserError(f"dataset.cache_dir {manifest.parent}: cannot create it ({e.strerror or e}): point "
+                        "dataset.cache_dir at a writable folder, or set dataset.cache=memory") from None
+    # The size is known before any crop is decoded: refuse what cannot fit rather than fill the disk.
+    check_fits_on_disk(len(crops) * int(np.prod(shape)), manifest.parent, f"the crop cache at {'x'.join(map(str, shape))}")
     # Stats taken before extraction: a file edited meanwhile makes this cache stale next time, never wrongly fresh.
     sources = _source_stats({crop.path for crop in crops})
     sources_key = hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:12]
@@ -84,6 +92,11 @@ def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[in
 
     def write_array(tmp: Path) -> None:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(crops), *shape))
+        # The new file is sparse: a store through the map into a block the full disk cannot give kills the
+        # process with SIGBUS. Reserving every block first turns a full disk into an ordinary OSError here.
+        if hasattr(os, "posix_fallocate"):
+            with open(tmp, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         fill(torch.from_numpy(array))
         array.flush()
 
@@ -94,8 +107,12 @@ def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[in
                                    "skipped": skipped}))
 
     previous = _previous_array(manifest)
-    _replace_atomically(array_path, write_array)
-    _replace_atomically(manifest, write_manifest)
+    try:
+        _replace_atomically(array_path, write_array)  # the temp file goes on any error, this one included
+        _replace_atomically(manifest, write_manifest)
+    except OSError as e:
+        raise UserError(f"dataset.cache_dir {manifest.parent}: cannot write the crop cache ({e.strerror or e}): free "
+                        "space there, point dataset.cache_dir at another folder, or set dataset.cache=memory") from None
     if previous is not None and previous != array_path:
         previous.unlink(missing_ok=True)  # the stale array of the same CSV; runs mapping it keep their copy
     return CachedCrops(torch.from_numpy(np.load(array_path, mmap_mode="c")), labels, splits, skipped)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.base import problem_list
+from datasets.base import decode_problem, problem_list
 from datasets.transforms import DECODE_ERRORS, image_size
 from errors import UserError
 
@@ -95,6 +95,9 @@ class _Paths:
 def _parse_row(record: dict[str, str], form: tuple[str, ...], line: int, paths: _Paths) -> Crop:
     """Rows of one class share one label string, and rows of one file one Path, not copies."""
     text = {k: (record.get(k) or "").strip() for k in (*form, "split")}
+    if any(c in (record.get("path") or "") for c in "\r\n\t\0"):
+        # Not trimmed silently: 'a.png\n' names another file than 'a.png' would on disk.
+        raise ValueError(f"path {record['path']!r} holds a line break or control character: remove it from the CSV")
     if not text["path"]:
         raise ValueError("path is blank")
     if not text["label"] or text["label"].lower() == "nan":
@@ -121,6 +124,17 @@ def require_csv(csv_path: str | Path) -> Path:
     return csv_path
 
 
+def _require_utf8(csv_path: Path) -> None:
+    """Name the first line that is not UTF-8 (decoding while parsing knows only its buffer, not the line)."""
+    data = csv_path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{csv_path}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x}): the crop CSV must be "
+                        "saved as UTF-8 (in a spreadsheet: CSV UTF-8)") from None
+
+
 def read_crops(
     csv_path: str | Path,
     root: str | Path | None = None,
@@ -137,6 +151,7 @@ def read_crops(
     root = Path(root) if root is not None else csv_path.parent
     if not root.is_dir():
         raise UserError(f"dataset.root: folder not found: {root.resolve()}")
+    _require_utf8(csv_path)
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
@@ -147,7 +162,7 @@ def read_crops(
             try:
                 parsed.append(_parse_row(record, form, reader.line_num, paths))
             except ValueError as e:
-                problems[reader.line_num] = f"{record.get('path') or ''}: {e}"
+                problems[reader.line_num] = f"{(record.get('path') or '').strip()}: {e}"
     problems.update(_check_files(parsed))
     crops = [crop for crop in parsed if crop.line not in problems]
     bad = [f"line {line}: {problem}" for line, problem in sorted(problems.items())]
@@ -173,7 +188,7 @@ def _check_files(crops: Iterable[Crop]) -> dict[int, str]:
             except FileNotFoundError:
                 sizes[crop.path] = "file not found"
             except (*DECODE_ERRORS, UserError) as e:
-                sizes[crop.path] = f"unreadable ({e})"
+                sizes[crop.path] = f"unreadable ({decode_problem(e)})"
         size = sizes[crop.path]
         if isinstance(size, str):
             problems[crop.line] = f"{crop.path}: {size}"

@@ -10,6 +10,7 @@ Cache modes (the lesson behind this project: decoding from disk per item starves
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -91,10 +92,14 @@ def extract(crops: list[Crop], out: torch.Tensor, desc: str) -> None:
                         + problem_list(unreadable))
 
 
+INTEGER_LABEL = re.compile(r"-?[0-9]+")
+
+
 def _classes(labels: list[str]) -> list[str]:
     """Sorted class names; integer labels sort as numbers so '10' comes after '2'."""
     unique = set(labels)
-    if all(label.lstrip("-").isdigit() for label in unique):
+    # ASCII digits only: str.isdigit() accepts '²' and lstrip('-') accepts '--5', which int() then refuses.
+    if all(INTEGER_LABEL.fullmatch(label) for label in unique):
         return sorted(unique, key=int)
     return sorted(unique)
 
@@ -153,7 +158,8 @@ def build(
         crops, skipped = read_crops(csv_path, root, *rows)
         labels, splits = [c.label for c in crops], [c.split for c in crops]
         if cache == "memory":
-            check_fits_in_memory(len(crops) * int(np.prod(shape)), f"{csv_path} at {width}x{height}x{channels}")
+            check_fits_in_memory(len(crops) * int(np.prod(shape)), f"{csv_path} at {width}x{height}x{channels}",
+                                 Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
             images = torch.empty((len(crops), *shape), dtype=torch.uint8)
             extract(crops, images, desc="decoding crops")
     classes = _classes(labels)

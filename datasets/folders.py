@@ -14,7 +14,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv
 from tqdm import tqdm
 
-from datasets.base import DataBundle, check_image_keys, materialize, per_channel, problem_list, split_indices
+from datasets.base import (DataBundle, check_image_keys, materialize, outside_root, per_channel, problem_list,
+                           split_indices)
 from datasets.transforms import DECODE_ERRORS, LoadItem
 from errors import UserError
 
@@ -70,7 +71,8 @@ def verify_files(folders: list[tv.DatasetFolder]) -> None:
                         + problem_list(problems))
 
 
-def _build(make, root, width, height, channels, cache, val_fraction, mean, std, seed, verify, hflip) -> DataBundle:
+def _build(make, root, width, height, channels, cache, val_fraction, mean, std, seed, verify, hflip,
+           allow_outside_root) -> DataBundle:
     check_image_keys(width, height, channels, val_fraction)
     if cache not in FOLDER_CACHE_MODES:
         raise UserError(f"dataset.cache must be one of {', '.join(FOLDER_CACHE_MODES)} for folders, got {cache!r}")
@@ -90,6 +92,11 @@ def _build(make, root, width, height, channels, cache, val_fraction, mean, std, 
         train_idx, val_idx = split_indices(full.targets, val_fraction, seed)
         train_set, val_set, classes = Subset(full, train_idx), Subset(full, val_idx), full.classes
         folders = [full]
+    if not allow_outside_root:  # as for crop CSVs: a folder from elsewhere must not make the trainer read any file
+        escaped = outside_root([path for folder in folders for path, _ in folder.samples], root)
+        if escaped:
+            raise UserError(f"dataset.root {root}: {len(escaped)} file(s) resolve outside it through symlinks; move "
+                            "them under dataset.root or set dataset.allow_outside_root=true:" + problem_list(escaped))
     if verify and cache != "memory":  # cache=memory decodes every file up front anyway and lists the failures
         verify_files(folders)
     shape = (channels, height, width)
@@ -108,15 +115,15 @@ def _build(make, root, width, height, channels, cache, val_fraction, mean, std, 
 
 
 def build_imagefolder(root, width, height, channels, cache, val_fraction, mean, std, seed, verify=False,
-                      hflip=False) -> DataBundle:
+                      hflip=False, allow_outside_root=False) -> DataBundle:
     load = LoadItem(height, width, channels)
     return _build(lambda d: ImageFolder(d, loader=load), root, width, height, channels, cache, val_fraction,
-                  mean, std, seed, verify, hflip)
+                  mean, std, seed, verify, hflip, allow_outside_root)
 
 
 def build_datasetfolder(root, extensions, width, height, channels, cache, val_fraction, mean, std, seed,
-                        verify=False, hflip=False) -> DataBundle:
+                        verify=False, hflip=False, allow_outside_root=False) -> DataBundle:
     load = LoadItem(height, width, channels)
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in extensions)
     return _build(lambda d: DatasetFolder(d, loader=load, extensions=extensions), root, width, height, channels,
-                  cache, val_fraction, mean, std, seed, verify, hflip)
+                  cache, val_fraction, mean, std, seed, verify, hflip, allow_outside_root)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from datasets.base import available_memory
 from errors import UserError
 
 KERNEL = 5
@@ -37,10 +38,19 @@ class TutorialCNN(nn.Module):
                 f"input {width}x{height} (width x height) is too small for the tutorial CNN: "
                 f"dataset.width and dataset.height must each be at least {smallest}"
             )
+        flat = 16 * _after_features(height) * _after_features(width)
+        weight_bytes = 4 * 120 * flat  # fc1's float32 weights, nearly all of the model at large inputs
+        available = available_memory()
+        if available is not None and weight_bytes > available // 2:
+            raise UserError(
+                f"input {width}x{height} (width x height) gives the tutorial CNN {weight_bytes / 2**30:.1f} GiB of "
+                f"weights, more than half the {available / 2**30:.1f} GiB of memory available: lower dataset.width "
+                "and dataset.height"
+            )
         self.conv1 = nn.Conv2d(in_channels, 6, KERNEL)
         self.pool = nn.MaxPool2d(POOL, POOL)
         self.conv2 = nn.Conv2d(6, 16, KERNEL)
-        self.fc1 = nn.Linear(16 * _after_features(height) * _after_features(width), 120)
+        self.fc1 = nn.Linear(flat, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
 

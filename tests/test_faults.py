@@ -134,6 +134,28 @@ def test_a_run_never_writes_into_another_runs_dir(make_cfg, crop_csv, tmp_path):
     assert (run_dir / "metrics.json").read_bytes() == before
 
 
+def test_train_py_refuses_a_used_run_dir_before_writing_anything_there(make_cfg, crop_csv, tmp_path):
+    """Hydra writes .hydra/*.yaml and train.log into hydra.run.dir before the task runs: the refusal comes
+    from its on_run_start callback, and every byte of the old run stays as it was."""
+    old = tmp_path / "old"
+    training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=old))
+    (old / ".hydra").mkdir()
+    (old / ".hydra" / "config.yaml").write_text("the old run's config\n")
+
+    def snapshot() -> dict:
+        return {str(p.relative_to(old)): p.read_bytes() if p.is_file() else None for p in sorted(old.rglob("*"))}
+
+    before = snapshot()
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), f"dataset.csv={crop_csv}", f"hydra.run.dir={old}",
+                             "trainer.device=cpu"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"Error: {old} already holds another run: a run never writes into another's folder; pick a new "
+        f"hydra.run.dir, or continue it with resume={old / 'checkpoints' / 'last.pt'}"]
+    assert snapshot() == before
+
+
 def test_resume_appends_to_the_log_and_events(make_cfg, crop_csv, tmp_path):
     run_dir = tmp_path / "run"
     training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=run_dir))

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from datasets.base import DataBundle
+from datasets.base import DataBundle, check_class_coverage
 from errors import UserError
 
 
@@ -65,6 +65,7 @@ def build_data(dataset_cfg: DictConfig, loader_cfg: DictConfig, seed: int, devic
                world_size: int = 1) -> Data:
     """The data and its loaders; under DDP each rank's loaders yield that rank's shard."""
     bundle: DataBundle = _instantiate(dataset_cfg, seed=seed)
+    check_class_coverage(bundle)
     make_loader = _instantiate(loader_cfg)  # a partial: the data set, device and seed are known only here
     return Data(
         bundle=bundle,

@@ -1,7 +1,10 @@
 """Checkpoints: what one holds, an atomic save, a safe load, and the RNG states that make a resume exact.
 
 A checkpoint is a dict of tensors and plain Python values only, so `torch.load(path, weights_only=True)`
-reads it: no pickled classes, no numpy arrays, the config as plain containers.
+reads it: no pickled classes, no numpy arrays, the config as plain containers. Besides KEYS, a checkpoint
+records `choices`, the shipped config group each part of its config came from: a resume or evaluate.py
+rebuilds the config from those (training/saved_config.py), never from the stored `_target_`s. Checkpoints
+saved before `choices` existed are read too: their choices are looked up from their targets.
 """
 
 from __future__ import annotations
@@ -66,14 +69,19 @@ def _tuples(value):
 def save(checkpoint: dict, path: Path) -> None:
     """Write to a temp file in the same folder, flush it to disk, then rename over `path`: a crash or a
     failed write leaves the previous checkpoint whole, never a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder (torch wraps some in RuntimeError)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        kept = "the previous one is kept" if path.exists() else "no checkpoint was saved"
+        raise UserError(f"cannot save {path} ({reason}); {kept}: free space there or make the run folder "
+                        "writable, then continue with resume=") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -85,8 +93,13 @@ def load(path: str | Path, key: str) -> dict:
         raise UserError(f"{key}: checkpoint not found: {path.resolve()}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise UserError(f"{key}: {path} is not a checkpoint this trainer can read ({e}); "
+    except pickle.UnpicklingError:  # torch's own message is seven lines, about trusting the file
+        raise UserError(f"{key}: {path} is not a checkpoint this trainer can read: it holds pickled Python objects "
+                        "(which could run code), refused unread; point it at checkpoints/last.pt or best.pt of a run"
+                        ) from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated, or not a torch file at all
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{key}: {path} is not a checkpoint this trainer can read ({reason}); "
                         "point it at checkpoints/last.pt or best.pt of a run") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or set(KEYS) - set(checkpoint):
         raise UserError(f"{key}: {path} is not a checkpoint of this trainer (format {FORMAT}); "
@@ -116,7 +129,7 @@ class TrainingState:
     loader: object  # the training loader: its seed and epoch
     bundle: DataBundle
 
-    def snapshot(self, position: Position, metrics: dict, config: dict) -> dict:
+    def snapshot(self, position: Position, metrics: dict, config: dict, choices: dict) -> dict:
         return {
             "format": FORMAT,
             "epoch": position.epoch,  # a resume starts at this epoch index...
@@ -134,12 +147,13 @@ class TrainingState:
             "normalization": {"mean": list(self.bundle.mean), "std": list(self.bundle.std)},
             "metrics": metrics,
             "config": config,
+            "choices": choices,  # the shipped config groups a resume or evaluate.py rebuilds from
         }
 
-    def restore(self, checkpoint: dict) -> Position:
+    def restore(self, checkpoint: dict, source: str) -> Position:
         """Load every state saved by `snapshot`; the RNG streams last, so that building the model (which draws
         initial weights) before this call does not shift them."""
-        unwrap(self.model).load_state_dict(checkpoint["model"])
+        load_weights(unwrap(self.model), checkpoint, source)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -147,3 +161,16 @@ class TrainingState:
         self.loader.load_state_dict(checkpoint["loader"])
         restore_rng(checkpoint["rng"])
         return Position(checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"])
+
+
+def load_weights(model: nn.Module, checkpoint: dict, source: str) -> None:
+    """The checkpoint's weights into a model built from its config, classes and input shape; weights of
+    other shapes (an edited class list, a tampered file) are one line naming the first mismatch, not torch's
+    block listing every tensor. `source` names the file for messages ("checkpoint=PATH")."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
+        raise UserError(f"{source}: its weights do not fit the model for its {len(checkpoint['classes'])} classes "
+                        f"and input {tuple(checkpoint['input_shape'])} (C, H, W) ({detail}): the file was edited or "
+                        "is damaged; use the checkpoint as the run saved it") from None

@@ -11,12 +11,14 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
+from datasets.base import decode_problem, limit_image_pixels
 from datasets.transforms import DECODE_ERRORS, LoadItem
 from errors import UserError
 from training import checkpoint as checkpoints
+from training import saved_config
 from training.build import build_data, build_model, require_keys, resolve_device
 from training.loop import Normalizer, evaluate
 from training.logger import run_log
@@ -27,14 +29,16 @@ log = logging.getLogger(__name__)
 def run_evaluation(cfg: DictConfig) -> dict:
     """Score the checkpoint (eval.json) or, with `predict` files, classify them (predictions.json)."""
     require_keys(cfg)
+    limit_image_pixels(cfg.max_image_pixels)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_log(run_dir):
         checkpoint = checkpoints.load(cfg.checkpoint, "checkpoint")
         device = resolve_device(cfg.device, "device")
-        saved = OmegaConf.create(checkpoint["config"])
+        # Rebuilt from the shipped config groups: a checkpoint's config may not choose what code runs.
+        saved = saved_config.rebuild(checkpoint["config"], checkpoint.get("choices"), f"checkpoint={cfg.checkpoint}")
         model = build_model(saved.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"]), device)
-        model.load_state_dict(checkpoint["model"])
+        checkpoints.load_weights(model, checkpoint, f"checkpoint={cfg.checkpoint}")
         model.eval()
         # The model learnt with the checkpoint's normalisation, whatever data it now sees.
         normalize = Normalizer(checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"], device)
@@ -90,7 +94,7 @@ def predict(model: nn.Module, normalize: Normalizer, checkpoint: dict, paths: li
         try:
             image = load(str(path))
         except DECODE_ERRORS as e:
-            raise UserError(f"predict: cannot read {path} as an image or .npy array ({e})") from None
+            raise UserError(f"predict: cannot read {path} as an image or .npy array ({decode_problem(e)})") from None
         probabilities = torch.softmax(model(normalize(image.unsqueeze(0).to(device))), dim=1)[0].cpu()
         best = int(probabilities.argmax())
         predictions.append({"file": str(path), "class": checkpoint["classes"][best],

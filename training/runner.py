@@ -23,10 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from datasets.base import DataBundle
+from datasets.base import DataBundle, limit_image_pixels
 from errors import UserError
 from training import checkpoint as checkpoints
 from training import distributed
+from training import run_folder, saved_config
 from training import speed as speeds
 from training.build import Data, build_data, build_model, build_optimizer, require_keys, resolve_device
 from training.loaders import cores_per_process
@@ -35,9 +36,9 @@ from training.loop import NonFiniteLoss, Normalizer, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = run_folder.CHECKPOINT_DIR
 # What a resumed run takes from its own command line; everything else comes from the checkpoint.
-FROM_COMMAND_LINE = ("resume", "trainer.epochs", "trainer.device", "trainer.progress")
+FROM_COMMAND_LINE = ("resume", "trainer.epochs", "trainer.device", "trainer.progress", "max_image_pixels")
 
 
 def seed_everything(seed: int) -> None:
@@ -102,6 +103,7 @@ def run(cfg: DictConfig) -> dict:
     if checkpoint is not None:
         cfg = _resumed_config(checkpoint, cfg)
     require_keys(cfg)
+    limit_image_pixels(cfg.max_image_pixels)
     if cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs must be at least 1, got {cfg.trainer.epochs}")
     if not 0 <= cfg.trainer.seed < 2**32:  # numpy's seeding range
@@ -116,11 +118,8 @@ def run(cfg: DictConfig) -> dict:
         run_dir = Path(distributed.from_main(str(cfg.run_dir)))  # every rank's Hydra made its own; rank 0's wins
         if not process.is_main:
             return _run(cfg, run_dir, checkpoint, process, device)
-        resuming_here = (checkpoint is not None
-                         and Path(cfg.resume).resolve().parent == (run_dir / CHECKPOINT_DIR).resolve())
-        if not resuming_here and any((run_dir / name).exists() for name in ("metrics.json", CHECKPOINT_DIR)):
-            raise UserError(f"{run_dir} already holds another run: a run never writes into another's folder; pick a "
-                            f"new hydra.run.dir, or continue it with resume={run_dir / CHECKPOINT_DIR / 'last.pt'}")
+        # train.py's Hydra callback checked before Hydra wrote there; tests and sweeps come here directly.
+        run_folder.refuse_used(run_dir, cfg.resume if checkpoint is not None else None)
         run_dir.mkdir(parents=True, exist_ok=True)
         with run_log(run_dir):
             return _run(cfg, run_dir, checkpoint, process, device)
@@ -135,7 +134,8 @@ def _resumed_config(checkpoint: dict, cfg: DictConfig) -> DictConfig:
     if checkpoint["epoch"] >= cfg.trainer.epochs:
         raise UserError(f"resume={cfg.resume} has already trained {checkpoint['epoch']} epochs: "
                         f"set trainer.epochs above {checkpoint['epoch']} to train further")
-    resumed = OmegaConf.create(checkpoint["config"])
+    # Rebuilt from the shipped config groups: a checkpoint's config may not choose what code runs.
+    resumed = saved_config.rebuild(checkpoint["config"], checkpoint.get("choices"), f"resume={cfg.resume}")
     for key in FROM_COMMAND_LINE:
         OmegaConf.update(resumed, key, OmegaConf.select(cfg, key))
     path = Path(cfg.resume).resolve()
@@ -175,7 +175,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     position, best_acc = checkpoints.Position(), -1.0
     if checkpoint is not None:
         _check_classes(checkpoint, cfg, bundle)
-        position = state.restore(checkpoint)
+        position = state.restore(checkpoint, f"resume={cfg.resume}")
         best_acc = checkpoint["metrics"]["val/acc_best"]
         log.info("resuming %s after epoch %d (step %d) in %s with its config; from this command: %s", cfg.resume,
                  position.epoch, position.step, run_dir,
@@ -198,7 +198,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
     last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
     try:
-        loop = EpochLoop(cfg, run_dir, data, state, normalize, logger, config, process, device)
+        loop = EpochLoop(cfg, run_dir, data, state, normalize, logger, config, saved_config.choices(cfg), process,
+                         device)
         last_val = loop.run(position, best_acc, last_val)
         logger.hparams(config)
     finally:
@@ -248,6 +249,7 @@ class EpochLoop:
     normalize: Normalizer
     logger: RunLogger
     config: dict  # the resolved config, saved in every checkpoint
+    choices: dict  # the shipped config groups it came from, saved beside it
     process: distributed.Process
     device: torch.device
 
@@ -322,7 +324,7 @@ class EpochLoop:
         """last.pt (and best.pt when validation improved), written by the main process only."""
         if not self.process.is_main:
             return
-        snapshot = self.state.snapshot(position, metrics, self.config)
+        snapshot = self.state.snapshot(position, metrics, self.config, self.choices)
         checkpoints.save(snapshot, self._path("last.pt"))
         if best:
             checkpoints.save(snapshot, self._path("best.pt"))

@@ -47,6 +47,7 @@ class ImageFolderSchema:
     mean: List[float]
     std: List[float]
     verify: bool
+    allow_outside_root: bool
     hflip: bool
 
 
@@ -63,6 +64,7 @@ class DatasetFolderSchema:
     mean: List[float]
     std: List[float]
     verify: bool
+    allow_outside_root: bool
     hflip: bool
 
 
@@ -136,6 +138,7 @@ class TrainerSchema:
 class TrainSchema:
     run_dir: str
     resume: Optional[str]
+    max_image_pixels: int
 
 
 @dataclass
@@ -143,6 +146,7 @@ class EvaluateSchema:
     checkpoint: str
     device: str
     predict: List[str]
+    max_image_pixels: int
     run_dir: str
 
 

@@ -1,0 +1,50 @@
+"""A run never writes into another run's folder: the check, and the Hydra callback that makes it before Hydra
+itself writes there.
+
+train.py's Hydra saves .hydra/config.yaml, hydra.yaml, overrides.yaml and opens train.log in the run folder
+before the task (and the callbacks' on_job_start) runs, so a check in the runner alone comes too late:
+`hydra.run.dir=outputs/OLD` would be refused only after OLD's files were rewritten. Hydra calls
+on_run_start before any of that; the runner keeps the same check for callers without Hydra's run mode
+(tests, sweeps, other scripts).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+# What a finished or checkpointed run leaves in its folder.
+RUN_MARKERS = ("metrics.json", CHECKPOINT_DIR)
+
+
+def refuse_used(run_dir: Path, resume: str | None) -> None:
+    """UserError when run_dir already holds a run, unless `resume` continues that very run."""
+    if resume and Path(resume).resolve().parent == (run_dir / CHECKPOINT_DIR).resolve():
+        return
+    if any((run_dir / name).exists() for name in RUN_MARKERS):
+        raise UserError(f"{run_dir} already holds another run: a run never writes into another's folder; pick a "
+                        f"new hydra.run.dir, or continue it with resume={run_dir / CHECKPOINT_DIR / 'last.pt'}")
+
+
+class RefuseUsedRunDir(Callback):
+    """configs/train.yaml's hydra.callbacks: refuse a used hydra.run.dir before Hydra writes anything there."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        HydraConfig.instance().set_config(config)  # for ${hydra:...} in hydra.run.dir, as run_job does next
+        try:
+            refuse_used(Path(str(OmegaConf.select(config, "hydra.run.dir"))), OmegaConf.select(config, "resume"))
+        except UserError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            # One line, as train.py reports a UserError; Hydra's logging is not set up yet, and a callback's
+            # exception would print Hydra's own multi-line report.
+            print(f"Error: {e}", file=sys.stderr)
+            sys.exit(1)
