@@ -3,8 +3,10 @@
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import training
 from errors import UserError
 from models.cnn import TutorialCNN
+from tests import files
 from training import checkpoint as checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,3 +145,42 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     torch.manual_seed(1)
     checkpoints.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(()).item(), np.random.randn()) == expected
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_resumes_from_its_mid_epoch_checkpoint_bitwise_equal(make_cfg, tmp_path):
+    """SIGKILL (the OOM killer, a preempted machine) runs no handler: only what checkpoint_every saved survives.
+    cache=none decodes a 256x256 noise PNG per crop, so an epoch lasts long enough to kill inside it."""
+    csv_path = files.write_noise_crops(tmp_path / "noise", sources=4, size=256, boxes=30)
+    overrides = [f"dataset.csv={csv_path}", "dataset.cache=none", "loader.mode=dataloader", "loader.num_workers=0",
+                 "loader.batch_size=2", "trainer.checkpoint_every=2"]  # 96 training crops: 48 steps an epoch
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one torch thread, as the in-process runs below (conftest)
+    killed = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides, "trainer.epochs=1", "trainer.progress=false",
+         "trainer.device=cpu", "hydra.run.dir=killed"], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killed.kill()  # SIGKILL
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 0 and 0 < saved["batches_done"] < 48 and saved["step"] % 2 == 0
+    assert [p.name for p in last.parent.iterdir()] == ["last.pt"]  # no temp file, no best.pt before validation
+
+    training.run(make_cfg(f"resume={last}", "trainer.epochs=1"))
+    training.run(make_cfg(*overrides, "trainer.epochs=1", run_dir=tmp_path / "unbroken"))
+    resumed = torch.load(last, weights_only=True)
+    unbroken = torch.load(tmp_path / "unbroken" / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["step"] == unbroken["step"] == 48
+    for name, tensor in unbroken["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    for index, state in unbroken["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert torch.equal(resumed["rng"]["torch"], unbroken["rng"]["torch"])
+
+
+def test_checkpoint_every_below_one_is_a_user_error(crop_run):
+    with pytest.raises(UserError, match="trainer.checkpoint_every must be .* at least 1"):
+        training.run(crop_run("zero", "trainer.checkpoint_every=0"))

@@ -99,6 +99,7 @@ class RunLogger:
                 self.bar = None
 
     def step(self) -> None:
+        """One more batch done: the progress bar moves."""
         if self.bar is not None:
             self.bar.update()
 

@@ -106,6 +106,9 @@ def run(cfg: DictConfig) -> dict:
     limit_image_pixels(cfg.max_image_pixels)
     if cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs must be at least 1, got {cfg.trainer.epochs}")
+    if cfg.trainer.checkpoint_every is not None and cfg.trainer.checkpoint_every < 1:
+        raise UserError(f"trainer.checkpoint_every must be a number of optimizer steps of at least 1 (or null for "
+                        f"epoch ends only), got {cfg.trainer.checkpoint_every}")
     if not 0 <= cfg.trainer.seed < 2**32:  # numpy's seeding range
         raise UserError(f"trainer.seed must be between 0 and 2**32 - 1, got {cfg.trainer.seed}")
     process = distributed.from_environment()
@@ -259,6 +262,7 @@ class EpochLoop:
         # Warm-up is per process (a resumed run warms up again), and never a whole epoch: every epoch is timed.
         warmup_until = position.step + min(trainer.warmup_steps, max(len(loader) - 1, 0))
         stop = StopRequest(self.device, trainer.log_every)
+        every = trainer.checkpoint_every  # optimizer steps between mid-epoch saves of last.pt; None: epoch ends only
         with torch_threads(loader.num_workers), stop.installed():
             self._first_batch(position)
             for epoch in range(position.epoch, trainer.epochs):
@@ -266,11 +270,22 @@ class EpochLoop:
                 loader.set_epoch(epoch, skip)
                 lr = self.state.optimizer.param_groups[0]["lr"]
                 epoch_started = time.perf_counter()
+                start = position.step
+
+                def step_done(step: int) -> None:
+                    self.logger.step()
+                    batches_done = skip + step - start
+                    # Every rank counts the same steps, so all agree on when; only rank 0 writes. An epoch's last
+                    # step is left to the end-of-epoch save that follows its validation.
+                    if every and step % every == 0 and batches_done < len(loader):
+                        self._save(checkpoints.Position(epoch, batches_done, step), last_val, best=False)
+
                 with self.logger.epoch_bar(len(loader), f"epoch {epoch + 1}/{trainer.epochs}"):
-                    stats = train_one_epoch(self.state.model, self.state.optimizer, loader, self.normalize,
-                                            self.device, position.step, warmup_until, trainer.log_every,
-                                            self.logger.window, self.logger.step, self.cfg.optim.get("clip_grad_norm"),
-                                            stop, self.state.amp)
+                    stats = train_one_epoch(
+                        self.state.model, self.state.optimizer, loader, self.normalize, self.device,
+                        start_step=position.step, warmup_steps=warmup_until, log_every=trainer.log_every,
+                        on_window=self.logger.window, on_step=step_done,
+                        clip_grad_norm=self.cfg.optim.get("clip_grad_norm"), should_stop=stop, amp=self.state.amp)
                 epoch_seconds = time.perf_counter() - epoch_started
                 position = checkpoints.Position(epoch, skip + stats.steps, position.step + stats.steps)
                 if stats.interrupted:

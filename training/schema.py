@@ -132,6 +132,7 @@ class TrainerSchema:
     channels_last: Any  # auto, true or false: checked by training/speed.py
     compile: Any  # likewise
     deterministic: bool
+    checkpoint_every: Optional[int]
 
 
 @dataclass
