@@ -163,3 +163,26 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(build_crops, m
         run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'run/checkpoints/last.pt'}",
                                      f"predict=[{tmp_path / 'big.png'}]", "max_image_pixels=1000000"))
     limit_image_pixels(89478485)
+
+
+def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_keeps_the_previous(tmp_path, file_size_limit):
+    from training import run_folder
+
+    path = tmp_path / "metrics.json"
+    run_folder.write_text(path, "{}")
+    file_size_limit(1000)
+    with pytest.raises(UserError, match=r"cannot write .*metrics.json \(File too large\); the previous one is kept"):
+        run_folder.write_text(path, "x" * 5000)
+    assert path.read_text() == "{}" and list(tmp_path.iterdir()) == [path]  # whole, and no temp file left
+
+
+def test_tensorboard_events_that_cannot_be_written_are_one_line(make_cfg, crop_csv, tmp_path, file_size_limit,
+                                                               capfd):
+    """The first batch's image alone takes the event file past 20 kB; config.yaml and train.log stay below."""
+    import training
+
+    file_size_limit(20_000)
+    with pytest.raises(UserError, match=r"cannot write TensorBoard events to .*run \(File too large\)") as error:
+        training.run(make_cfg(f"dataset.csv={crop_csv}", "trainer.epochs=3"))
+    assert "\n" not in str(error.value)
+    assert "Traceback" not in capfd.readouterr().err  # nor from the event writer's own thread

@@ -18,7 +18,7 @@ from datasets.base import decode_problem, limit_image_pixels
 from datasets.transforms import DECODE_ERRORS, LoadItem
 from errors import UserError
 from training import checkpoint as checkpoints
-from training import saved_config
+from training import run_folder, saved_config
 from training.build import build_data, build_model, require_keys, resolve_device
 from training.loop import Normalizer, evaluate
 from training.logger import run_log
@@ -31,7 +31,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
     require_keys(cfg)
     limit_image_pixels(cfg.max_image_pixels)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_folder.create(run_dir)
     with run_log(run_dir):
         checkpoint = checkpoints.load(cfg.checkpoint, "checkpoint")
         device = resolve_device(cfg.device, "device")
@@ -51,7 +51,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
             result = score(model, normalize, checkpoint, dataset_cfg, saved, device)
             result["checkpoint"] = str(cfg.checkpoint)
             name = "eval.json"
-        (run_dir / name).write_text(json.dumps(result, indent=1))
+        run_folder.write_text(run_dir / name, json.dumps(result, indent=1))
         log.info("wrote %s", run_dir / name)
         return result
 

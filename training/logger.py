@@ -6,7 +6,9 @@ The runner decides what happens; this module is the one place that decides how i
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from errors import UserError
 from training.board import confusion_image, input_grid, write_hparams
 from training.loaders import DeviceLoader
 from training.loop import Window
@@ -52,6 +55,23 @@ def starvation_advice(loader) -> str:
     return "try dataset.cache=memory (or disk), loader.mode=device, or more loader.num_workers"
 
 
+def _events_written(method):
+    """A RunLogger method whose TensorBoard writes fail (a full disk, a read-only folder) raises one line. The
+    event writer writes from its own thread and hands the OSError to the next call on this one."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            self.failed = True
+            raise UserError(f"cannot write TensorBoard events to {self.run_dir} ({e.strerror or e}): free space there "
+                            "or make the run folder writable; checkpoints/last.pt keeps the last saved state, "
+                            "continue with resume=") from None
+
+    return wrapped
+
+
 class RunLogger:
     """Scalars, images and hparams go to TensorBoard on the main process only (`run_dir` None elsewhere); every
     process keeps `final`, the last value of each scalar, since every process returns the run's metrics."""
@@ -59,19 +79,36 @@ class RunLogger:
     def __init__(self, run_dir: Path | None, purge_step: int | None, loader, progress: bool):
         # purge_step: a resumed run drops whatever the interrupted one logged after its checkpoint, so no step
         # is logged twice.
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step) if run_dir is not None else None
+        self.run_dir, self.failed = run_dir, False
+        self.writer = None
+        if run_dir is not None:
+            self._open(run_dir, purge_step)
+            # The event writer's thread would print its own traceback before this thread sees the error.
+            self.previous_hook, threading.excepthook = threading.excepthook, self._quiet_event_writer
         self.loader = loader
         self.progress = progress and run_dir is not None
         self.final: dict[str, float] = {}
         self.bar = None
         self.warned_starved = False
 
+    @_events_written
+    def _open(self, run_dir: Path, purge_step: int | None) -> None:
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+
+    def _quiet_event_writer(self, args) -> None:
+        """threading.excepthook while this logger is open: an OSError in TensorBoard's writer thread is raised
+        again on the next write here, as one line; anything else is reported as before."""
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            self.previous_hook(args)
+
+    @_events_written
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
         self.final.update(values)
 
+    @_events_written
     def window(self, window: Window) -> None:
         """A closed logging window: loss always; speed and data wait once past warm-up."""
         self.scalars({"train/loss": window.loss}, window.step)
@@ -103,11 +140,13 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update()
 
+    @_events_written
     def first_batch(self, normalized: torch.Tensor, mean, std, step: int) -> None:
         """What the model saw, de-normalised, once per run."""
         if self.writer is not None:
             self.writer.add_image("train/first_batch", input_grid(normalized, mean, std), step)
 
+    @_events_written
     def validation(self, val: dict, best_acc: float, classes: list[str], lr: float, epoch_seconds: float,
                    step: int) -> dict[str, float]:
         """An epoch's validation and timing scalars, per-class accuracy and the confusion image; returns the
@@ -126,10 +165,22 @@ class RunLogger:
         if throughput is not None:
             self.final["train/throughput"] = throughput
 
+    @_events_written
     def hparams(self, config: dict) -> None:
         if self.writer is not None:
             write_hparams(self.writer, config, {tag: self.final[tag] for tag in HPARAM_METRICS})
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()  # flushes what was logged, also when the run stops on an error or Ctrl-C
+        if self.writer is None:
+            return
+        try:
+            self._close()
+        except UserError:
+            if not self.failed:  # a failure already raised is not raised twice
+                raise
+        finally:
+            threading.excepthook = self.previous_hook
+
+    @_events_written
+    def _close(self) -> None:
+        self.writer.close()  # flushes what was logged, also when the run stops on an error or Ctrl-C

@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> dict:
             return _run(cfg, run_dir, checkpoint, process, device)
         # train.py's Hydra callback checked before Hydra wrote there; tests and sweeps come here directly.
         run_folder.refuse_used(run_dir, cfg.resume if checkpoint is not None else None)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_folder.create(run_dir)
         with run_log(run_dir):
             return _run(cfg, run_dir, checkpoint, process, device)
     finally:
@@ -188,8 +188,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
 
     config = OmegaConf.to_container(cfg, resolve=True)
     if main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (run_dir / "classes.json").write_text(json.dumps(bundle.classes, indent=1))
+        run_folder.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        run_folder.write_text(run_dir / "classes.json", json.dumps(bundle.classes, indent=1))
     log.info(
         "data: %d train / %d val items of %s, %d classes, %s loader (%d workers), prepared in %.2f s; device %s",
         len(bundle.train), len(bundle.val), bundle.input_shape, len(bundle.classes),
@@ -210,7 +210,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
 
     metrics = {**logger.final, "data/prep_seconds": prep_seconds, "world_size": process.world_size}
     if main:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        run_folder.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     log.info("done: val acc %.2f%% (best %.2f%%); run dir %s", 100 * last_val["val/acc"],
              100 * last_val["val/acc_best"], run_dir)
     return metrics
@@ -229,7 +229,7 @@ def _prepare_data(cfg: DictConfig, run_dir: Path, process: distributed.Process,
     if main_builds_first and process.is_main:
         distributed.barrier()
     if data.bundle.skipped and process.is_main:  # dataset.on_bad_rows=skip: the rows left out are kept with the run
-        (run_dir / "skipped_rows.txt").write_text("\n".join(data.bundle.skipped) + "\n")
+        run_folder.write_text(run_dir / "skipped_rows.txt", "\n".join(data.bundle.skipped) + "\n")
         log.warning("skipped %d bad row(s), listed in %s", len(data.bundle.skipped), run_dir / "skipped_rows.txt")
     return data, time.perf_counter() - started
 
