@@ -110,7 +110,7 @@ def load(path: str | Path, key: str) -> dict:
 @dataclass
 class Position:
     """Where training stands: `epoch` epochs done, then `batches_done` batches of the next one (non-zero after
-    a Ctrl-C mid-epoch); `step` counts optimizer steps over the whole run."""
+    a Ctrl-C or a trainer.checkpoint_every save mid-epoch); `step` counts optimizer steps over the whole run."""
 
     epoch: int = 0
     batches_done: int = 0
