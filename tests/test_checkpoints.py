@@ -81,13 +81,22 @@ def test_failed_save_leaves_previous_checkpoint_whole(crop_run, tmp_path, monkey
     assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 1
 
 
+def next_second() -> None:
+    """TensorBoard names event files by the second, then by a per-process counter that is not zero-padded
+    (...pid.9 sorts after ...pid.10), and applies a resume's purge_step in name order: runs in one process
+    writing into one folder must start in different seconds (separate processes always do)."""
+    time.sleep(1 - time.time() % 1)
+
+
 def test_resume_is_bitwise_equal_to_an_unbroken_run(crop_run, tmp_path):
     training.run(crop_run("unbroken", "trainer.epochs=2"))
     training.run(crop_run("broken", "trainer.epochs=1"))
     folder = tmp_path / "broken" / "checkpoints"
     shutil.copy(folder / "last.pt", folder / "epoch1.pt")
     # An attempt that logged epoch 2 and then "died": its events after the checkpoint must not survive.
+    next_second()
     training.run(crop_run("elsewhere", "trainer.epochs=2", f"resume={folder / 'epoch1.pt'}"))
+    next_second()
     metrics = training.run(crop_run("elsewhere", "trainer.epochs=2", f"resume={folder / 'epoch1.pt'}"))
 
     assert not (tmp_path / "elsewhere").exists()  # a checkpoint in a run's checkpoints/ continues that run
