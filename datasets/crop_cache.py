@@ -138,7 +138,12 @@ def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[int, int, int],
           fill: Callable[[torch.Tensor], None]) -> CachedCrops:
-    """Extract the crops (`fill` writes them into the array it is given) into a new cache; return it mapped."""
+    """Extract the crops (`fill` writes them into the array it is given) into a new cache; return it mapped.
+    Called under build_lock."""
+    # A build killed midway (SIGKILL runs no cleanup) left its temp files; none is in use while this run holds
+    # the lock, and they would count against the free space checked next.
+    for stale in manifest.parent.glob(f"{manifest.stem}*.tmp-*"):
+        stale.unlink(missing_ok=True)
     # The folder exists: build_lock made it. The size is known before any crop is decoded: refuse what cannot fit rather than fill the disk.
     check_fits_on_disk(len(crops) * int(np.prod(shape)), manifest.parent, f"the crop cache at {'x'.join(map(str, shape))}")
     # Stats taken before extraction: a file edited meanwhile makes this cache stale next time, never wrongly fresh.

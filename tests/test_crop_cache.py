@@ -172,6 +172,19 @@ def test_runs_started_together_build_the_cache_once(tmp_path):
     assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".lock", ".npy"]
 
 
+def test_a_build_killed_midway_leaves_no_temp_file_past_the_next_build(build_crops, npy_crops, tmp_path):
+    """SIGKILL runs no cleanup: what a killed build left is removed by the next build of that cache."""
+    overrides = (f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
+    build_crops(*overrides)
+    written = cache_files(tmp_path)
+    for name in written:
+        (tmp_path / "cache" / name).unlink()
+    array = next(name for name in written if name.endswith(".npy"))
+    (tmp_path / "cache" / f"{array}.tmp-999999").write_bytes(b"half an array")  # the killed build's
+    build_crops(*overrides)
+    assert cache_files(tmp_path) == written
+
+
 def test_two_crop_sizes_on_one_folder_keep_two_caches(build_crops, npy_crops, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     small, large = (build_crops(f"dataset.csv={npy_crops}", "dataset.cache=disk", f"dataset.width={n}",
