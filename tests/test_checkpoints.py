@@ -176,9 +176,11 @@ def test_a_sigkilled_run_resumes_from_its_mid_epoch_checkpoint_bitwise_equal(mak
     assert killed.wait(timeout=60) == -signal.SIGKILL
     saved = torch.load(last, weights_only=True)
     assert saved["epoch"] == 0 and 0 < saved["batches_done"] < 48 and saved["step"] % 2 == 0
-    assert [p.name for p in last.parent.iterdir()] == ["last.pt"]  # no temp file, no best.pt before validation
+    assert not (last.parent / "best.pt").exists()  # none before the first validation
+    (last.parent / ".last.pt.tmp-999999").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves it
 
     training.run(make_cfg(f"resume={last}", "trainer.epochs=1"))
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]  # the temp file went
     training.run(make_cfg(*overrides, "trainer.epochs=1", run_dir=tmp_path / "unbroken"))
     resumed = torch.load(last, weights_only=True)
     unbroken = torch.load(tmp_path / "unbroken" / "checkpoints" / "last.pt", weights_only=True)
