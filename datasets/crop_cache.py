@@ -9,15 +9,25 @@ checks, no decoding (parsing alone is ~17 us per row, 0.3 s for 20k rows, longer
 run). A changed CSV gives a new key; a changed source size or mtime makes the manifest stale and the crops
 are extracted again. Both files go to a temp name first and are renamed into place, array before manifest,
 so a killed run never leaves a manifest pointing at a half-written array.
+
+Runs share a cache folder safely: a run that finds no cache takes crops-<key>.lock (flock, released by the
+kernel even on SIGKILL) before building, so runs started together build it once; the others wait, then
+find and map it. The manifest records the array's byte size, shape and a digest of SAMPLES blocks spread
+over it; an array that was truncated, replaced or damaged is reported in one line and built again. A full
+checksum would catch a lone flipped byte too, but reads the whole file on every run: 0.25 s per 200 MiB
+(crc32, warm page cache) against 0.013 s for the samples, on a cache that otherwise maps in milliseconds.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +38,10 @@ from datasets.base import check_fits_on_disk
 from datasets.crop_csv import Crop
 from errors import UserError
 
-FORMAT = 4  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
+log = logging.getLogger(__name__)
+
+FORMAT = 5  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
+SAMPLES, SAMPLE_BYTES = 64, 2**16  # the array's digest: 64 blocks of 64 KiB, first and last included
 
 
 @dataclass
@@ -58,18 +71,66 @@ def _source_stats(paths) -> dict[str, list[int]]:
     return stats
 
 
-def load(manifest: Path) -> CachedCrops | None:
-    """The cached crops, or None when there are none or any source file changed (or vanished) since."""
+def _sample_digest(path: Path) -> str:
+    """A digest of SAMPLES blocks spread evenly over the file (the whole file when it is smaller)."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for i in range(SAMPLES):
+            f.seek(i * max(size - SAMPLE_BYTES, 0) // (SAMPLES - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def load(manifest: Path, report: bool = True) -> CachedCrops | None:
+    """The cached crops, or None when there are none, any source file changed (or vanished) since, or the
+    array does not match its manifest (reported in one warning line unless `report` is false)."""
     try:
         entry = json.loads(manifest.read_text())
         if _source_stats(entry["sources"]) != entry["sources"]:
             return None
-        images = np.load(manifest.with_name(entry["array"]), mmap_mode="c")
+        array_path = manifest.with_name(entry["array"])
+        size, expected = array_path.stat().st_size, entry["array_bytes"]
     except (OSError, ValueError, KeyError):  # missing, vanished or unreadable: extract again
+        return None
+    try:
+        problem = (f"{size} bytes instead of {expected}" if size != expected
+                   else "its content differs from the manifest's digest" if _sample_digest(array_path) != entry["digest"]
+                   else None)
+        images = None if problem else np.load(array_path, mmap_mode="c")
+        if images is not None and (list(images.shape) != entry["shape"] or images.dtype != np.uint8):
+            problem = f"it holds {images.dtype} {list(images.shape)} instead of uint8 {entry['shape']}"
+    except (OSError, ValueError) as e:  # a header numpy cannot read
+        problem = f"it cannot be read ({e})"
+    if problem:
+        if report:
+            log.warning("crop cache: %s is damaged (%s): building it again", array_path, problem)
         return None
     resolved = entry["value_range"]
     return CachedCrops(torch.from_numpy(images), entry["labels"], entry["splits"], entry["skipped"],
                        resolved if isinstance(resolved, str) else tuple(resolved))
+
+
+@contextmanager
+def build_lock(manifest: Path) -> Iterator[None]:
+    """Held while one run builds the cache of `manifest`: other runs wait here, with one line saying so. The
+    kernel drops the lock when its holder exits, killed or not; the small .lock file stays for the next run."""
+    try:
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(manifest.with_suffix(".lock"), "a")  # "a": never truncates what another run holds
+    except OSError as e:  # read-only, or a file in the way
+        raise UserError(f"dataset.cache_dir {manifest.parent}: cannot create it ({e.strerror or e}): point "
+                        "dataset.cache_dir at a writable folder, or set dataset.cache=memory") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("crop cache: another run is building %s; waiting for it", manifest)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -109,13 +170,13 @@ class RowWriter:
 def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[int, int, int],
           fill: Callable[[torch.Tensor | RowWriter], None], value_range: str | tuple[float, float]) -> CachedCrops:
     """Extract the crops (`fill` writes them into the array it is given, by rows) into a new cache; return it
-    mapped."""
-    try:
-        manifest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # read-only, or a file in the way
-        raise UserError(f"dataset.cache_dir {manifest.parent}: cannot create it ({e.strerror or e}): point "
-                        "dataset.cache_dir at a writable folder, or set dataset.cache=memory") from None
-    # The size is known before any crop is decoded: refuse what cannot fit rather than fill the disk.
+    mapped. Called under build_lock."""
+    # A build killed midway (SIGKILL runs no cleanup) left its temp files; none is in use while this run holds
+    # the lock, and they would count against the free space checked next.
+    for stale in manifest.parent.glob(f"{manifest.stem}*.tmp-*"):
+        stale.unlink(missing_ok=True)
+    # The folder exists: build_lock made it. The size is known before any crop is decoded: refuse what cannot
+    # fit rather than fill the disk.
     check_fits_on_disk(len(crops) * int(np.prod(shape)), manifest.parent, f"the crop cache at {'x'.join(map(str, shape))}")
     # Stats taken before extraction: a file edited meanwhile makes this cache stale next time, never wrongly fresh.
     sources = _source_stats({crop.path for crop in crops})
@@ -131,8 +192,10 @@ def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[in
     labels, splits = [c.label for c in crops], [c.split for c in crops]
 
     def write_manifest(tmp: Path) -> None:
-        tmp.write_text(json.dumps({"array": array_path.name, "sources": sources, "labels": labels, "splits": splits,
-                                   "skipped": skipped, "value_range": value_range}))
+        tmp.write_text(json.dumps({"array": array_path.name, "array_bytes": array_path.stat().st_size,
+                                   "shape": [len(crops), *shape], "digest": _sample_digest(array_path),
+                                   "sources": sources, "labels": labels, "splits": splits, "skipped": skipped,
+                                   "value_range": value_range}))
 
     previous = _previous_array(manifest)
     try:

@@ -239,11 +239,16 @@ def _load_or_cache(csv_path: Path, root: str | None, shape: tuple[int, int, int]
     root_path = Path(root) if root is not None else csv_path.parent
     manifest = crop_cache.manifest_path(cache_dir, require_csv(csv_path), root_path, shape, rows, value_range)
     cached = crop_cache.load(manifest)
-    if cached is not None:
-        log.info("crop cache: reusing %s", manifest)
-        return cached
-    log.info("crop cache: writing %s", manifest)
-    crops, skipped = read_crops(csv_path, root, *rows)
-    scales, resolved = scan_arrays([c.path for c in crops], value_range)
-    return crop_cache.write(manifest, crops, skipped, shape,
-                            lambda out: extract(crops, out, desc="caching crops", scales=scales), resolved)
+    if cached is None:
+        with crop_cache.build_lock(manifest):
+            # Another run may have built it while this one waited (its damage, if any, was reported above).
+            cached = crop_cache.load(manifest, report=False)
+            if cached is None:
+                log.info("crop cache: writing %s", manifest)
+                crops, skipped = read_crops(csv_path, root, *rows)
+                scales, resolved = scan_arrays([c.path for c in crops], value_range)
+                return crop_cache.write(manifest, crops, skipped, shape,
+                                        lambda out: extract(crops, out, desc="caching crops", scales=scales),
+                                        resolved)
+    log.info("crop cache: reusing %s", manifest)
+    return cached

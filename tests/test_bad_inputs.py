@@ -104,14 +104,14 @@ def test_a_disk_cache_that_cannot_be_written_is_one_line_and_leaves_no_temp_file
     file_size_limit(100_000)  # the array is 64 x 3 x 64 x 64 = 786 kB
     with pytest.raises(UserError, match=r"dataset.cache_dir .*cache: cannot write the crop cache \(File too large\)"):
         build_crops(f"dataset.csv={crop_csv}", "dataset.cache=disk", "dataset.width=64", "dataset.height=64")
-    assert list(cache.iterdir()) == []
+    assert [p.suffix for p in cache.iterdir()] == [".lock"]  # the empty build lock alone
 
 
 def test_a_disk_cache_larger_than_the_free_space_is_refused_before_writing(build_crops, crop_csv, tmp_path):
     # 64 crops x 3 x 200000 x 200000 = 7.7 TB: more than this disk's free space and than the memory.
     with pytest.raises(UserError, match=r"needs 7\d{3}\.\d GiB on disk but .* GiB free: set dataset.cache=none"):
         build_crops(f"dataset.csv={crop_csv}", "dataset.cache=disk", "dataset.width=200000", "dataset.height=200000")
-    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".lock"]  # the empty build lock alone
     with pytest.raises(UserError, match=r"needs 7\d{3}\.\d GiB in memory .* set dataset.cache=none"):
         build_crops(f"dataset.csv={crop_csv}", "dataset.width=200000", "dataset.height=200000")
 
@@ -163,3 +163,26 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(build_crops, m
         run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'run/checkpoints/last.pt'}",
                                      f"predict=[{tmp_path / 'big.png'}]", "max_image_pixels=1000000"))
     limit_image_pixels(89478485)
+
+
+def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_keeps_the_previous(tmp_path, file_size_limit):
+    from training import run_folder
+
+    path = tmp_path / "metrics.json"
+    run_folder.write_text(path, "{}")
+    file_size_limit(1000)
+    with pytest.raises(UserError, match=r"cannot write .*metrics.json \(File too large\); the previous one is kept"):
+        run_folder.write_text(path, "x" * 5000)
+    assert path.read_text() == "{}" and list(tmp_path.iterdir()) == [path]  # whole, and no temp file left
+
+
+def test_tensorboard_events_that_cannot_be_written_are_one_line(make_cfg, crop_csv, tmp_path, file_size_limit,
+                                                               capfd):
+    """The first batch's image alone takes the event file past 20 kB; config.yaml and train.log stay below."""
+    import training
+
+    file_size_limit(20_000)
+    with pytest.raises(UserError, match=r"cannot write TensorBoard events to .*run \(File too large\)") as error:
+        training.run(make_cfg(f"dataset.csv={crop_csv}", "trainer.epochs=3"))
+    assert "\n" not in str(error.value)
+    assert "Traceback" not in capfd.readouterr().err  # nor from the event writer's own thread

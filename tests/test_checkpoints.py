@@ -3,8 +3,10 @@
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import training
 from errors import UserError
 from models.cnn import TutorialCNN
+from tests import files
 from training import checkpoint as checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,13 +81,22 @@ def test_failed_save_leaves_previous_checkpoint_whole(crop_run, tmp_path, monkey
     assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 1
 
 
+def next_second() -> None:
+    """TensorBoard names event files by the second, then by a per-process counter that is not zero-padded
+    (...pid.9 sorts after ...pid.10), and applies a resume's purge_step in name order: runs in one process
+    writing into one folder must start in different seconds (separate processes always do)."""
+    time.sleep(1 - time.time() % 1)
+
+
 def test_resume_is_bitwise_equal_to_an_unbroken_run(crop_run, tmp_path):
     training.run(crop_run("unbroken", "trainer.epochs=2"))
     training.run(crop_run("broken", "trainer.epochs=1"))
     folder = tmp_path / "broken" / "checkpoints"
     shutil.copy(folder / "last.pt", folder / "epoch1.pt")
     # An attempt that logged epoch 2 and then "died": its events after the checkpoint must not survive.
+    next_second()
     training.run(crop_run("elsewhere", "trainer.epochs=2", f"resume={folder / 'epoch1.pt'}"))
+    next_second()
     metrics = training.run(crop_run("elsewhere", "trainer.epochs=2", f"resume={folder / 'epoch1.pt'}"))
 
     assert not (tmp_path / "elsewhere").exists()  # a checkpoint in a run's checkpoints/ continues that run
@@ -151,3 +163,44 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_restores_one_cuda_state_per_
     assert [int(s[0]) for s in checkpoints.cuda_states_to_restore(saved, visible=1)] == [1]
     assert checkpoints.cuda_states_to_restore(saved, visible=0) == []
     assert len(checkpoints.cuda_states_to_restore(saved[:1], visible=4)) == 1
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_resumes_from_its_mid_epoch_checkpoint_bitwise_equal(make_cfg, tmp_path):
+    """SIGKILL (the OOM killer, a preempted machine) runs no handler: only what checkpoint_every saved survives.
+    cache=none decodes a 256x256 noise PNG per crop, so an epoch lasts long enough to kill inside it."""
+    csv_path = files.write_noise_crops(tmp_path / "noise", sources=4, size=256, boxes=30)
+    overrides = [f"dataset.csv={csv_path}", "dataset.cache=none", "loader.mode=dataloader", "loader.num_workers=0",
+                 "loader.batch_size=2", "trainer.checkpoint_every=2"]  # 96 training crops: 48 steps an epoch
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one torch thread, as the in-process runs below (conftest)
+    killed = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides, "trainer.epochs=1", "trainer.progress=false",
+         "trainer.device=cpu", "hydra.run.dir=killed"], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killed.kill()  # SIGKILL
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 0 and 0 < saved["batches_done"] < 48 and saved["step"] % 2 == 0
+    assert not (last.parent / "best.pt").exists()  # none before the first validation
+    (last.parent / ".last.pt.tmp-999999").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves it
+
+    training.run(make_cfg(f"resume={last}", "trainer.epochs=1"))
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]  # the temp file went
+    training.run(make_cfg(*overrides, "trainer.epochs=1", run_dir=tmp_path / "unbroken"))
+    resumed = torch.load(last, weights_only=True)
+    unbroken = torch.load(tmp_path / "unbroken" / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["step"] == unbroken["step"] == 48
+    for name, tensor in unbroken["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    for index, state in unbroken["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert torch.equal(resumed["rng"]["torch"], unbroken["rng"]["torch"])
+
+
+def test_checkpoint_every_below_one_is_a_user_error(crop_run):
+    with pytest.raises(UserError, match="trainer.checkpoint_every must be at least 1, got 0"):
+        training.run(crop_run("zero", "trainer.checkpoint_every=0"))

@@ -1,6 +1,10 @@
 """dataset.cache=disk: written once, reused while nothing changed, never stale, never half-written."""
 
+import logging
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,8 @@ import torch
 from datasets.crop_csv import write_crops
 from errors import UserError
 from tests import files
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def all_images(bundle) -> torch.Tensor:
@@ -30,7 +36,8 @@ def npy_crops(tmp_path):
 
 
 def cache_files(tmp_path):
-    return sorted(p.name for p in (tmp_path / "cache").iterdir())
+    """The cache's manifests and arrays; the empty .lock files runs take while building stay and are left out."""
+    return sorted(p.name for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock")
 
 
 def test_disk_cache_equals_memory_and_is_reused_without_reading_sources(build_crops, npy_crops, tmp_path):
@@ -96,3 +103,96 @@ def test_skipped_rows_are_cached_with_the_array_they_shaped(build_crops, crop_cs
     assert len(again.train.store.images) == 64  # the bad row is not in the array
     with pytest.raises(UserError, match="1 bad row"):  # error mode never reuses the skip-mode cache
         build_crops(f"dataset.csv={crop_csv}", "dataset.cache=disk")
+
+
+def test_a_truncated_or_altered_cache_array_is_reported_in_one_line_and_rebuilt(build_crops, npy_crops, tmp_path,
+                                                                                caplog):
+    caplog.set_level(logging.INFO)
+    overrides = (f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
+    expected = all_images(build_crops(*overrides)).clone()
+    array = next((tmp_path / "cache").glob("*.npy"))
+    whole = array.read_bytes()
+
+    array.write_bytes(whole[: len(whole) // 2])  # as a full disk or a copy cut short leaves it
+    caplog.clear()
+    assert torch.equal(all_images(build_crops(*overrides)), expected)
+    damaged = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert damaged == [f"crop cache: {array} is damaged ({len(whole) // 2} bytes instead of {len(whole)}): "
+                       "building it again"]
+    assert array.read_bytes() == whole
+
+    # Same size, other pixels: numpy would map it without complaint and train on the wrong crops.
+    array.write_bytes(whole[:128] + bytes(255 - b for b in whole[128:]))
+    caplog.clear()
+    assert torch.equal(all_images(build_crops(*overrides)), expected)
+    assert [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()] == [
+        f"crop cache: {array} is damaged (its content differs from the manifest's digest): building it again"]
+
+    caplog.clear()
+    build_crops(*overrides)  # whole again: reused, nothing reported
+    assert not any("damaged" in r.getMessage() or "writing" in r.getMessage() for r in caplog.records)
+
+
+# A process that builds the crops with cache=disk once every builder is ready, and prints their digest.
+BUILDER = """
+import hashlib, logging, sys, time
+from pathlib import Path
+from datasets import crops
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+csv_path, cache_dir, size, ready, go = sys.argv[1:]
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.005)
+bundle = crops.build(csv=csv_path, root=None, width=int(size), height=int(size), channels=3, cache="disk",
+                     cache_dir=cache_dir, val_fraction=0.2, mean=[0.5], std=[0.5], seed=0)
+print("digest", hashlib.sha256(bundle.train.store.images.numpy().tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_runs_started_together_build_the_cache_once(tmp_path):
+    """Two real processes on one cache folder at once: one builds, the other waits for it and maps its array.
+    12 noise PNGs of 768x768 make a build that lasts (~0.4 s) while the second arrives."""
+    csv_path = files.write_noise_crops(tmp_path / "noise", sources=12, size=768, boxes=20)
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    runs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(csv_path), str(cache), "32", str(tmp_path / f"ready{i}"),
+                              str(go)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()  # both start building at once
+    outputs = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    logs = [err for _, err in outputs]
+    assert sum("crop cache: writing" in err for err in logs) == 1, logs
+    waited = next(err for err in logs if "crop cache: writing" not in err)
+    assert "another run is building" in waited and "crop cache: reusing" in waited
+    assert outputs[0][0] == outputs[1][0]  # the same digest of the same crops
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".lock", ".npy"]
+
+
+def test_a_build_killed_midway_leaves_no_temp_file_past_the_next_build(build_crops, npy_crops, tmp_path):
+    """SIGKILL runs no cleanup: what a killed build left is removed by the next build of that cache."""
+    overrides = (f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
+    build_crops(*overrides)
+    written = cache_files(tmp_path)
+    for name in written:
+        (tmp_path / "cache" / name).unlink()
+    array = next(name for name in written if name.endswith(".npy"))
+    (tmp_path / "cache" / f"{array}.tmp-999999").write_bytes(b"half an array")  # the killed build's
+    build_crops(*overrides)
+    assert cache_files(tmp_path) == written
+
+
+def test_two_crop_sizes_on_one_folder_keep_two_caches(build_crops, npy_crops, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    small, large = (build_crops(f"dataset.csv={npy_crops}", "dataset.cache=disk", f"dataset.width={n}",
+                                f"dataset.height={n}") for n in (8, 16))
+    caplog.clear()
+    again = [build_crops(f"dataset.csv={npy_crops}", "dataset.cache=disk", f"dataset.width={n}", f"dataset.height={n}")
+             for n in (8, 16)]
+    assert not any("writing" in r.getMessage() for r in caplog.records)  # each size reused its own
+    assert [tuple(all_images(b).shape[2:]) for b in again] == [(8, 8), (16, 16)]
+    assert torch.equal(all_images(again[0]), all_images(small)) and torch.equal(all_images(again[1]), all_images(large))
+    assert sorted(Path(name).suffix for name in cache_files(tmp_path)) == [".json", ".json", ".npy", ".npy"]

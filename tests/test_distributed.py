@@ -46,7 +46,8 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, make_eval_cfg):
     common = [f"dataset.csv={crop_csv}", "loader.batch_size=4", "trainer.progress=false", "trainer.device=cpu"]
-    first = torchrun(*common, "trainer.epochs=2", "hydra.run.dir=run", cwd=tmp_path)
+    # checkpoint_every=3: rank 0 alone saves last.pt after steps 3 and 6 of each 7-step epoch, and no rank waits.
+    first = torchrun(*common, "trainer.epochs=2", "trainer.checkpoint_every=3", "hydra.run.dir=run", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != "crops"] == ["run"]  # one run dir
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -56,6 +57,7 @@ def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, m
     # 52 training crops: 26 per rank, 7 batches of 4 per rank and epoch.
     assert (checkpoint["epoch"], checkpoint["step"]) == (2, 14)
     assert not any(k.startswith("module.") for k in checkpoint["model"])  # saved unwrapped
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     # Each rank scored half the validation set; summed, they equal one process scoring all of it.
     single = run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"))
     assert single["acc"] == metrics["val/acc"]

@@ -77,10 +77,13 @@ def _tuples(value):
 
 def save(checkpoint: dict, path: Path) -> None:
     """Write to a temp file in the same folder, flush it to disk, then rename over `path`: a crash or a
-    failed write leaves the previous checkpoint whole, never a truncated one."""
+    failed write leaves the previous checkpoint whole, never a truncated one. One process writes a run's
+    checkpoints, so any other temp file of `path` is what a killed run left (SIGKILL runs no cleanup): removed."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
@@ -119,7 +122,7 @@ def load(path: str | Path, key: str) -> dict:
 @dataclass
 class Position:
     """Where training stands: `epoch` epochs done, then `batches_done` batches of the next one (non-zero after
-    a Ctrl-C mid-epoch); `step` counts optimizer steps over the whole run."""
+    a Ctrl-C or a trainer.checkpoint_every save mid-epoch); `step` counts optimizer steps over the whole run."""
 
     epoch: int = 0
     batches_done: int = 0

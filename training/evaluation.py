@@ -21,7 +21,7 @@ from datasets.transforms import DECODE_ERRORS, LoadItem
 from datasets.values import Scale
 from errors import UserError
 from training import checkpoint as checkpoints
-from training import onnx_model, saved_config
+from training import onnx_model, run_folder, saved_config
 from training.build import build_data, build_model, require_keys, resolve_device, saved_mapping
 from training import speed as speeds
 from training.loop import FP32, Normalizer, evaluate
@@ -37,7 +37,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
     require_keys(cfg)
     limit_image_pixels(cfg.max_image_pixels)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_folder.create(run_dir)
     with run_log(run_dir):
         device = resolve_device(cfg.device, "device")
         if onnx_model.is_onnx(cfg.checkpoint):
@@ -72,7 +72,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
             result = score(model, normalize, checkpoint, dataset_cfg, saved, device, amp)
             result["checkpoint"] = str(cfg.checkpoint)
             name = "eval.json"
-        (run_dir / name).write_text(json.dumps(result, indent=1))
+        run_folder.write_text(run_dir / name, json.dumps(result, indent=1))
         log.info("wrote %s", run_dir / name)
         return result
 

@@ -7,7 +7,9 @@ The runner decides what happens; this module is the one place that decides how i
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets.base import DataBundle
+from errors import UserError
 from progress import progress_bar
 from training import metrics
 from training.board import (LAYOUT, class_count_table, confusion_image, hparam_value, input_grid, mistakes_image,
@@ -60,6 +63,23 @@ def starvation_advice(loader) -> str:
     return "try dataset.cache=memory (or disk), loader.mode=device, or more loader.num_workers"
 
 
+def _events_written(method):
+    """A RunLogger method whose TensorBoard writes fail (a full disk, a read-only folder) raises one line. The
+    event writer writes from its own thread and hands the OSError to the next call on this one."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            self.failed = True
+            raise UserError(f"cannot write TensorBoard events to {self.run_dir} ({e.strerror or e}): free space there "
+                            "or make the run folder writable; checkpoints/last.pt keeps the last saved state, "
+                            "continue with resume=") from None
+
+    return wrapped
+
+
 class RunLogger:
     """Scalars, images and hparams go to TensorBoard on the main process only (`run_dir` None elsewhere); every
     process keeps `final`, the last value of each scalar, since every process returns the run's metrics."""
@@ -67,14 +87,12 @@ class RunLogger:
     def __init__(self, run_dir: Path | None, purge_step: int | None, loader, progress: bool):
         # purge_step: a resumed run drops whatever the interrupted one logged after its checkpoint, so no step
         # is logged twice.
+        self.run_dir, self.failed = run_dir, False
         self.writer = None
         if run_dir is not None:
-            continued = any(run_dir.glob("events.out.tfevents.*"))  # this run's earlier attempt wrote the layout
-            # A fresh run starts a session at step 0 too: TensorBoard's server takes a run's first session start
-            # for its beginning and purges only on a later one, so without it a resume would purge nothing.
-            self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step if purge_step is not None else 0)
-            if not continued:
-                self.writer.add_custom_scalars(LAYOUT)
+            self._open(run_dir, purge_step)
+            # The event writer's thread would print its own traceback before this thread sees the error.
+            self.previous_hook, threading.excepthook = threading.excepthook, self._quiet_event_writer
         self.last_step = purge_step - 1 if purge_step else 0
         self.about: dict[str, dict[str, str]] = {}
         self.loader = loader
@@ -83,6 +101,22 @@ class RunLogger:
         self.bar = None
         self.warned_starved = False
 
+    @_events_written
+    def _open(self, run_dir: Path, purge_step: int | None) -> None:
+        continued = any(run_dir.glob("events.out.tfevents.*"))  # this run's earlier attempt wrote the layout
+        # A fresh run starts a session at step 0 too: TensorBoard's server takes a run's first session start
+        # for its beginning and purges only on a later one, so without it a resume would purge nothing.
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step if purge_step is not None else 0)
+        if not continued:
+            self.writer.add_custom_scalars(LAYOUT)
+
+    def _quiet_event_writer(self, args) -> None:
+        """threading.excepthook while this logger is open: an OSError in TensorBoard's writer thread is raised
+        again on the next write here, as one line; anything else is reported as before."""
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            self.previous_hook(args)
+
+    @_events_written
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
             for tag, value in values.items():
@@ -90,6 +124,7 @@ class RunLogger:
         self.final.update(values)
         self.last_step = max(self.last_step, step)
 
+    @_events_written
     def window(self, window: Window) -> None:
         """A closed logging window: loss always; speed and data wait once past warm-up."""
         self.scalars({"train/loss": window.loss}, window.step)
@@ -120,11 +155,13 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update()
 
+    @_events_written
     def first_batch(self, normalized: torch.Tensor, mean, std, step: int) -> None:
         """What the model saw, de-normalised, once per run."""
         if self.writer is not None:
             self.writer.add_image("train/first_batch", input_grid(normalized, mean, std), step)
 
+    @_events_written
     def validation(self, val: dict, best_acc: float, classes: list[str], lr: float, epoch_seconds: float,
                    step: int) -> dict[str, float]:
         """An epoch's validation and timing scalars, per-class accuracy and the confusion image; returns the
@@ -138,6 +175,7 @@ class RunLogger:
                                   dataformats="HWC")
         return kept
 
+    @_events_written
     def validation_details(self, val: dict, classes: list[str], step: int) -> None:
         """Beyond accuracy: val/f1_macro, one PR curve per class (val/pr/<class>) and the val/mistakes image."""
         if val["f1_macro"] is not None:
@@ -153,6 +191,7 @@ class RunLogger:
             image = mistakes_image(mistakes.images, mistakes.targets.tolist(), mistakes.predicted.tolist(), classes)
             self.writer.add_image("val/mistakes", image, step, dataformats="HWC")
 
+    @_events_written
     def class_counts(self, classes: list[str], counts: dict[str, list[int]], sampler: str, step: int | None) -> None:
         """Items per class of each split: a train.log line per split, a data/class_counts table in TensorBoard
         (when `step` is not None), and one warning when training's classes are far apart in size."""
@@ -171,6 +210,7 @@ class RunLogger:
         if throughput is not None:
             self.final["train/throughput"] = throughput
 
+    @_events_written
     def hparams(self, config: dict) -> None:
         if self.writer is not None:
             write_hparams(self.writer, config, {tag: self.final[tag] for tag in HPARAM_METRICS if tag in self.final})
@@ -179,11 +219,12 @@ class RunLogger:
         """What the run summary says about the data, model, recipe and machine (see `describe_run`)."""
         self.about = about
 
+    @_events_written
     def summary(self, outcome: str, checkpoints: dict[str, Path]) -> None:
         """The run summary (TEXT, tag SUMMARY_TAG) with the final and best metrics: written one step past the
         last, so a resumed run's purge (every step after its checkpoint's) removes the earlier attempt's and
         the run keeps one."""
-        if self.writer is None:
+        if self.writer is None or self.failed:  # after a failed write: the one line already said why
             return
         results = {"outcome": outcome, "last step": str(self.last_step)}
         results |= {tag: f"{self.final[tag]:.4g}" for tag in RESULT_METRICS if tag in self.final}
@@ -192,8 +233,19 @@ class RunLogger:
         self.writer.add_text(SUMMARY_TAG, text, self.last_step + 1)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()  # flushes what was logged, also when the run stops on an error or Ctrl-C
+        if self.writer is None:
+            return
+        try:
+            self._close()
+        except UserError:
+            if not self.failed:  # a failure already raised is not raised twice
+                raise
+        finally:
+            threading.excepthook = self.previous_hook
+
+    @_events_written
+    def _close(self) -> None:
+        self.writer.close()  # flushes what was logged, also when the run stops on an error or Ctrl-C
 
 
 def _settings(node) -> str:

@@ -95,7 +95,7 @@ def train_one_epoch(
     warmup_steps: int,
     log_every: int,
     on_window: Callable[[Window], None],
-    on_step: Callable[[], None] = lambda: None,
+    on_step: Callable[[int], None] = lambda step: None,
     clip_grad_norm: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     amp: MixedPrecision = FP32,
@@ -148,7 +148,7 @@ def train_one_epoch(
             window_wait += waited
             window_samples += len(targets)
             epoch_samples += len(targets)
-        on_step()
+        on_step(step)  # a step boundary: the runner may save a checkpoint here (trainer.checkpoint_every)
         if len(window_losses) == log_every:
             window_started = _close_window(step, window_losses, window_samples, window_wait, window_started, device,
                                            on_window)

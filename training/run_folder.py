@@ -1,5 +1,5 @@
 """A run never writes into another run's folder: the check, and the Hydra callback that makes it before Hydra
-itself writes there.
+itself writes there; and the run folder's own files, written whole or not at all.
 
 train.py's Hydra saves .hydra/config.yaml, hydra.yaml, overrides.yaml and opens train.log in the run folder
 before the task (and the callbacks' on_job_start) runs, so a check in the runner alone comes too late:
@@ -32,6 +32,30 @@ def refuse_used(run_dir: Path, resume: str | None) -> None:
     if any((run_dir / name).exists() for name in RUN_MARKERS):
         raise UserError(f"{run_dir} already holds another run: a run never writes into another's folder; pick a "
                         f"new hydra.run.dir, or continue it with resume={run_dir / CHECKPOINT_DIR / 'last.pt'}")
+
+
+def create(run_dir: Path) -> None:
+    """The run folder, or one line when it cannot be made (a read-only parent, a file in the way)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {run_dir} ({e.strerror or e}): point hydra.run.dir (or "
+                        "run_dir) at a writable folder") from None
+
+
+def write_text(path: Path, text: str) -> None:
+    """config.yaml, classes.json, metrics.json, ...: written to a temp file and renamed over `path`, so a full
+    disk or a read-only folder is one line and leaves the previous file (a resumed run's) whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        kept = "the previous one is kept" if path.exists() else "it was not written"
+        raise UserError(f"cannot write {path} ({e.strerror or e}); {kept}: free space there or make the run folder "
+                        "writable") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class RefuseUsedRunDir(Callback):

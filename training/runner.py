@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> dict:
             return _run(cfg, run_dir, checkpoint, process, device)
         # train.py's Hydra callback checked before Hydra wrote there; tests and sweeps come here directly.
         run_folder.refuse_used(run_dir, cfg.resume if checkpoint is not None else None)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_folder.create(run_dir)
         with run_log(run_dir):
             return _run(cfg, run_dir, checkpoint, process, device)
     finally:
@@ -221,8 +221,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     log.info("speed: %s", ", ".join(f"{k}={v}" for k, v in vars(speed).items()))
 
     if main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (run_dir / "classes.json").write_text(json.dumps(bundle.classes, indent=1))
+        run_folder.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        run_folder.write_text(run_dir / "classes.json", json.dumps(bundle.classes, indent=1))
     log.info(
         "data: %d train / %d val items of %s, %d classes, %s loader (%d workers), prepared in %.2f s; device %s",
         len(bundle.train), len(bundle.val), bundle.input_shape, len(bundle.classes),
@@ -256,7 +256,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
 
     metrics = {**logger.final, "data/prep_seconds": prep_seconds, "world_size": process.world_size}
     if main:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        run_folder.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     log.info("done: val acc %.2f%% (best %.2f%%); run dir %s", 100 * last_val["val/acc"],
              100 * last_val["val/acc_best"], run_dir)
     return metrics
@@ -279,7 +279,7 @@ def _prepare_data(cfg: DictConfig, run_dir: Path, process: distributed.Process, 
     if data.train_loader.notice:  # loader.mode=auto fell back from the device loader: say why, once
         log.warning("%s", data.train_loader.notice)
     if data.bundle.skipped and process.is_main:  # dataset.on_bad_rows=skip: the rows left out are kept with the run
-        (run_dir / "skipped_rows.txt").write_text("\n".join(data.bundle.skipped) + "\n")
+        run_folder.write_text(run_dir / "skipped_rows.txt", "\n".join(data.bundle.skipped) + "\n")
         log.warning("skipped %d bad row(s), listed in %s", len(data.bundle.skipped), run_dir / "skipped_rows.txt")
     return data, time.perf_counter() - started
 
@@ -324,6 +324,7 @@ class EpochLoop:
         # Warm-up is per process (a resumed run warms up again), and never a whole epoch: every epoch is timed.
         warmup_until = position.step + min(trainer.warmup_steps, max(len(loader) - 1, 0))
         stop = StopRequest(self.device, trainer.log_every)
+        every = trainer.checkpoint_every  # optimizer steps between mid-epoch saves of last.pt; None: epoch ends only
         with torch_threads(loader.num_workers), stop.installed():
             self._first_batch(position)
             for epoch in range(position.epoch, trainer.epochs):
@@ -331,11 +332,22 @@ class EpochLoop:
                 loader.set_epoch(epoch, skip)
                 lr = self.state.optimizer.param_groups[0]["lr"]
                 epoch_started = time.perf_counter()
+                start = position.step
+
+                def step_done(step: int) -> None:
+                    self._after_step()  # first: a mid-epoch checkpoint holds the per-step schedule's new state
+                    batches_done = skip + step - start
+                    # Every rank counts the same steps, so all agree on when; only rank 0 writes. An epoch's last
+                    # step is left to the end-of-epoch save that follows its validation (len(loader) counts the
+                    # batches left after the `skip` a resumed epoch starts with).
+                    if every and step % every == 0 and batches_done < skip + len(loader):
+                        self._save(checkpoints.Position(epoch, batches_done, step), last_val, best=False)
+
                 with self.logger.epoch_bar(len(loader), f"epoch {epoch + 1}/{trainer.epochs}"):
                     stats = train_one_epoch(
                         self.state.model, self.state.optimizer, loader, self.normalize, self.device,
                         start_step=position.step, warmup_steps=warmup_until, log_every=trainer.log_every,
-                        on_window=self.logger.window, on_step=self._after_step,
+                        on_window=self.logger.window, on_step=step_done,
                         clip_grad_norm=self.cfg.optim.get("clip_grad_norm"), should_stop=stop, amp=self.state.amp,
                         augment=self._augment(epoch, skip), label_smoothing=trainer.get("label_smoothing", 0.0),
                         graphed_step=self.graphed_step)

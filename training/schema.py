@@ -225,6 +225,7 @@ class TrainerSchema:
     cuda_graphs: Any  # likewise
     deterministic: bool
     dist_timeout_minutes: float
+    checkpoint_every: Optional[int] = ranged(at_least=1)
 
 
 @dataclass
