@@ -142,7 +142,8 @@ export -f environment install_wheels train_run evaluate_run benchmark
 
 step env 20 environment
 step install 40 install_wheels
-step cuda-tests 165 "$PYTHON" -m pytest -m cuda -rs -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml"
+# -o addopts: the GPU machines have no pytest-xdist (pyproject.toml's -n auto), and one GPU wants one worker.
+step cuda-tests 165 "$PYTHON" -m pytest -o addopts=-q -m cuda -rs -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml"
 step train 50 train_run train
 step train-graphs 40 train_run train-graphs trainer.cuda_graphs=true
 step evaluate 30 evaluate_run
