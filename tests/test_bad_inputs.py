@@ -186,3 +186,17 @@ def test_tensorboard_events_that_cannot_be_written_are_one_line(make_cfg, crop_c
         training.run(make_cfg(f"dataset.csv={crop_csv}", "trainer.epochs=3"))
     assert "\n" not in str(error.value)
     assert "Traceback" not in capfd.readouterr().err  # nor from the event writer's own thread
+
+
+def test_a_train_log_that_cannot_be_written_is_one_line_not_a_traceback_per_line(make_cfg, crop_csv, tmp_path,
+                                                                                 file_size_limit, capfd):
+    """train.log outgrows a 300-byte limit at its second line, before config.yaml (larger) is written:
+    logging would print '--- Logging error ---' and a traceback for every later line."""
+    import training
+
+    file_size_limit(300)
+    with pytest.raises(UserError, match=r"cannot write .*config.yaml \(File too large\)"):
+        training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=tmp_path / "run"))
+    err = capfd.readouterr().err
+    assert err.count(f"cannot write {tmp_path / 'run' / 'train.log'} (File too large)") == 1, err
+    assert "Logging error" not in err and "Traceback" not in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,15 +36,31 @@ RESULT_METRICS = ("val/acc", "val/acc_best", "val/f1_macro", "val/loss", "train/
 HPARAM_METRICS = ("val/acc", "val/loss", "val/acc_best", "val/f1_macro")  # those this run logged
 
 
+def _write_errors_once(handler: logging.FileHandler) -> None:
+    """A full disk or an unwritable run folder fails every later write of train.log, and logging would print a
+    traceback for each line: say it once, in one line, and keep logging to the console."""
+    def handle_error(record: logging.LogRecord) -> None:
+        if not getattr(handler, "write_failed", False):
+            handler.write_failed = True
+            error = sys.exc_info()[1]
+            sys.stderr.write(f"cannot write {handler.baseFilename} ({getattr(error, 'strerror', None) or error}): "
+                             "the log goes on on the console only; free space there or make the folder writable\n")
+
+    handler.handleError = handle_error
+
+
 @contextmanager
 def run_log(run_dir: Path):
     """Log to run_dir/train.log: Hydra already does under train.py; tests and other callers get it here."""
     path = (run_dir / "train.log").resolve()
     root = logging.getLogger()
-    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
+    existing = [h for h in root.handlers if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path]
+    if existing:
+        _write_errors_once(existing[0])
         yield
         return
     handler = logging.FileHandler(path)
+    _write_errors_once(handler)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     previous_level = root.level
     root.addHandler(handler)
@@ -53,7 +70,10 @@ def run_log(run_dir: Path):
     finally:
         root.removeHandler(handler)
         root.setLevel(previous_level)
-        handler.close()
+        try:
+            handler.close()  # flushes: on a full disk it fails again, and that was already said
+        except OSError:
+            pass
 
 
 def starvation_advice(loader) -> str:
