@@ -87,7 +87,9 @@ def load(manifest: Path, report: bool = True) -> CachedCrops | None:
     array does not match its manifest (reported in one warning line unless `report` is false)."""
     try:
         entry = json.loads(manifest.read_text())
-        if _source_stats(entry["sources"]) != entry["sources"]:
+        # A skipped row's file is not among the sources (missing, unreadable, over max_image_pixels): one
+        # fixed since would go unseen, so a cache that left rows out is built again rather than trusted.
+        if entry["skipped"] or _source_stats(entry["sources"]) != entry["sources"]:
             return None
         array_path = manifest.with_name(entry["array"])
         size, expected = array_path.stat().st_size, entry["array_bytes"]
@@ -164,7 +166,13 @@ class RowWriter:
         # One write per run of consecutive rows: a CSV that lists a file's rows together writes once per file.
         breaks = np.flatnonzero(np.diff(rows_np) != 1) + 1
         for start, end in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows_np)]):
-            os.pwrite(self.fd, data[start:end], self.offset + int(rows_np[start]) * self.row_bytes)
+            self._write_all(memoryview(data[start:end]).cast("B"), self.offset + int(rows_np[start]) * self.row_bytes)
+
+    def _write_all(self, buffer: memoryview, offset: int) -> None:
+        """pwrite may write less than asked (at most ~2 GiB a call on Linux, less on a nearly full disk)."""
+        while buffer:
+            written = os.pwrite(self.fd, buffer, offset)
+            buffer, offset = buffer[written:], offset + written
 
 
 def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[int, int, int],

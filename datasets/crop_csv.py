@@ -73,6 +73,8 @@ def _int(text: str, column: str) -> int:
         raise ValueError(f"{column}={text!r} is not an integer")
     if value < 0:
         raise ValueError(f"{column}={text!r} is negative")
+    if value >= 2**31:  # no image is that large, and the bounds are checked as int64 arrays
+        raise ValueError(f"{column}={text!r} is too large")
     return int(value)
 
 
@@ -177,9 +179,10 @@ def _plain_ints(texts) -> np.ndarray:
 
 def _plain_int(text: str) -> int:
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         return -1
+    return value if 0 <= value < 2**31 else -1  # an int64 array cannot hold any Python int
 
 
 def _parse_rows(header: list[str], rows: list[list[str]], lines: list[int], form: tuple[str, ...],
@@ -196,7 +199,7 @@ def _parse_rows(header: list[str], rows: list[list[str]], lines: list[int], form
     m = sum(regular)
 
     def texts(name: str, strip: bool = True) -> list[str]:
-        if name not in column:
+        if name not in column or not fields:  # no row of the chunk has the header's field count
             return [""] * m
         return list(map(str.strip, fields[column[name]])) if strip else fields[column[name]]
 

@@ -196,3 +196,19 @@ def test_two_crop_sizes_on_one_folder_keep_two_caches(build_crops, npy_crops, tm
     assert [tuple(all_images(b).shape[2:]) for b in again] == [(8, 8), (16, 16)]
     assert torch.equal(all_images(again[0]), all_images(small)) and torch.equal(all_images(again[1]), all_images(large))
     assert sorted(Path(name).suffix for name in cache_files(tmp_path)) == [".json", ".json", ".npy", ".npy"]
+
+
+def test_a_cache_that_skipped_rows_is_built_again_once_their_file_is_fixed(build_crops, tmp_path):
+    """The missing file of a skipped row is not among the cache's sources: once it appears, its rows count."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "skip"
+    files.write_png(root / "a.png", files.random_image(rng, 32, 64))
+    rows = [{"path": name, "x0": 16 * i, "y0": 0, "x1": 16 * i + 16, "y1": 16, "label": "xy"[i % 2]}
+            for name in ("a.png", "b.png") for i in range(4)]
+    csv_path = write_crops(root / "crops.csv", rows)
+    keys = (f"dataset.csv={csv_path}", "dataset.cache=disk", "dataset.on_bad_rows=skip", "dataset.val_fraction=0.25")
+    first = build_crops(*keys)
+    assert len(first.skipped) == 4 and len(all_images(first)) == 4
+    files.write_png(root / "b.png", files.random_image(rng, 32, 64))
+    second = build_crops(*keys)
+    assert second.skipped == [] and len(all_images(second)) == 8

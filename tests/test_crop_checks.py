@@ -190,3 +190,20 @@ def test_train_py_prints_the_bad_rows_as_lines(tmp_path):
     assert "Traceback" not in output and "Error in call to target" not in output
     assert "2 bad row(s)" in output
     assert "\n  line 2: " in output and "\n  line 3: gone.png: label is blank" in output
+
+
+def test_huge_indices_are_bad_rows_not_an_overflow(scene_root):
+    """Python ints past int64 (and 1e20 as a float) once crashed the int64 bounds check with OverflowError."""
+    rows = [["scene.png", 0, 0, 16, 16, "a"], ["scene.png", 0, 0, "99999999999999999999", 16, "a"],
+            ["scene.png", 0, 0, "1e20", 16, "a"], ["scene.png", 0, 0, 16, 16, "b"]]
+    crops, bad = read_crops(write_csv(scene_root / "huge.csv", rows), on_bad_rows="skip")
+    assert [c.line for c in crops] == [2, 5]
+    assert bad == ["line 3: scene.png: x1='99999999999999999999' is too large", "line 4: scene.png: x1='1e20' is too large"]
+
+
+def test_rows_short_of_the_header_read_as_before(scene_root):
+    """A header with a split column over rows that leave it out: no row of the chunk has the header's field
+    count, and each is read as csv.DictReader did (the missing field empty)."""
+    rows = [["scene.png", 0, 0, 16, 16, "a"], ["scene.png", 8, 8, 24, 24, "b"]]
+    crops, bad = read_crops(write_csv(scene_root / "short.csv", rows, header=[*HEADER, "split"]))
+    assert bad == [] and [(c.line, c.label, c.split) for c in crops] == [(2, "a", None), (3, "b", None)]

@@ -105,3 +105,14 @@ def test_a_pickle_checkpoint_is_refused_in_one_line(make_eval_cfg, tmp_path):
     with pytest.raises(UserError, match="holds pickled Python objects") as error:
         run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'evil.pt'}"))
     assert "\n" not in str(error.value)
+
+
+def test_an_interpolation_in_a_stored_value_is_refused_and_never_resolved(make_cfg, make_eval_cfg, last_pt, tmp_path):
+    """OmegaConf resolves ${...} when the node is read: oc.create could build a node naming its own _target_,
+    so a plain-looking string could still run code (here: copy a file) while the model is built."""
+    source, copied = tmp_path / "secret.txt", tmp_path / "stolen.txt"
+    source.write_text("secret")
+    payload = "${oc.create:'{_target_: shutil.copyfile, _args_: [" + f"{source}, {copied}" + "]}'}"
+    tampered(last_pt, lambda c: c["config"]["model"].update(evil=payload))
+    refused_everywhere(make_cfg, make_eval_cfg, last_pt, r"its config's model.evil holds an interpolation")
+    assert not copied.exists()

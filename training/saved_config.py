@@ -134,12 +134,24 @@ def _plain(value) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+def _interpolates(value) -> bool:
+    """Whether a string (or one in a list) holds `${`: OmegaConf would resolve it when the node is read, and a
+    resolver such as oc.create can build a node with its own `_target_`. A saved config was stored resolved,
+    so no value of ours holds one."""
+    if isinstance(value, (list, tuple)):
+        return any(_interpolates(v) for v in value)
+    return isinstance(value, str) and "${" in value
+
+
 def _copy_value(node: DictConfig, key: str, value, source: str, full_key: str) -> None:
     """Set node[key] = value through the node's schema: a declared key must take the value's type; a key the
     schema does not declare (what `+optim.dampening=0.1` adds) is kept when its value is plain."""
     if not _plain(value):
         raise UserError(f"{source}: its config's {full_key} holds a {type(value).__name__}, not a plain value: "
                         "refusing to rebuild its config")
+    if _interpolates(value):
+        raise UserError(f"{source}: its config's {full_key} holds an interpolation (${{...}}), which could choose what "
+                        "code runs: refusing to rebuild its config")
     try:
         if key in node:
             node[key] = value
