@@ -19,6 +19,7 @@ from errors import UserError
 from models.cnn import TutorialCNN
 from tests import files
 from training import checkpoint as checkpoints
+from training.loop import NonFiniteLoss
 
 ROOT = Path(__file__).resolve().parent.parent
 # 64 crops, 20% of each class held out: 52 train = 7 batches of 8 per epoch.
@@ -204,3 +205,14 @@ def test_a_sigkilled_run_resumes_from_its_mid_epoch_checkpoint_bitwise_equal(mak
 def test_checkpoint_every_below_one_is_a_user_error(crop_run):
     with pytest.raises(UserError, match="trainer.checkpoint_every must be at least 1, got 0"):
         training.run(crop_run("zero", "trainer.checkpoint_every=0"))
+
+
+def test_a_mid_epoch_save_never_replaces_last_pt_with_nan_weights(crop_run):
+    """The loss is checked when a window closes (every log_every steps); a checkpoint_every save between two
+    checks must look at the weights itself."""
+    cfg = crop_run("nan", "optim.lr=1000", "trainer.checkpoint_every=1", "trainer.log_every=4")
+    with pytest.raises(NonFiniteLoss):
+        training.run(cfg)
+    saved = torch.load(Path(cfg.run_dir) / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 0 and saved["batches_done"] >= 1  # the last good mid-epoch state
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())

@@ -116,3 +116,20 @@ def test_an_interpolation_in_a_stored_value_is_refused_and_never_resolved(make_c
     tampered(last_pt, lambda c: c["config"]["model"].update(evil=payload))
     refused_everywhere(make_cfg, make_eval_cfg, last_pt, r"its config's model.evil holds an interpolation")
     assert not copied.exists()
+
+
+@pytest.mark.parametrize("hflip", [True, False])
+def test_a_checkpoint_from_before_the_augment_group_resumes_as_its_flip_setting(make_cfg, make_eval_cfg, last_pt,
+                                                                                 hflip):
+    """Checkpoints saved before augment existed hold dataset.hflip, which the datasets no longer take."""
+    def older(checkpoint):
+        checkpoint["config"]["dataset"]["hflip"] = hflip
+        del checkpoint["config"]["augment"]
+        checkpoint.pop("choices")
+
+    tampered(last_pt, older)
+    training.run(make_cfg(f"resume={last_pt}", "trainer.epochs=2"))
+    resumed = torch.load(last_pt, weights_only=True)
+    assert resumed["choices"]["augment"] == ("hflip" if hflip else "none")
+    assert resumed["config"]["augment"]["hflip"] is hflip and "hflip" not in resumed["config"]["dataset"]
+    assert run_evaluation(make_eval_cfg(f"checkpoint={last_pt}"))["epoch"] == 2

@@ -255,10 +255,11 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is None:
             return
+        failed_before = self.failed
         try:
             self._close()
         except UserError:
-            if not self.failed:  # a failure already raised is not raised twice
+            if not failed_before:  # a failure already raised is not raised twice; one first seen here is
                 raise
         finally:
             threading.excepthook = self.previous_hook

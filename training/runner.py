@@ -231,16 +231,16 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
 
     logger = RunLogger(run_dir if main else None, purge_step=position.step + 1 if checkpoint is not None else None,
                        loader=data.train_loader, progress=trainer.progress)
-    counts = _class_counts(bundle)
-    if main:
-        # Step 0 only: a resumed run's events already hold the table from its start.
-        logger.class_counts(bundle.classes, counts, cfg.loader.get("sampler", "uniform"),
-                            step=0 if checkpoint is None else None)
-    last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
-    logger.describe(describe_run(config, bundle, counts, model, speed, data.train_loader, process.world_size, device,
-                                 prep_seconds))
     outcome = "stopped by an error (see train.log)"
     try:
+        counts = _class_counts(bundle)
+        if main:
+            # Step 0 only: a resumed run's events already hold the table from its start.
+            logger.class_counts(bundle.classes, counts, cfg.loader.get("sampler", "uniform"),
+                                step=0 if checkpoint is None else None)
+        last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
+        logger.describe(describe_run(config, bundle, counts, model, speed, data.train_loader, process.world_size,
+                                     device, prep_seconds))
         loop = EpochLoop(cfg=cfg, run_dir=run_dir, data=data, state=state, schedule_per_step=per_step,
                          augment=augment, normalize=normalize, logger=logger, process=process, device=device,
                          graphed_step=graphed_step)
@@ -251,8 +251,10 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
         outcome = f"interrupted: continue with resume={run_dir / CHECKPOINT_DIR / 'last.pt'}"
         raise
     finally:
-        logger.summary(outcome, {name: run_dir / CHECKPOINT_DIR / name for name in ("last.pt", "best.pt")})
-        logger.close()
+        try:
+            logger.summary(outcome, {name: run_dir / CHECKPOINT_DIR / name for name in ("last.pt", "best.pt")})
+        finally:
+            logger.close()  # restores threading.excepthook, whatever the summary did
 
     metrics = {**logger.final, "data/prep_seconds": prep_seconds, "world_size": process.world_size}
     if main:
@@ -341,6 +343,7 @@ class EpochLoop:
                     # step is left to the end-of-epoch save that follows its validation (len(loader) counts the
                     # batches left after the `skip` a resumed epoch starts with).
                     if every and step % every == 0 and batches_done < skip + len(loader):
+                        self._require_finite_weights(step)  # losses are checked per window; weights now
                         self._save(checkpoints.Position(epoch, batches_done, step), last_val, best=False)
 
                 with self.logger.epoch_bar(len(loader), f"epoch {epoch + 1}/{trainer.epochs}"):
@@ -407,6 +410,16 @@ class EpochLoop:
                 "(e.g. 1.0)"
             )
         return val
+
+    def _require_finite_weights(self, step: int) -> None:
+        """A mid-epoch save may come before its window's loss check: never let it replace last.pt with NaN
+        weights (one host sync per trainer.checkpoint_every steps)."""
+        parameters = list(checkpoints.unwrap(self.state.model).parameters())
+        if not bool(torch.stack([p.isfinite().all() for p in parameters]).all()):
+            raise NonFiniteLoss(
+                f"the weights became NaN or infinite by step {step}: training stopped and checkpoints/last.pt keeps "
+                "the last good state; lower optim.lr or set optim.clip_grad_norm (e.g. 1.0)"
+            )
 
     def _path(self, name: str) -> Path:
         return self.run_dir / CHECKPOINT_DIR / name

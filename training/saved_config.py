@@ -81,6 +81,7 @@ def rebuild(stored: dict, recorded: dict | None, source: str) -> DictConfig:
     ("resume: outputs/.../last.pt"). Raises UserError, in one line naming the key, for anything else."""
     if not isinstance(stored, dict):
         raise UserError(f"{source}: its config is not a mapping: this trainer cannot rebuild it")
+    stored, recorded = _before_augment(stored, recorded)
     if recorded is None:
         recorded = choices(OmegaConf.create({k: v for k, v in stored.items() if k in GROUPS and isinstance(v, dict)}))
     elif not isinstance(recorded, dict):
@@ -97,6 +98,18 @@ def rebuild(stored: dict, recorded: dict | None, source: str) -> DictConfig:
             root[group] = node
     OmegaConf.set_struct(root, True)  # as Hydra leaves a composed config: a misspelt key fails when read
     return root
+
+
+def _before_augment(stored: dict, recorded: dict | None) -> tuple[dict, dict | None]:
+    """A config saved before the augment group existed flipped through dataset.hflip, which the datasets no
+    longer take: it trained as augment=hflip (true) or augment=none (false)."""
+    dataset = stored.get("dataset")
+    if "augment" in stored or not isinstance(dataset, dict) or "hflip" not in dataset:
+        return stored, recorded
+    choice = "hflip" if dataset["hflip"] is True else "none"
+    stored = {**stored, "dataset": {k: v for k, v in dataset.items() if k != "hflip"},
+              "augment": dict(shipped("augment")[choice])}
+    return stored, ({**recorded, "augment": choice} if isinstance(recorded, dict) else recorded)
 
 
 def _rebuild_group(group: str, stored, name, source: str) -> DictConfig | None:
