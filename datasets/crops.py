@@ -239,6 +239,13 @@ def _load_or_cache(csv_path: Path, root: str | None, shape: tuple[int, int, int]
     root_path = Path(root) if root is not None else csv_path.parent
     manifest = crop_cache.manifest_path(cache_dir, require_csv(csv_path), root_path, shape, rows, value_range)
     cached = crop_cache.load(manifest)
+    if cached is None and isinstance(value_range, tuple):
+        # A resumed run or evaluate.py pins the range a `global` run found; that run's cache holds exactly it,
+        # so a restart after a kill maps it instead of decoding every crop again.
+        found = crop_cache.load(crop_cache.manifest_path(cache_dir, csv_path, root_path, shape, rows, values.GLOBAL),
+                                report=False)
+        if found is not None and tuple(found.value_range) == tuple(value_range):
+            cached = found
     if cached is None:
         with crop_cache.build_lock(manifest):
             # Another run may have built it while this one waited (its damage, if any, was reported above).

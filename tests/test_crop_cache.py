@@ -212,3 +212,22 @@ def test_a_cache_that_skipped_rows_is_built_again_once_their_file_is_fixed(build
     files.write_png(root / "b.png", files.random_image(rng, 32, 64))
     second = build_crops(*keys)
     assert second.skipped == [] and len(all_images(second)) == 8
+
+
+def test_a_pinned_range_reuses_the_global_cache_that_found_it(build_crops, tmp_path):
+    """resume= and evaluate.py pass the checkpoint's [low, high] for a `global` run: the cache that run wrote
+    holds exactly that mapping, so a restart maps it instead of writing a second cache."""
+    rng = np.random.default_rng(2)
+    root = tmp_path / "floats"
+    for n in range(2):
+        files.write_npy(root / f"f{n}.npy", (rng.standard_normal((16, 64)) * (n + 1)).astype(np.float32))
+    csv_path = write_crops(root / "crops.csv", [{"path": f"f{n}.npy", "start": 16 * i, "end": 16 * i + 16,
+                                                 "label": i % 2} for n in range(2) for i in range(4)], strip=True)
+    keys = (f"dataset.csv={csv_path}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
+    first = build_crops(*keys)
+    written = cache_files(tmp_path)
+    low, high = first.value_range
+    pinned = build_crops(*keys, f"dataset.value_range=[{low!r},{high!r}]")
+    assert cache_files(tmp_path) == written and torch.equal(all_images(pinned), all_images(first))
+    other = build_crops(*keys, f"dataset.value_range=[{low - 1!r},{high!r}]")  # another range: its own cache
+    assert len(cache_files(tmp_path)) == len(written) + 2 and not torch.equal(all_images(other), all_images(first))
