@@ -2,13 +2,11 @@
 python evaluate.py checkpoint=PATH [dataset=CHOICE ...] [predict=[a.png,b.npy]]"""
 
 import logging
-import os
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from errors import UserError
+from errors import one_line_or_exit
 from training import schema
 from training.evaluation import run_evaluation
 
@@ -41,13 +39,7 @@ def table(result: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        result = run_evaluation(cfg)
-    except UserError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s", e)
-        sys.exit(1)
+    result = one_line_or_exit(lambda: run_evaluation(cfg), log)
     print(table(result))
 
 

@@ -2,13 +2,11 @@
 python export.py checkpoint=PATH [output=model.onnx]"""
 
 import logging
-import os
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from errors import UserError
+from errors import one_line_or_exit
 from training import schema
 from training.onnx_model import run_export
 
@@ -18,13 +16,7 @@ schema.register()  # before @hydra.main composes: the YAML files name the schema
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
-        output = run_export(cfg)
-    except UserError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s", e)
-        sys.exit(1)
+    output = one_line_or_exit(lambda: run_export(cfg), log)
     print(output)
 
 

@@ -2,13 +2,11 @@
 Writes sources/<file>.png (CSV boxes on each source) and classes.png, prints class counts and bad rows."""
 
 import logging
-import os
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from errors import UserError
+from errors import one_line_or_exit
 from training import schema
 from training.preview import report, run_preview
 
@@ -18,13 +16,7 @@ schema.register()  # before @hydra.main composes: the YAML files name the schema
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="preview")
 def main(cfg: DictConfig) -> None:
-    try:
-        result = run_preview(cfg)
-    except UserError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s", e)
-        sys.exit(1)
+    result = one_line_or_exit(lambda: run_preview(cfg), log)
     print(report(result, cfg.dataset.get("csv")))
     print(f"wrote {result['classes_png']}" + (f" and {len(result['sources'])} file(s) in "
                                               f"{result['sources'][0].parent}" if result["sources"] else ""))

@@ -1,7 +1,6 @@
 """Train the tutorial CNN on the configured data: python train.py [dataset=crops|imagefolder|...] [key=value ...]"""
 
 import logging
-import os
 import sys
 
 import hydra
@@ -11,7 +10,7 @@ from omegaconf import DictConfig
 
 import training
 from training import distributed
-from errors import UserError
+from errors import one_line_or_exit
 from training import schema
 
 log = logging.getLogger("train")
@@ -21,13 +20,8 @@ schema.register()  # before @hydra.main composes: the YAML files name the schema
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
-        metrics = training.run(cfg)
-    except UserError as e:
         # In a sweep, Hydra records the failed job and runs the others; exiting would end the sweep.
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        log.error("%s", e)
-        sys.exit(1)
+        metrics = one_line_or_exit(lambda: training.run(cfg), log, reraise=HydraConfig.get().mode == RunMode.MULTIRUN)
     except KeyboardInterrupt:
         sys.exit(130)  # the shell's code for Ctrl-C; the runner has saved last.pt and closed TensorBoard
     return metrics["val/acc"]  # the value a sweeper would optimise

@@ -98,7 +98,7 @@ def build_data(dataset_cfg: DictConfig, loader_cfg: DictConfig, seed: int, devic
 def build_augment(augment_cfg: DictConfig | None, input_shape: tuple[int, int, int],
                   mean: tuple[float, ...] = (0.0,)) -> Augment:
     """The training batches' augmentation for inputs of `input_shape` (C, H, W), checked to apply to them;
-    `mean` (0..1) is the colour cutout fills with. No augment group (an older checkpoint's config): none."""
+    `mean` (0..1) is the colour cutout fills with. No augment group (`~augment` on the command line): none."""
     if augment_cfg is None:
         return Augment()
     return _instantiate(augment_cfg)(mean=mean, input_shape=input_shape)

@@ -280,7 +280,7 @@ def _class_counts(counts: list[int], classes: list[str]) -> str:
     return f"{sum(counts)} items: " + ", ".join(f"{name} {n}" for name, n in zip(classes, counts))
 
 
-def describe_run(config: dict, bundle: DataBundle, counts: dict[str, list[int]], model: torch.nn.Module, speed, loader,
+def describe_run(config: dict, bundle: DataBundle, counts: dict[str, list[int]], parameters: int, speed, loader,
                  world_size: int, device: torch.device, prep_seconds: float) -> dict[str, dict[str, str]]:
     """The run summary's sections other than its results, from the resolved config and what was built;
     `counts`: items per class of each split."""
@@ -300,7 +300,7 @@ def describe_run(config: dict, bundle: DataBundle, counts: dict[str, list[int]],
         },
         "Model": {
             "name": target_name(config["model"]["_target_"]),
-            "parameters": f"{sum(p.numel() for p in model.parameters()):,}",
+            "parameters": f"{parameters:,}",
         },
         "Recipe": {
             "optimiser": _settings(optim),

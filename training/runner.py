@@ -239,7 +239,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
             logger.class_counts(bundle.classes, counts, cfg.loader.get("sampler", "uniform"),
                                 step=0 if checkpoint is None else None)
         last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
-        logger.describe(describe_run(config, bundle, counts, model, speed, data.train_loader, process.world_size,
+        logger.describe(describe_run(config, bundle, counts, parameters, speed, data.train_loader, process.world_size,
                                      device, prep_seconds))
         loop = EpochLoop(cfg=cfg, run_dir=run_dir, data=data, state=state, schedule_per_step=per_step,
                          augment=augment, normalize=normalize, logger=logger, process=process, device=device,
