@@ -44,6 +44,14 @@ def test_cuda_run_in_each_loader_mode(make_cfg, crop_csv, tmp_path, mode, loader
     log = (tmp_path / "run" / "train.log").read_text()
     assert f"{loader.__name__} loader" in log and "device cuda" in log
     assert "channels_last=True" in log and "cudnn_benchmark=True" in log and "precision_reason=auto:" in log
+    assert "cuda_graphs=True" in log and "cuda_graphs_reason=auto: on" in log  # measured faster: on by default
+
+
+def test_auto_leaves_cuda_graphs_off_for_a_per_step_scheduler_and_trains(make_cfg, crop_csv, tmp_path):
+    metrics = training.run(cuda_cfg(make_cfg, crop_csv, "scheduler=warmup_cosine"))
+    assert metrics["val/acc"] >= 0.9
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "cuda_graphs=False" in log and "cuda_graphs_reason=auto: off, a per-step scheduler" in log
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -67,7 +75,7 @@ def test_compile_on_cuda_trains(make_cfg, crop_csv):
 def test_cuda_graphs_train_like_eager_steps(make_cfg, crop_csv, tmp_path):
     """fp32, deterministic cuDNN: a run replaying captured steps ends where the eager run does."""
     common = ("trainer.precision=fp32", "trainer.deterministic=true", "scheduler=step", "scheduler.step_size=1")
-    eager = training.run(cuda_cfg(make_cfg, crop_csv, *common, run_dir=tmp_path / "eager"))
+    eager = training.run(cuda_cfg(make_cfg, crop_csv, *common, "trainer.cuda_graphs=false", run_dir=tmp_path / "eager"))
     graphed = training.run(cuda_cfg(make_cfg, crop_csv, *common, "trainer.cuda_graphs=true", run_dir=tmp_path / "graphs"))
     assert graphed["val/acc"] == eager["val/acc"]
     assert graphed["val/loss"] == pytest.approx(eager["val/loss"], rel=1e-4)
@@ -125,7 +133,7 @@ def test_replayed_steps_never_wait_for_the_gpu():
 
 def test_validation_syncs_the_same_number_of_times_for_one_batch_or_many(build_crops, crop_csv):
     bundle = build_crops(f"dataset.csv={crop_csv}")
-    model = TutorialCNN(3, 16, 16, 2).to(CUDA)
+    model = TutorialCNN(*bundle.input_shape, len(bundle.classes)).to(CUDA)
     normalize = Normalizer(bundle.mean, bundle.std, CUDA)
     syncs = []
     for batch in (len(bundle.val), 1):  # one batch, then one per item
