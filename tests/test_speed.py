@@ -26,22 +26,33 @@ def test_auto_precision_follows_the_training_gpus_compute_capability(capability,
 
 @pytest.mark.parametrize("overrides, message", [
     ({"device": torch.device("cpu")}, "needs trainer.device=cuda"),
-    ({"precision": "fp16"}, "cannot capture fp16's GradScaler"),
+    ({"precision": "fp16"}, "fp16's GradScaler syncs with the host"),
     ({"compile": True}, "choose one"),
-    ({"distributed": True}, "under torchrun"),
+    ({"distributed": True}, "not under torchrun"),
+    ({"per_step_scheduler": True}, "would re-capture every step"),
 ])
-def test_cuda_graphs_refuse_what_a_captured_step_cannot_do(overrides, message):
-    args = {"precision": "bf16", "compile": False, "device": torch.device("cuda"), "distributed": False, **overrides}
-    with pytest.raises(UserError, match=message):
-        speed.resolve(args["precision"], "auto", args["compile"], False, args["device"], capability=(8, 0),
-                      cuda_graphs=True, distributed=args["distributed"])
-    resolved = speed.resolve(args["precision"], "auto", args["compile"], False, args["device"], capability=(8, 0),
-                             distributed=args["distributed"])
-    assert not resolved.cuda_graphs  # auto keeps graphs off until they are measured faster on a GPU
+def test_cuda_graphs_refuse_what_a_captured_step_cannot_do_and_auto_turns_them_off_there(overrides, message):
+    args = {"precision": "bf16", "compile": False, "device": torch.device("cuda"), "distributed": False,
+            "per_step_scheduler": False, **overrides}
+    settings = {"capability": (8, 0), "distributed": args["distributed"], "per_step_scheduler": args["per_step_scheduler"]}
+    with pytest.raises(UserError, match=f"trainer.cuda_graphs=true cannot be used: .*{message}"):
+        speed.resolve(args["precision"], "auto", args["compile"], False, args["device"], cuda_graphs=True, **settings)
+    resolved = speed.resolve(args["precision"], "auto", args["compile"], False, args["device"], **settings)
+    assert not resolved.cuda_graphs and resolved.cuda_graphs_reason.startswith("auto: off")
+    assert message in resolved.cuda_graphs_reason  # the run's log says why auto left them off
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp32"])
+def test_auto_captures_cuda_graphs_wherever_a_step_can_be_captured(precision):
+    """Measured faster on a GPU (README): auto turns them on for CUDA unless something above rules them out."""
+    resolved = speed.resolve(precision, "auto", False, False, torch.device("cuda"), capability=(9, 0))
+    assert resolved.cuda_graphs and resolved.cuda_graphs_reason.startswith("auto: on")
+    assert not speed.resolve(precision, "auto", False, False, torch.device("cuda"), capability=(9, 0),
+                             cuda_graphs=False).cuda_graphs
 
 
 def test_cuda_graphs_on_cpu_fail_before_any_data_is_read(make_cfg, tmp_path):
-    with pytest.raises(UserError, match="trainer.cuda_graphs=true needs trainer.device=cuda"):
+    with pytest.raises(UserError, match="trainer.cuda_graphs=true cannot be used: it needs trainer.device=cuda"):
         training.run(make_cfg(f"dataset.csv={tmp_path / 'absent.csv'}", "trainer.cuda_graphs=true"))
 
 

@@ -184,11 +184,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
 
     # Before any data is read: a setting this device cannot run fails in a second.
     speed = speeds.resolve(trainer.precision, trainer.channels_last, trainer.compile, trainer.deterministic, device,
-                           cuda_graphs=trainer.cuda_graphs, distributed=process.distributed)
-    if speed.cuda_graphs and OmegaConf.select(cfg, "scheduler.interval") == "step":
-        # A captured step holds the learning rate it saw: a new rate every step would re-capture every step.
-        raise UserError("trainer.cuda_graphs=true cannot replay a per-step scheduler (scheduler.interval=step): "
-                        "use an epoch-stepped scheduler or trainer.cuda_graphs=false")
+                           cuda_graphs=trainer.cuda_graphs, distributed=process.distributed,
+                           per_step_scheduler=OmegaConf.select(cfg, "scheduler.interval") == "step")
     # A resumed run maps values and normalises as it did before (mean/std=auto is not recomputed).
     fixed = saved_mapping(checkpoint, cfg.dataset) if checkpoint is not None else None
     data, prep_seconds = _prepare_data(cfg, run_dir, process, device, fixed)
