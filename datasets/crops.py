@@ -34,7 +34,7 @@ from datasets.base import (
     split_indices,
 )
 from datasets.crop_csv import Crop, read_crops, require_csv
-from datasets.transforms import DECODE_ERRORS, FileSource, scan_arrays
+from datasets.transforms import DECODE_ERRORS, FileSource, image_size, scan_arrays
 from datasets.values import Scale
 from errors import UserError
 from progress import progress_bar
@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 # Boxes resized per call: enough to amortise the call, few enough that the copies in flight stay small
 # (1,024 boxes of 96x96 px are 9 MB per thread, against the 3 kB a crop is kept as).
 REGIONS_PER_CALL = 1024
+# Each thread holds its decoded source a few times over (the decoder's image, the array, the channel-first
+# copy: measured ~1.7x its decoded bytes on 2 cores and ~4x on a 16-core machine, whose 16 threads put a
+# 10,000-crop cache=memory build at 2.55x its array). Into memory, the threads' sources together stay within
+# this share of the array being filled: a small data set is cut on fewer threads (it is quick anyway) so
+# the build stays near its array's bytes, and a large one on every core.
+SOURCE_COPIES_PER_THREAD = 3
+THREADS_MEMORY_SHARE = 0.15
+HEADERS_SAMPLED = 64  # files whose header sizes the source estimate (the largest of them counts)
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "crops"
 
 
@@ -117,6 +125,8 @@ def extract(crops: list[Crop], out: torch.Tensor | crop_cache.RowWriter, desc: s
         return None
 
     workers = max(1, min(workers or decode_threads(), len(by_file)))
+    if isinstance(out, torch.Tensor):  # a cache file streams; its peak does not follow the data set's size
+        workers = min(workers, _threads_within_memory_share(list(by_file)[:HEADERS_SAMPLED], out.numel(), channels))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         done = [pool.submit(cut_file, path, rows) for path, rows in by_file.items()]
         for _ in progress_bar(as_completed(done), total=len(done), desc=desc, unit="file"):
@@ -125,6 +135,18 @@ def extract(crops: list[Crop], out: torch.Tensor | crop_cache.RowWriter, desc: s
     if unreadable:
         raise UserError(f"{len(unreadable)} file(s) cannot be decoded; replace them or remove their rows:"
                         + problem_list(unreadable))
+
+
+def _threads_within_memory_share(paths: list[Path], array_bytes: int, channels: int) -> int:
+    """How many threads' decoded sources fit in THREADS_MEMORY_SHARE of the array they fill (at least one)."""
+    largest = 1
+    for path in paths:
+        try:
+            h, w = image_size(path)
+        except DECODE_ERRORS:  # reported by the cut itself, with the rest
+            continue
+        largest = max(largest, h * w * channels)
+    return max(1, int(THREADS_MEMORY_SHARE * array_bytes // (SOURCE_COPIES_PER_THREAD * largest)))
 
 
 INTEGER_LABEL = re.compile(r"-?[0-9]+")
