@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CUDA check of this project, on a GPU machine, in at most 8 minutes from a fresh checkout:
+# Every CUDA check of this project, on a GPU machine, in at most 9 minutes from a fresh checkout:
 #
 #     benchmarks/cuda_check.sh OUTDIR
 #
@@ -19,9 +19,11 @@
 #   train         [50]  python train.py on the bundled demo data, trainer.device=cuda  -> train/ (a run dir)
 #   train-graphs  [40]  the same with trainer.cuda_graphs=true (train/throughput side by side)  -> train-graphs/
 #   evaluate      [30]  python evaluate.py on train/'s last.pt, device=cuda            -> eval/ (eval.json)
+#   torchrun      [45]  one process under torchrun: NCCL, SyncBatchNorm (model=fastnet), the val/mistakes
+#                       image gathered across ranks, and graphs left off under DDP      -> torchrun/
 #   benchmark    [120]  python -m benchmarks.throughput --gpu-check --device cuda      -> benchmark.json, .md
 # Every step's output goes to OUTDIR/STEP.log; summary.json lists each step's exit code, seconds and limit
-# (124: out of time; the limits add up to 465 s and each is cut to what is left of that). The benchmark measures the GPU targets, bf16 against fp32 and CUDA graphs against
+# (124: out of time; the limits add up to 510 s and each is cut to what is left of that). The benchmark measures the GPU targets, bf16 against fp32 and CUDA graphs against
 # eager steps (trainer.cuda_graphs=auto stays off until these figures say graphs are faster).
 #
 # CUDA_CHECK_DEVICE=cpu runs the same steps on the CPU at smoke size (tests/test_cuda_check.py does, with
@@ -57,11 +59,11 @@ fi
 export ROOT OUT PYTHON DEVICE SCRATCH EPOCHS BENCH
 
 STARTED=$(date +%s)
-DEADLINE=$((STARTED + 465 * SLOWER))  # 8 minutes, less the last kill's grace and the summary
+DEADLINE=$((STARTED + 510 * SLOWER))  # 9 minutes, less the last kill's grace and the summary
 SUMMARY=""
 
 # step NAME LIMIT COMMAND...: run COMMAND (a program or a function below) under `timeout LIMIT` (cut to
-# what is left of the 8 minutes) with its output in OUTDIR/NAME.log, and record its exit code; never
+# what is left of the 9 minutes) with its output in OUTDIR/NAME.log, and record its exit code; never
 # stops the script.
 step() {
     local name=$1 limit=$(($2 * SLOWER)) rc begun left
@@ -134,11 +136,32 @@ sys.exit(0 if scored["acc"] == run["val/acc"] else 1)
 EOF
 }
 
+torchrun_run() {  # a one-process torchrun takes the same NCCL/gloo path as a larger one (training/distributed.py)
+    local model=fastnet  # BatchNorm layers: SyncBatchNorm on CUDA
+    [ "$DEVICE" = cpu ] && model=tutorial_cnn  # fastnet trains at ~64 samples/s on 2 CPU cores
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 train.py trainer.device="$DEVICE" \
+        trainer.epochs=2 trainer.progress=false model=$model hydra.run.dir="$OUT/torchrun" || return 1
+    "$PYTHON" - "$OUT/torchrun" "$DEVICE" <<'EOF'
+import sys
+from pathlib import Path
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+run = Path(sys.argv[1])
+log = (run / "train.log").read_text()
+board = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+checks = {"val/mistakes image": "val/mistakes" in board.Tags()["images"],
+          "graphs off under DDP": "cuda_graphs=False" in log and ("not under torchrun" in log or "cuda" not in sys.argv[2]),
+          "two epochs": torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2}
+print(checks)
+sys.exit(0 if all(checks.values()) else 1)
+EOF
+}
+
 benchmark() {
     # shellcheck disable=SC2086  # BENCH is a list of flags
     "$PYTHON" -m benchmarks.throughput $BENCH --device "$DEVICE" --out "$OUT/benchmark.json" >"$OUT/benchmark.md"
 }
-export -f environment install_wheels train_run evaluate_run benchmark
+export -f environment install_wheels train_run evaluate_run torchrun_run benchmark
 
 step env 20 environment
 step install 40 install_wheels
@@ -147,6 +170,7 @@ step cuda-tests 165 "$PYTHON" -m pytest -o addopts=-q -m cuda -rs -p no:cachepro
 step train 50 train_run train
 step train-graphs 40 train_run train-graphs trainer.cuda_graphs=true
 step evaluate 30 evaluate_run
+step torchrun 45 torchrun_run
 step benchmark 120 benchmark
 
 printf '{\n  "device": "%s",\n  "seconds": %d,\n  "steps": {%s\n  }\n}\n' \

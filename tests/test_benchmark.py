@@ -40,3 +40,16 @@ def test_preparation_smoke_run_times_every_case_against_its_targets(tmp_path):
     assert set(report["targets"]) == set(preparation.TARGETS)
     assert report["peak_memory"]["memory"]["rows"] == report["settings"]["rows"]
     assert report["vs_reference_grey_levels"]["max"] <= 2  # the same boxes as PIL cuts them, not others
+
+
+def test_gpu_knobs_runs_every_case_a_cpu_can_and_compares_each_with_the_default(tmp_path):
+    from benchmarks import gpu_knobs
+
+    out = tmp_path / "knobs.json"
+    report = gpu_knobs.main(["--device", "cpu", "--seconds", "0.02", "--repeats", "1", "--rows", "300",
+                             "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    # On a CPU: every batch size, and the one knob with no CUDA in it (bf16, graphs and fused SGD need a GPU).
+    assert set(report["cases"]) == {f"default/{b}" for b in gpu_knobs.BATCHES} | {"nchw/512"}
+    assert all(value > 0 for value in report["cases"].values())
+    assert report["vs_default_512"]["default/512"] == 1.0
