@@ -49,3 +49,23 @@ def test_the_advice_fits_the_loader(make_cfg, build_crops, crop_csv):
     per_item = make_loader(memory.train, device=torch.device("cpu"), seed=0, train=True, mode="dataloader")
     assert "raise loader.batch_size" in starvation_advice(on_device)
     assert "dataset.cache=memory" in starvation_advice(per_item)
+
+
+def test_one_starved_window_is_noise_two_in_a_row_warn(caplog):
+    """A single window can wait on one preemption of a busy machine; starvation that persists is the loader."""
+    from training.logger import RunLogger
+    from training.loop import Window
+
+    logger = RunLogger(None, None, loader=None, progress=False)
+    def window(step, wait):
+        return Window(step=step, loss=1.0, throughput=100.0, data_wait=wait)
+    with caplog.at_level("WARNING", logger="training.logger"):
+        for step, wait in enumerate([0.5, 0.1, 0.6, 0.05], start=1):  # starved windows, never two in a row
+            logger.window(window(step, wait))
+        assert STARVED not in caplog.text
+        logger.window(window(5, 0.3))
+        logger.window(window(6, 0.4))
+        assert caplog.text.count(STARVED) == 1 and "(step 6)" in caplog.text
+        logger.window(window(7, 0.9))
+        logger.window(window(8, 0.9))
+        assert caplog.text.count(STARVED) == 1  # once per run

@@ -29,6 +29,9 @@ from training.loop import Window
 log = logging.getLogger(__name__)
 
 DATA_WAIT_WARNING = 0.2  # a window waiting more than this fraction of its time on data is starved
+# Windows in a row that must be starved before the warning: one window of a few milliseconds can wait 20%
+# on a single preemption of a busy machine's loader thread, which says nothing about the loader.
+STARVED_WINDOWS = 2
 IMBALANCE_WARNING = 10.0  # largest / smallest training class above this: suggest the balanced sampler
 SUMMARY_TAG = "run/summary"  # the TEXT entry: data, model, recipe, machine and results of one run
 RESULT_METRICS = ("val/acc", "val/acc_best", "val/f1_macro", "val/loss", "train/loss", "train/throughput",
@@ -120,6 +123,7 @@ class RunLogger:
         self.final: dict[str, float] = {}
         self.bar = None
         self.warned_starved = False
+        self.starved_in_a_row = 0
 
     @_events_written
     def _open(self, run_dir: Path, purge_step: int | None) -> None:
@@ -156,7 +160,8 @@ class RunLogger:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{window.loss:.3f}", samples_s=f"{window.throughput:.0f}",
                                  wait=f"{window.data_wait:.0%}", refresh=False)
-        if window.data_wait > DATA_WAIT_WARNING and not self.warned_starved:
+        self.starved_in_a_row = self.starved_in_a_row + 1 if window.data_wait > DATA_WAIT_WARNING else 0
+        if self.starved_in_a_row >= STARVED_WINDOWS and not self.warned_starved:
             self.warned_starved = True
             log.warning("training waited on data %.0f%% of the time (step %d): the loader is the bottleneck; %s",
                         100 * window.data_wait, window.step, starvation_advice(self.loader))
