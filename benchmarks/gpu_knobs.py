@@ -17,7 +17,6 @@ On a CPU every case runs eagerly in fp32 (graphs and bf16 cases are skipped), wh
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import torch
 from benchmarks import throughput
 from datasets import demo
 from datasets.base import ArrayStore, InMemoryDataset
-from errors import UserError
+from benchmarks.report import run as run_benchmark, write as write_report
 from training.build import resolve_device
 
 BATCHES = (256, 512, 1024, 2048)
@@ -104,13 +103,8 @@ def main(argv=None) -> dict:
     print("| case | samples/s | vs default/512 |\n| --- | ---: | ---: |")
     for name, value in cases.items():
         print(f"| `{name}` | {value:,.0f} | {value / base:.2f}x |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_benchmark(main)

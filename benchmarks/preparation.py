@@ -38,7 +38,7 @@ from PIL import Image
 from benchmarks.peak_memory import main as measure_peak
 from datasets import crops
 from datasets.crop_csv import read_crops, write_crops
-from errors import UserError
+from benchmarks.report import run as run_benchmark, write as write_report
 from training.loaders import available_cores
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,13 +181,9 @@ def main(argv=None) -> dict:
           f"{ratios['disk_peak_vs_uint8']:.2f}x; app vs PIL: mean {report['vs_reference_grey_levels']['mean']} grey "
           f"levels, max {report['vs_reference_grey_levels']['max']}; load {report['machine']['load_average_before_after']}; "
           f"JSON: {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_report(report, out)
     return report
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_benchmark(main)

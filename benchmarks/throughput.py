@@ -49,7 +49,7 @@ from torchvision import transforms
 
 from datasets import crops, demo
 from datasets.crop_csv import write_crops
-from errors import UserError
+from benchmarks.report import run as run_benchmark, write as write_report
 from models.cnn import TutorialCNN
 from datasets.base import ArrayStore, InMemoryDataset
 from training import schema
@@ -524,13 +524,9 @@ def main(argv=None) -> dict:
               f"{'yes' if target['met'] else 'no'} |")
     print(f"\nepoch seconds: {report['epoch_seconds']}; prep seconds: {report['prep_seconds']}; "
           f"total {report['seconds']} s; JSON: {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_report(report, out)
     return report
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_benchmark(main)

@@ -15,7 +15,6 @@ scan now does up front.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from datasets import crops, demo, values
 from datasets.crop_csv import read_crops
 from datasets.transforms import scan_arrays
 from datasets.crop_csv import write_crops
-from errors import UserError
+from benchmarks.report import run as run_benchmark, write as write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -128,14 +127,10 @@ def main(argv=None) -> dict:
     baseline = best["npy/memory/per_file/given"]
     for name, seconds in parts.items():
         print(f"| `npy/memory: {name} alone` | {seconds:.3f} | {seconds / baseline:.3f}x |")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_report(report, out)
     print(f"JSON: {out}")
     return report
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_benchmark(main)
