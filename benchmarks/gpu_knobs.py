@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
         # The crops repeated to a whole number of batches of every size: no short last batch (run eagerly).
         store = bundle.train.store
         take = torch.arange(SAMPLES) % len(store)
-        train = InMemoryDataset(ArrayStore(store.images[take], store.labels[take]))
+        train = InMemoryDataset(ArrayStore(store.images[take], store.labels[take], store.channels))
         setups = {f"default/{b}": (Setup(bundle.mean, bundle.std, device, {}, False), b) for b in BATCHES}
         for name, (overrides, fused) in KNOBS.items():
             if cuda or not ({"precision", "cuda_graphs"} & set(overrides) or fused):

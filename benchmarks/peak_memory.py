@@ -2,6 +2,9 @@
 
 python -m benchmarks.peak_memory CROPS.csv [--cache disk]  ->  prints JSON {"rows", "uint8_bytes", "peak_bytes", "ratio"}
 
+uint8_bytes is what the store holds: one channel per crop where every source is grey (the model still sees
+3), so the ratio is the peak against the bytes actually kept.
+
 cache=disk writes a new cache into a temporary folder; its array goes to the file as it is cut, so its peak
 should stay far below the array's size.
 
@@ -44,8 +47,8 @@ def main(csv_path: Path, cache: str = "memory") -> dict:
         bundle = _build(csv_path, csv_path.parent, cache, Path(tmp) / "cache")
         peak = _status_bytes("VmHWM") - baseline
     uint8_bytes = bundle.train.store.images.numel()
-    return {"cache": cache, "rows": len(bundle.train.store), "uint8_bytes": uint8_bytes, "peak_bytes": peak,
-            "ratio": peak / uint8_bytes}
+    return {"cache": cache, "rows": len(bundle.train.store), "stored_shape": list(bundle.train.store.images.shape[1:]),
+            "uint8_bytes": uint8_bytes, "peak_bytes": peak, "ratio": peak / uint8_bytes}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ file, as when objects of a few kinds are boxed); every box is resized to 32x32 a
                  from its throughput over a timed window (training a whole epoch each round takes too long)
 Targets: app / reference <= 0.5 and app / epoch <= 0.4. Also the peak memory of a cache=memory build
 above the process's baseline against its uint8 bytes (<= 1.2), and of a cache=disk build, which streams to
-its file (benchmarks/peak_memory.py, each in its own process).
+its file (benchmarks/peak_memory.py, each in its own process). The grey sources are stored with one
+channel; beside them, the peak of a cache=memory build of the same scenes saved as RGB PNGs (each grey value
+in all three channels), which the app stores as 3 channels: the two peaks side by side (grey_vs_rgb_peak).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +75,17 @@ def generate(folder: Path, files: int, side: int, per_file: int) -> Path:
             rows.append({"path": name, "x0": x0, "y0": y0, "x1": x0 + w, "y1": y0 + h,
                          "label": int(rng.integers(CLASSES))})
     return write_crops(folder / "boxes.csv", rows)
+
+
+def rgb_copy(csv_path: Path) -> Path:
+    """The CSV's scenes saved again as RGB PNGs (the grey value in each channel) beside a copy of the CSV, in
+    a subfolder: the same crops, for a build that stores 3 channels."""
+    folder = csv_path.parent / "rgb"
+    folder.mkdir()
+    for png in csv_path.parent.glob("*.png"):
+        with Image.open(png) as img:
+            img.convert("RGB").save(folder / png.name)
+    return Path(shutil.copy(csv_path, folder / csv_path.name))
 
 
 def pil_reference(csv_path: Path, mode: str) -> np.ndarray:
@@ -150,14 +164,19 @@ def main(argv=None) -> dict:
                 best[name] = min(best.get(name, float("inf")), seconds)
                 print(f"  round {round_ + 1}/{settings['rounds']} {name:15s} {seconds:8.3f} s", file=sys.stderr)
         # The app's crops against the plain script's: the same boxes, resized by a different kernel.
-        app_hwc = bundle.train.store.images.permute(0, 2, 3, 1).numpy()
+        store = bundle.train.store
+        app_hwc = store.expand(store.images).permute(0, 2, 3, 1).numpy()
         difference = np.abs(app_hwc.astype(np.int16) - reference.astype(np.int16))
-        del bundle, reference, app_hwc
+        del bundle, store, reference, app_hwc
         memory = {cache: peak_memory(csv_path, cache, own_process=size != "smoke") for cache in ("memory", "disk")}
+        memory["memory-rgb"] = peak_memory(rgb_copy(csv_path), "memory", own_process=size != "smoke")
     rows = settings["files"] * settings["per_file"]
     ratios = {"app_vs_reference": best["app"] / best["reference"], "app_vs_epoch": best["app"] / best["epoch"],
               "app_vs_reference_grey": best["app"] / best["reference-grey"],
-              "memory_peak_vs_uint8": memory["memory"]["ratio"], "disk_peak_vs_uint8": memory["disk"]["ratio"]}
+              "memory_peak_vs_uint8": memory["memory"]["ratio"], "disk_peak_vs_uint8": memory["disk"]["ratio"],
+              # max(.., 1): in --smoke the build runs in this process, where its growth can read as 0 bytes
+              "grey_vs_rgb_peak": memory["memory"]["peak_bytes"] / max(memory["memory-rgb"]["peak_bytes"], 1),
+              "grey_vs_rgb_stored": memory["memory"]["uint8_bytes"] / memory["memory-rgb"]["uint8_bytes"]}
     report = {
         "command": " ".join(["python -m benchmarks.preparation", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cores": available_cores(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -178,7 +197,8 @@ def main(argv=None) -> dict:
     for target in report["targets"].values():
         print(f"| {target['what']} | {target['ratio']:.2f}x | <= {target['target']}x | {'yes' if target['met'] else 'no'} |")
     print(f"\napp vs reference-grey {ratios['app_vs_reference_grey']:.2f}x; cache=disk peak / uint8 bytes "
-          f"{ratios['disk_peak_vs_uint8']:.2f}x; app vs PIL: mean {report['vs_reference_grey_levels']['mean']} grey "
+          f"{ratios['disk_peak_vs_uint8']:.2f}x; grey / RGB-copy cache=memory peak {ratios['grey_vs_rgb_peak']:.2f}x "
+          f"(stored bytes {ratios['grey_vs_rgb_stored']:.2f}x); app vs PIL: mean {report['vs_reference_grey_levels']['mean']} grey "
           f"levels, max {report['vs_reference_grey_levels']['max']}; load {report['machine']['load_average_before_after']}; "
           f"JSON: {out}")
     write_report(report, out)

@@ -362,7 +362,7 @@ def measure_epochs(bundle, device: torch.device, samples: int, repeats: int) -> 
     batch GPU_BATCH: with train.py's defaults, and where there is CUDA with eager steps and with CUDA graphs."""
     store = bundle.train.store
     take = torch.arange(samples) % len(store)
-    dataset = InMemoryDataset(ArrayStore(store.images[take], store.labels[take]))
+    dataset = InMemoryDataset(ArrayStore(store.images[take], store.labels[take], store.channels))
     setups = {"default": App(bundle.mean, bundle.std, device, train_speed(device))}
     if device.type == "cuda":
         setups["eager"] = App(bundle.mean, bundle.std, device, train_speed(device, cuda_graphs=False))

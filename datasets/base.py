@@ -45,14 +45,20 @@ class DataBundle:
 class ArrayStore:
     """One uint8 array (N, C, H, W) with its labels, shared by the splits that index into it.
 
-    A device loader asks for it on its device; the copy is made once and shared by train and val.
+    `channels` is what every item is seen as, the model's C; grey data for a 3-channel model is stored once,
+    as (N, 1, H, W), and repeated by `expand` as a view (no copy) where a batch is formed: on the training
+    device, after the copy there, so the host memory, the device copy and the transfer hold a third of it.
+    A device loader asks for the stored array on its device; the copy is made once and shared by train and val.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.channels = channels or images.shape[1]
+        if images.shape[1] not in (1, self.channels):
+            raise ValueError(f"{images.shape[1]} stored channels cannot be seen as {self.channels}")
         self.images = images
         self.labels = labels.to(torch.int64)
         self._copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -60,11 +66,21 @@ class ArrayStore:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def stored_channels(self) -> int:
+        """Channels held per item: 1 for grey data seen as 3, else `channels`."""
+        return self.images.shape[1]
+
+    def expand(self, batch: torch.Tensor) -> torch.Tensor:
+        """A stored batch (B, stored_channels, H, W) as the model sees it, (B, channels, H, W): a view."""
+        return batch.expand(-1, self.channels, -1, -1)
+
     def is_on(self, device: torch.device) -> bool:
         """Whether a copy on `device` exists already (made by the training split's loader)."""
         return str(device) in self._copies
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored images (not expanded) and the labels on `device`."""
         key = str(device)
         if key not in self._copies:
             self._copies[key] = (self.images.to(device), self.labels.to(device))
@@ -72,7 +88,8 @@ class ArrayStore:
 
 
 class InMemoryDataset(Dataset):
-    """A split of an ArrayStore: items are views, and a loader can gather whole batches by index."""
+    """A split of an ArrayStore: items are views (C, H, W) in the model's channels, and a loader can gather
+    whole batches by index."""
 
     def __init__(self, store: ArrayStore, indices=None):
         self.store = store
@@ -80,6 +97,19 @@ class InMemoryDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[index])
+        return self.store.images[j].expand(self.store.channels, -1, -1), int(self.store.labels[j])
+
+    def stored(self) -> StoredItems:
+        """The same split with its items as stored, for a DataLoader to batch before they are expanded."""
+        return StoredItems(self.store, self.indices)
+
+
+class StoredItems(InMemoryDataset):
+    """An in-memory split whose items are as stored, (1, H, W) for grey data seen as 3 channels: what the
+    DataLoader batches, pins and copies to the device, where the batch is expanded (ArrayStore.expand)."""
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         j = int(self.indices[index])

@@ -3,7 +3,8 @@
 Two files per (CSV content, root, crop geometry, which rows count), named by a hash of those:
   crops-<key>.json              the manifest: every source file's size and mtime, every row's label and
                                 split, the rows left out (on_bad_rows=skip), and the array's file name;
-  crops-<key>-<sources>.npy     the array (N, C, H, W), named also by the sources' sizes and mtimes.
+  crops-<key>-<sources>.npy     the array (N, C, H, W), named also by the sources' sizes and mtimes; C is 1
+                                where every source is grey, whatever dataset.channels (the manifest's shape).
 A later run hashes the CSV's bytes and stats the source files, nothing per row: no CSV parsing, no bounds
 checks, no decoding (parsing alone is ~17 us per row, 0.3 s for 20k rows, longer than the rest of a cached
 run). A changed CSV gives a new key; a changed source size or mtime makes the manifest stale and the crops
@@ -40,13 +41,14 @@ from errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 5  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
+FORMAT = 6  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
+# (6: grey data is stored with one channel, where 5 stored it three times)
 SAMPLES, SAMPLE_BYTES = 64, 2**16  # the array's digest: 64 blocks of 64 KiB, first and last included
 
 
 @dataclass
 class CachedCrops:
-    images: torch.Tensor  # uint8 (N, C, H, W), memory-mapped copy-on-write: nothing is written back
+    images: torch.Tensor  # uint8 (N, C, H, W) as stored (C=1 for grey sources), memory-mapped copy-on-write
     labels: list[str]  # per row, in CSV order
     splits: list[str | None]
     skipped: list[str]  # one line per row on_bad_rows=skip left out
@@ -177,8 +179,8 @@ class RowWriter:
 
 def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[int, int, int],
           fill: Callable[[torch.Tensor | RowWriter], None], value_range: str | tuple[float, float]) -> CachedCrops:
-    """Extract the crops (`fill` writes them into the array it is given, by rows) into a new cache; return it
-    mapped. Called under build_lock."""
+    """Extract the crops (`fill` writes them into the array it is given, by rows) into a new cache of `shape`
+    (C, H, W) per crop, as stored; return it mapped. Called under build_lock."""
     # A build killed midway (SIGKILL runs no cleanup) left its temp files; none is in use while this run holds
     # the lock, and they would count against the free space checked next.
     for stale in manifest.parent.glob(f"{manifest.stem}*.tmp-*"):

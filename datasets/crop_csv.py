@@ -15,6 +15,7 @@ import math
 from operator import attrgetter, is_not
 import sys
 from collections.abc import Iterable
+from typing import NamedTuple
 from contextlib import contextmanager
 from itertools import compress, repeat
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.base import decode_problem, problem_list
-from datasets.transforms import DECODE_ERRORS, image_size
+from datasets.transforms import DECODE_ERRORS, image_header
 from errors import UserError
 
 BOX_COLUMNS = ("path", "x0", "y0", "x1", "y1", "label")
@@ -265,13 +266,20 @@ def _require_utf8(csv_path: Path) -> None:
                         "saved as UTF-8 (in a spreadsheet: CSV UTF-8)") from None
 
 
+class CropRows(NamedTuple):
+    crops: list[Crop]  # the good rows, in CSV order
+    skipped: list[str]  # one line per bad row (on_bad_rows=skip)
+    grey: bool  # every good row's file holds one value per pixel (transforms.image_header), from headers alone
+
+
 def read_crops(
     csv_path: str | Path,
     root: str | Path | None = None,
     on_bad_rows: str = "error",
     allow_outside_root: bool = False,
-) -> tuple[list[Crop], list[str]]:
-    """Parse and check every row; returns the good rows and, with on_bad_rows=skip, one line per bad row.
+) -> CropRows:
+    """Parse and check every row; returns the good rows, with on_bad_rows=skip one line per bad row, and
+    whether all the good rows' files are grey (read in the same header pass as their sizes).
 
     With on_bad_rows=error, one UserError lists every bad row (the first 20, then a count).
     """
@@ -291,7 +299,8 @@ def read_crops(
             good, bad = _parse_rows(header, rows, lines, form, paths)
             parsed += good
             problems.update(bad)
-    problems.update(_check_files(parsed))
+    bad_files, grey = _check_files(parsed)
+    problems.update(bad_files)
     crops = [crop for crop in parsed if crop.line not in problems]
     bad = [f"line {line}: {problem}" for line, problem in sorted(problems.items())]
     if bad and on_bad_rows == "error":
@@ -301,18 +310,21 @@ def read_crops(
         )
     if not crops:
         raise UserError(f"{csv_path}: no usable rows; add one row per example under the header")
-    return crops, bad
+    return CropRows(crops, bad, all(grey[path] for path in dict.fromkeys(map(attrgetter("path"), crops))))
 
 
-def _check_files(crops: list[Crop]) -> dict[int, str]:
-    """Every region must lie inside its file: CSV line -> problem. Sizes come from PIL's header read or the
-    .npy header (memory-mapped), so validating a large data set decodes no pixels. The bounds of all rows are
-    compared at once; only the rows found outside are looked at one by one, for their messages."""
+def _check_files(crops: list[Crop]) -> tuple[dict[int, str], dict[Path, bool]]:
+    """Every region must lie inside its file: CSV line -> problem; and whether each readable file is grey.
+    Sizes and modes come from PIL's header read or the .npy header (memory-mapped), so validating a large
+    data set decodes no pixels. The bounds of all rows are compared at once; only the rows found outside are
+    looked at one by one, for their messages."""
     paths = list(map(attrgetter("path"), crops))
     sizes: dict[Path, tuple[int, int] | str] = {}
+    grey: dict[Path, bool] = {}
     for path in dict.fromkeys(paths):
         try:
-            sizes[path] = image_size(path)
+            h, w, grey[path] = image_header(path)
+            sizes[path] = (h, w)
         except FileNotFoundError:
             sizes[path] = "file not found"
         except (*DECODE_ERRORS, UserError) as e:
@@ -333,7 +345,7 @@ def _check_files(crops: list[Crop]) -> dict[int, str]:
                 f"{crop.path}: region x {crop.x0}..{crop.x1}, y {crop.y0}..{y1[i]} "
                 f"is outside the {size[1]}x{size[0]} (width x height) file"
             )
-    return problems
+    return problems, grey
 
 
 def write_crops(csv_path: str | Path, rows: Iterable[dict], strip: bool = False) -> Path:

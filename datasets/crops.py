@@ -5,6 +5,8 @@ Cache modes (the lesson behind this project: decoding from disk per item starves
   memory  decode each file once, cut all its crops, hold one uint8 array (N, C, H, W);
   disk    as memory, but the array is written once to a cache file and memory-mapped by later runs
           (datasets/crop_cache.py).
+With dataset.channels=3 and every source grey (decided from the files' headers), memory and disk hold
+(N, 1, H, W): the loaders repeat the channel as a view on the training device (datasets.base.ArrayStore).
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ def extract(crops: list[Crop], out: torch.Tensor | crop_cache.RowWriter, desc: s
     one, by its own range).
 
     A file's boxes are grouped by size and each group is resized in one call (transforms.resize_many: the
-    same pixels as cutting them one by one); a grey image is resized as one channel and repeated as it is
-    stored. Files are cut on `workers` threads (default decode_threads()).
+    same pixels as cutting them one by one); a grey image is resized as one channel, and repeated as it is
+    stored where `out` has 3 channels (a data set mixing grey and colour files). Files are cut on `workers`
+    threads (default decode_threads()).
     Headers were checked already; a file whose pixels fail to decode (truncated, corrupt) is listed with
     every other such file in one error at the end.
     """
@@ -205,7 +208,7 @@ def build(
         root = None
     else:
         csv_path = Path(csv)
-    shape = (channels, height, width)
+    shape = (channels, height, width)  # what the model sees; a grey data set is stored with one channel
     rows = (on_bad_rows, allow_outside_root)  # which rows count: they change what a cache holds
 
     started = time.perf_counter()
@@ -216,13 +219,14 @@ def build(
         images, labels, splits, skipped = cached.images, cached.labels, cached.splits, cached.skipped
         value_range = cached.value_range
     else:
-        crops, skipped = read_crops(csv_path, root, *rows)
+        crops, skipped, grey = read_crops(csv_path, root, *rows)
         labels, splits = [c.label for c in crops], [c.split for c in crops]
         scales, value_range = scan_arrays([c.path for c in crops], value_range)
         if cache == "memory":
-            check_fits_in_memory(len(crops) * int(np.prod(shape)), f"{csv_path} at {width}x{height}x{channels}",
+            stored = stored_shape(shape, grey)
+            check_fits_in_memory(len(crops) * int(np.prod(stored)), f"{csv_path} at {width}x{height}x{stored[0]}",
                                  Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
-            images = torch.empty((len(crops), *shape), dtype=torch.uint8)
+            images = torch.empty((len(crops), *stored), dtype=torch.uint8)
             extract(crops, images, desc="decoding crops", scales=scales)
     classes = _classes(labels)
     class_index = {name: i for i, name in enumerate(classes)}
@@ -236,9 +240,10 @@ def build(
 
         train_set, val_set = subset(train), subset(val)
     else:
-        log.info("crops: %d x %s uint8 (%.1f MiB) ready in %.2f s", len(images), shape,
-                 images.numel() / 2**20, time.perf_counter() - started)
-        store = ArrayStore(images, torch.tensor(targets))
+        log.info("crops: %d x %s uint8 (%.1f MiB%s) ready in %.2f s", len(images), tuple(images.shape[1:]),
+                 images.numel() / 2**20, ", grey: repeated to 3 channels on the device" if images.shape[1] < channels
+                 else "", time.perf_counter() - started)
+        store = ArrayStore(images, torch.tensor(targets), channels)
         train_set, val_set = InMemoryDataset(store, train), InMemoryDataset(store, val)
 
     mean, std = values.normalization(mean, std, train_set, channels)
@@ -252,6 +257,13 @@ def build(
         skipped=skipped,
         value_range=value_range,
     )
+
+
+def stored_shape(shape: tuple[int, int, int], grey: bool) -> tuple[int, int, int]:
+    """What a cache holds per crop for the model's (C, H, W): one channel where every source is grey (1 or 3
+    channels seen, the pixels are the same), else C."""
+    channels, height, width = shape
+    return (1 if grey else channels, height, width)
 
 
 def _load_or_cache(csv_path: Path, root: str | None, shape: tuple[int, int, int], cache_dir: Path,
@@ -274,9 +286,9 @@ def _load_or_cache(csv_path: Path, root: str | None, shape: tuple[int, int, int]
             cached = crop_cache.load(manifest, report=False)
             if cached is None:
                 log.info("crop cache: writing %s", manifest)
-                crops, skipped = read_crops(csv_path, root, *rows)
+                crops, skipped, grey = read_crops(csv_path, root, *rows)
                 scales, resolved = scan_arrays([c.path for c in crops], value_range)
-                return crop_cache.write(manifest, crops, skipped, shape,
+                return crop_cache.write(manifest, crops, skipped, stored_shape(shape, grey),
                                         lambda out: extract(crops, out, desc="caching crops", scales=scales),
                                         resolved)
     log.info("crop cache: reusing %s", manifest)

@@ -80,13 +80,20 @@ def _wide_to_uint8(array: np.ndarray, mode: str, path) -> np.ndarray:
     return values.rule_scale([stats])(array)
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of an image or .npy array, read from its header without decoding the pixels."""
+def image_header(path: str | Path) -> tuple[int, int, bool]:
+    """(height, width, grey) of an image or .npy array, read from its header without decoding the pixels.
+    grey: one value per pixel, which dataset.channels=3 repeats: a grey PIL mode (GREY_MODES) or a deep one
+    (16-bit, I, F), or an array (H, W) or (H, W, 1)."""
     if is_array_file(path):
         shape = open_array(path).shape
-        return shape[0], shape[1]
+        return shape[0], shape[1], len(shape) == 2 or shape[2] == 1
     with Image.open(path) as img:
-        return img.height, img.width
+        return img.height, img.width, img.mode in GREY_MODES or img.mode in _WIDE_MODES
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image or .npy array, read from its header without decoding the pixels."""
+    return image_header(path)[:2]
 
 
 def array_scale(array: np.ndarray, path, scale: values.Scale | None = None):

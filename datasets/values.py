@@ -167,17 +167,20 @@ def parse_statistic(value, key: str) -> str | list[float]:
 def channel_histograms(train: Dataset, channels: int) -> torch.Tensor:
     """(channels, 256) counts of every pixel value of the training split: one pass over uint8 data already in
     memory (a dataset with `.store` and `.indices`), else one decode of every item."""
-    counts = torch.zeros((channels, 256), dtype=torch.int64)
     store, indices = getattr(train, "store", None), getattr(train, "indices", None)
     if store is not None and indices is not None:
+        # Counted as stored: grey data held once for 3 channels has the same counts in each of them.
+        held = store.stored_channels
         batches = (store.images[chunk] for chunk in torch.split(indices, STATS_BATCH))
     else:
+        held = channels
         batches = (train[i][0].unsqueeze(0) for i in range(len(train)))
+    counts = torch.zeros((held, 256), dtype=torch.int64)
     for batch in batches:
-        for c in range(channels):
+        for c in range(held):
             # bincount of uint8 per channel: ~10x faster than float sums of squares, and exact.
             counts[c] += torch.bincount(batch[:, c].reshape(-1), minlength=256)
-    return counts
+    return counts.expand(channels, 256)
 
 
 def normalization(mean, std, train: Dataset, channels: int) -> tuple[list[float], list[float]]:

@@ -75,19 +75,20 @@ def write_cifar10(root: Path, per_batch: int = 20, test_size: int = 20, seed: in
     return sums
 
 
-def write_crop_scenes(root: Path) -> Path:
-    """A small learnable crop set: 4 PNG scenes (2 classes by brightness) with 16 boxes each; returns its CSV."""
+def write_crop_scenes(root: Path, channels: int = 3, mode: str | None = None) -> Path:
+    """A small learnable crop set: 4 PNG scenes (2 classes by brightness) with 16 boxes each; returns its CSV.
+    channels=1 draws grey scenes (saved as L, or as `mode`: RGB keeps the grey values in all three channels)."""
     rng = np.random.default_rng(0)
     rows = []
     for n in range(4):
-        scene = rng.integers(0, 60, size=(64, 64, 3), dtype=np.uint8)
+        scene = rng.integers(0, 60, size=(64, 64) if channels == 1 else (64, 64, 3), dtype=np.uint8)
         for i in range(16):
             y, x = divmod(i, 4)
             label = "bright" if (i + n) % 2 else "dark"
             if label == "bright":
                 scene[y * 16 : y * 16 + 16, x * 16 : x * 16 + 16] += 150
             rows.append([f"scene{n}.png", x * 16, y * 16, x * 16 + 16, y * 16 + 16, label])
-        write_png(root / f"scene{n}.png", scene)
+        write_png(root / f"scene{n}.png", scene, mode)
     path = root / "crops.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)

@@ -39,6 +39,10 @@ def test_preparation_smoke_run_times_every_case_against_its_targets(tmp_path):
     assert all(seconds > 0 for seconds in report["seconds"].values())
     assert set(report["targets"]) == set(preparation.TARGETS)
     assert report["peak_memory"]["memory"]["rows"] == report["settings"]["rows"]
+    # The grey scenes are stored with one channel, their RGB copies with three; both peaks are measured.
+    assert report["peak_memory"]["memory"]["stored_shape"] == [1, 32, 32]
+    assert report["peak_memory"]["memory-rgb"]["stored_shape"] == [3, 32, 32]
+    assert report["ratios"]["grey_vs_rgb_stored"] == round(1 / 3, 3) and report["ratios"]["grey_vs_rgb_peak"] >= 0
     assert report["vs_reference_grey_levels"]["max"] <= 2  # the same boxes as PIL cuts them, not others
 
 

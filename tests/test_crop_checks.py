@@ -107,7 +107,7 @@ def test_column_reader_agrees_with_the_row_parser_on_odd_rows(scene_root, header
     rows[9] = []  # a blank line
     csv_path = write_csv(scene_root / "odd.csv", rows, header=header)
     expected_good, expected_bad = _row_by_row(csv_path, scene_root)
-    crops, bad = read_crops(csv_path, on_bad_rows="skip")
+    crops, bad, _ = read_crops(csv_path, on_bad_rows="skip")
     assert [(c.line, c.path, c.x0, c.y0, c.x1, c.y1, c.label, c.split) for c in crops] == expected_good
     assert bad == expected_bad
     assert len(expected_good) >= 5 and len(expected_bad) >= 20  # both paths were taken
@@ -115,7 +115,7 @@ def test_column_reader_agrees_with_the_row_parser_on_odd_rows(scene_root, header
 
 def test_sizes_come_from_headers_so_truncated_pixels_fail_only_at_decode(scene_root):
     csv_path = write_csv(scene_root / "crops.csv", [["truncated.png", 0, 0, 64, 48, "a"]])
-    crops, skipped = read_crops(csv_path)  # validation read the 64x48 header without decoding the pixels
+    crops, skipped, _ = read_crops(csv_path)  # validation read the 64x48 header without decoding the pixels
     assert len(crops) == 1 and skipped == []
     with pytest.raises(UserError, match=r"truncated\.png.*CSV line\(s\) 2"):
         extract(crops, torch.empty((1, 3, 8, 8), dtype=torch.uint8), desc="test")
@@ -161,7 +161,7 @@ def test_paths_outside_the_root_are_refused(tmp_path):
     for line in (3, 4, 5):
         assert f"line {line}: " in message
     assert message.count("outside the root") == 3 and "dataset.allow_outside_root=true" in message
-    crops, _ = read_crops(csv_path, allow_outside_root=True)
+    crops, _, _ = read_crops(csv_path, allow_outside_root=True)
     assert len(crops) == 4
 
 
@@ -196,7 +196,7 @@ def test_huge_indices_are_bad_rows_not_an_overflow(scene_root):
     """Python ints past int64 (and 1e20 as a float) once crashed the int64 bounds check with OverflowError."""
     rows = [["scene.png", 0, 0, 16, 16, "a"], ["scene.png", 0, 0, "99999999999999999999", 16, "a"],
             ["scene.png", 0, 0, "1e20", 16, "a"], ["scene.png", 0, 0, 16, 16, "b"]]
-    crops, bad = read_crops(write_csv(scene_root / "huge.csv", rows), on_bad_rows="skip")
+    crops, bad, _ = read_crops(write_csv(scene_root / "huge.csv", rows), on_bad_rows="skip")
     assert [c.line for c in crops] == [2, 5]
     assert bad == ["line 3: scene.png: x1='99999999999999999999' is too large", "line 4: scene.png: x1='1e20' is too large"]
 
@@ -205,5 +205,5 @@ def test_rows_short_of_the_header_read_as_before(scene_root):
     """A header with a split column over rows that leave it out: no row of the chunk has the header's field
     count, and each is read as csv.DictReader did (the missing field empty)."""
     rows = [["scene.png", 0, 0, 16, 16, "a"], ["scene.png", 8, 8, 24, 24, "b"]]
-    crops, bad = read_crops(write_csv(scene_root / "short.csv", rows, header=[*HEADER, "split"]))
+    crops, bad, _ = read_crops(write_csv(scene_root / "short.csv", rows, header=[*HEADER, "split"]))
     assert bad == [] and [(c.line, c.label, c.split) for c in crops] == [(2, "a", None), (3, "b", None)]

@@ -16,6 +16,7 @@ from benchmarks import throughput
 from datasets.base import ArrayStore, InMemoryDataset
 from errors import UserError
 from models.cnn import TutorialCNN
+from tests import files
 from training import checkpoint as checkpoints
 from training.evaluation import run_evaluation
 from training.graphs import WARMUP_STEPS, CudaGraphStep
@@ -231,3 +232,26 @@ def test_data_larger_than_free_gpu_memory_falls_back_to_the_dataloader():
         torch.cuda.empty_cache()  # back to the driver, so mem_get_info sees it free again
     assert isinstance(build_loader(dataset, device=CUDA, seed=0, train=True, **{**keys, "mode": "auto"}),
                       DeviceLoader)
+
+
+@pytest.mark.parametrize("mode", ["device", "dataloader"])
+def test_grey_data_crosses_to_the_gpu_as_one_channel_and_trains_with_cuda_graphs(make_cfg, build_crops, tmp_path,
+                                                                                  mode):
+    """Grey crops stored once: the GPU copy (device loader) or each pinned batch (DataLoader) holds one
+    channel, expanded on the GPU to the batches the CPU gives; a graphed run trains on them."""
+    grey_csv = files.write_crop_scenes(tmp_path / "grey", channels=1)
+    bundle = build_crops(f"dataset.csv={grey_csv}")
+    keys = {**throughput.LOADER_DEFAULTS, "batch_size": 8, "mode": mode}
+    on_gpu = build_loader(bundle.train, device=CUDA, seed=0, train=True, **keys)
+    on_cpu = build_loader(bundle.train, device=torch.device("cpu"), seed=0, train=True, **keys)
+    if mode == "device":
+        assert on_gpu.images.device.type == "cuda" and on_gpu.images.shape[1] == 1
+    else:
+        assert on_gpu.pin_memory and on_gpu.dataset[0][0].shape[0] == 1
+    for (images, labels), (expected, expected_labels) in zip(on_gpu, on_cpu, strict=True):
+        assert images.device.type == "cuda" and images.shape[1] == 3 and images.stride(1) == 0
+        assert torch.equal(images.cpu(), expected) and torch.equal(labels.cpu(), expected_labels)
+    metrics = training.run(cuda_cfg(make_cfg, grey_csv, f"loader.mode={mode}", "trainer.cuda_graphs=true",
+                                    "augment=dihedral", "augment.cutout=4"))
+    assert metrics["val/acc"] >= 0.9
+    assert "crops: 64 x (1, 32, 32) uint8" in (tmp_path / "run" / "train.log").read_text()

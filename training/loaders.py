@@ -5,6 +5,10 @@ device      data already in memory is copied to the training device once; each e
             no workers). The per-item loader's overhead (~0.5 ms per sample here) disappears.
 dataloader  torch's DataLoader over any dataset, with workers for data decoded per item.
 
+Both yield batches on the training device in the model's channels. Grey data held once for a 3-channel
+model (datasets.base.ArrayStore) travels as one channel, to the device and in the pinned host batches, and
+is expanded there, a view: three times less to copy, and the same batches as data stored three times.
+
 Both take their order from `epoch_order`: a permutation seeded by (seed + epoch), so an epoch is
 reproducible on its own and a resumed run sees the batches an unbroken one would. With
 `loader.sampler=balanced` the order is instead a seeded draw with replacement that picks every class
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -76,7 +81,8 @@ def balanced_order(labels: torch.Tensor, generator: torch.Generator) -> torch.Te
 
 def device_bytes(dataset: InMemoryDataset, device: torch.device, train: bool) -> int:
     """What a DeviceLoader for this split adds to the device: the whole store for training (validation then
-    shares it), only its own items for a split scored alone (evaluate.py), nothing when already there."""
+    shares it), only its own items for a split scored alone (evaluate.py), nothing when already there. The
+    bytes as stored: grey data is expanded to the model's channels batch by batch, as a view."""
     store = dataset.store
     if store.is_on(device):
         return 0
@@ -122,6 +128,7 @@ class DeviceLoader:
             self.images = dataset.store.images[dataset.indices].to(device)
             self.labels = dataset.store.labels[dataset.indices].to(device)
             self.indices = torch.arange(len(dataset), device=device)
+        self.expand = dataset.store.expand  # the stored channels to the model's, a view
         self.balance = balance  # the split's labels (CPU) when loader.sampler=balanced
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.pad = rank, world_size, pad
@@ -147,8 +154,7 @@ class DeviceLoader:
         order = self.indices[shard(order, self.rank, self.world_size, self.pad).to(self.indices.device)]
         for start in range(self.skip_batches * self.batch_size, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            images = self.images[batch]
-            yield images, self.labels[batch]
+            yield self.expand(self.images[batch]), self.labels[batch]
 
 
 class EpochSampler(Sampler[int]):
@@ -172,12 +178,16 @@ class EpochSampler(Sampler[int]):
 
 
 class EpochSeededDataLoader(DataLoader):
-    """torch's DataLoader whose order and worker seeds depend only on (seed, epoch)."""
+    """torch's DataLoader whose order and worker seeds depend only on (seed, epoch). Each batch is copied to
+    `device` (non-blocking: from pinned memory when pin_memory is on) and then given to `expand`, which turns
+    the channels as stored into the model's (ArrayStore.expand for in-memory data; nothing else by default)."""
 
     def __init__(self, dataset: Dataset, seed: int, shuffle: bool, rank: int = 0,
                  world_size: int = 1, pad: bool = False, balance: torch.Tensor | None = None,
-                 notice: str | None = None, **kwargs):
+                 notice: str | None = None, device: torch.device = torch.device("cpu"),
+                 expand: Callable[[torch.Tensor], torch.Tensor] | None = None, **kwargs):
         self.seed, self.epoch, self.skip_batches, self.rank = seed, 0, 0, rank
+        self.device, self.expand = device, expand
         self.notice = notice  # why loader.mode=auto chose this loader over the DeviceLoader, for the run's log
         sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size, pad, balance)
         super().__init__(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs)
@@ -198,14 +208,14 @@ class EpochSeededDataLoader(DataLoader):
         self.set_epoch(state["epoch"])
 
     def __iter__(self) -> _EpochBatches:
-        return _EpochBatches(super().__iter__())
+        return _EpochBatches(super().__iter__(), self.device, self.expand)
 
 
 class _EpochBatches:
-    """One epoch of a DataLoader's batches; a worker's UserError comes out as one line."""
+    """One epoch of a DataLoader's batches on the device; a worker's UserError comes out as one line."""
 
-    def __init__(self, batches):
-        self.batches = batches
+    def __init__(self, batches, device: torch.device, expand: Callable[[torch.Tensor], torch.Tensor] | None):
+        self.batches, self.device, self.expand = batches, device, expand
 
     def __iter__(self) -> _EpochBatches:
         return self
@@ -223,7 +233,10 @@ class _EpochBatches:
                 "in the main process, or, if it ran out of shared memory (/dev/shm is small in containers), give it "
                 "more, e.g. docker run --shm-size=2g"
             ) from None
-        return images, labels
+        images = images.to(self.device, non_blocking=True)
+        if self.expand is not None:
+            images = self.expand(images)
+        return images, labels.to(self.device, non_blocking=True)
 
 
 def _without_worker_traceback(error: UserError) -> UserError:
@@ -295,12 +308,15 @@ def build_loader(
             return DeviceLoader(dataset, batch_size, shuffle, device, seed, rank, world_size, pad=train,
                                 train=train, balance=balance)
     workers = resolve_workers(num_workers, dataset)
+    expand = None
+    if in_memory:  # batched as stored (one channel for grey data), expanded on the device after the copy
+        dataset, expand = dataset.stored(), dataset.store.expand
     if pin_memory == "auto":
         pin_memory = device.type == "cuda"
     if not isinstance(pin_memory, bool):
         raise UserError(f"loader.pin_memory must be auto, true or false, got {pin_memory!r}")
     extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return EpochSeededDataLoader(
-        dataset, seed, shuffle, rank, world_size, train, balance, notice, batch_size=batch_size,
-        num_workers=workers, pin_memory=pin_memory, **extra
+        dataset, seed, shuffle, rank, world_size, train, balance, notice, device=device, expand=expand,
+        batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, **extra
     )

@@ -131,6 +131,7 @@ def train_one_epoch(
             images, targets = next(batches)
         except StopIteration:
             break
+        # A no-op for the app's loaders, which deliver on the device in the model's channels (training/loaders.py).
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         waited = time.perf_counter() - fetch_started
