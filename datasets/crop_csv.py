@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import io
 import math
 import re
 from operator import attrgetter, is_not
@@ -261,9 +262,8 @@ def require_csv(csv_path: str | Path) -> Path:
     return csv_path
 
 
-def _require_utf8(csv_path: Path) -> None:
+def _require_utf8(csv_path: Path, data: bytes) -> None:
     """Name the first line that is not UTF-8 (decoding while parsing knows only its buffer, not the line)."""
-    data = csv_path.read_bytes()
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -277,8 +277,11 @@ def read_crops(
     root: str | Path | None = None,
     on_bad_rows: str = "error",
     allow_outside_root: bool = False,
+    content: bytes | None = None,
 ) -> tuple[list[Crop], list[str]]:
     """Parse and check every row; returns the good rows and, with on_bad_rows=skip, one line per bad row.
+    `content`: the CSV's bytes when the caller read them already (the disk cache keys its file by exactly the
+    rows parsed); by default the file is read once here.
 
     With on_bad_rows=error, one UserError lists every bad row (the first 20, then a count).
     """
@@ -288,8 +291,10 @@ def read_crops(
     root = Path(root) if root is not None else csv_path.parent
     if not root.is_dir():
         raise UserError(f"dataset.root: folder not found: {root.resolve()}")
-    _require_utf8(csv_path)
-    with open(csv_path, newline="", encoding="utf-8-sig") as f, _collector_paused():
+    data = csv_path.read_bytes() if content is None else content
+    _require_utf8(csv_path, data)
+    # newline="": line breaks inside quoted fields reach the csv module as written, as open(newline="") gives them.
+    with io.StringIO(data.decode("utf-8-sig"), newline="") as f, _collector_paused():
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         form = _form(header, csv_path)

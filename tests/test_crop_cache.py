@@ -1,16 +1,20 @@
 """dataset.cache=disk: written once, reused while nothing changed, never stale, never half-written."""
 
+import fcntl
 import logging
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from datasets import crops
 from datasets.crop_csv import write_crops
 from errors import UserError
 from tests import files
@@ -131,6 +135,43 @@ def test_a_truncated_or_altered_cache_array_is_reported_in_one_line_and_rebuilt(
     caplog.clear()
     build_crops(*overrides)  # whole again: reused, nothing reported
     assert not any("damaged" in r.getMessage() or "writing" in r.getMessage() for r in caplog.records)
+
+
+def test_a_csv_edited_while_a_run_waits_on_the_cache_lock_never_pairs_its_old_key_with_the_new_rows(
+        build_crops, make_cfg, npy_crops, tmp_path, caplog):
+    """A run keys the cache by the CSV's bytes, then may wait for another run's build lock; the CSV edited
+    meanwhile must not be cached under the key of the bytes it replaced. The test holds that lock itself."""
+    caplog.set_level(logging.INFO)
+    overrides = (f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
+    original = npy_crops.read_bytes()
+    build_crops(*overrides)
+    manifest = next((tmp_path / "cache").glob("*.json"))
+    manifest.unlink()  # the next run must build this key again, under its lock
+    edited = original.replace(b"a0.npy,0,16", b"a0.npy,8,24")  # first row: strip moved by 8 columns
+    keys = OmegaConf.to_container(make_cfg(f"dataset.cache_dir={tmp_path / 'cache'}", *overrides).dataset,
+                                  resolve=True)
+    keys.pop("_target_")
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with open(manifest.with_suffix(".lock"), "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # as another run building this key would; closing releases it
+            waiting = pool.submit(crops.build, **keys, seed=0)
+            deadline = time.monotonic() + 60
+            while not any("waiting for it" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            npy_crops.write_bytes(edited)
+        waited = waiting.result(timeout=60)
+    said = [r.getMessage() for r in caplog.records]
+    source = np.load(npy_crops.parent / "a0.npy")
+    assert torch.equal(all_images(waited)[0], torch.from_numpy(source[:, 8:24]).permute(2, 0, 1))  # the new rows
+
+    npy_crops.write_bytes(original)  # each content maps the cache its own bytes were keyed by
+    assert torch.equal(all_images(build_crops(*overrides))[0], torch.from_numpy(source[:, 0:16]).permute(2, 0, 1))
+    npy_crops.write_bytes(edited)
+    caplog.clear()
+    assert torch.equal(all_images(build_crops(*overrides))[0], torch.from_numpy(source[:, 8:24]).permute(2, 0, 1))
+    assert not any("writing" in r.getMessage() for r in caplog.records)  # the waiting run's cache, reused
+    assert any("changed while this run waited" in message for message in said)
 
 
 # A process that builds the crops with cache=disk once every builder is ready, and prints their digest.
