@@ -4,6 +4,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,11 +83,16 @@ def test_failed_save_leaves_previous_checkpoint_whole(crop_run, tmp_path, monkey
     assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 1
 
 
-def next_second() -> None:
-    """TensorBoard names event files by the second, then by a per-process counter that is not zero-padded
-    (...pid.9 sorts after ...pid.10), and applies a resume's purge_step in name order: runs in one process
-    writing into one folder must start in different seconds (separate processes always do)."""
-    time.sleep(1 - time.time() % 1)
+def test_a_resume_opened_in_the_second_of_an_earlier_attempts_events_still_shows(crop_run, tmp_path):
+    """TensorBoard reads a run's event files in name order (second, host, pid, counter; not zero-padded) and
+    applies each file's session start as it goes. An attempt killed in its first second and resumed at once
+    can leave a file that sorts after the resumed one: here, the same second with a pid that sorts last."""
+    training.run(crop_run("run", "trainer.epochs=1"))
+    (earlier,) = (tmp_path / "run").glob("events.out.tfevents.*")
+    time.sleep(1 - time.time() % 1)  # a second's start: the resume below opens its events within it
+    earlier.rename(earlier.with_name(f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.99999999.0"))
+    training.run(crop_run("run", "trainer.epochs=2", f"resume={tmp_path / 'run/checkpoints/last.pt'}"))
+    assert [step for step, _ in events(tmp_path / "run")["val/acc"]] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
 
 
 def test_resume_is_bitwise_equal_to_an_unbroken_run(crop_run, tmp_path):
@@ -95,9 +101,7 @@ def test_resume_is_bitwise_equal_to_an_unbroken_run(crop_run, tmp_path):
     folder = tmp_path / "broken" / "checkpoints"
     shutil.copy(folder / "last.pt", folder / "epoch1.pt")
     # An attempt that logged epoch 2 and then "died": its events after the checkpoint must not survive.
-    next_second()
     training.run(crop_run("elsewhere", "trainer.epochs=2", f"resume={folder / 'epoch1.pt'}"))
-    next_second()
     metrics = training.run(crop_run("elsewhere", "trainer.epochs=2", f"resume={folder / 'epoch1.pt'}"))
 
     assert not (tmp_path / "elsewhere").exists()  # a checkpoint in a run's checkpoints/ continues that run
