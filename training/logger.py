@@ -268,6 +268,13 @@ class RunLogger:
         text = summary_markdown(f"Run {self.writer.log_dir}", {**self.about, "Results": results})
         self.writer.add_text(SUMMARY_TAG, text, self.last_step + 1)
 
+    @_events_written
+    def flush(self) -> None:
+        """Write what was logged to the event files now (the writer otherwise holds it up to 120 s): called
+        before each checkpoint, so a SIGKILL after a save loses no point the resumed run will not log again."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is None:
             return
