@@ -55,12 +55,13 @@ class CachedCrops:
     value_range: str | tuple[float, float]  # per_file, or the (low, high) every .npy source was mapped from
 
 
-def manifest_path(cache_dir: Path, csv_path: Path, root: Path, shape: tuple[int, int, int], rows: tuple,
+def manifest_path(cache_dir: Path, csv_bytes: bytes, root: Path, shape: tuple[int, int, int], rows: tuple,
                   value_range: str | tuple[float, float]) -> Path:
-    """`rows`: the settings that decide which rows count (on_bad_rows, allow_outside_root); `value_range`:
-    the dataset.value_range setting (per_file, global or a pair), which decides every .npy crop's pixels."""
+    """`csv_bytes`: the CSV's content, as read once for both the key and the rows; `rows`: the settings that
+    decide which rows count (on_bad_rows, allow_outside_root); `value_range`: the dataset.value_range setting
+    (per_file, global or a pair), which decides every .npy crop's pixels."""
     digest = hashlib.sha256(json.dumps([FORMAT, str(root.resolve()), *shape, *rows, value_range]).encode())
-    digest.update(csv_path.read_bytes())
+    digest.update(csv_bytes)
     return cache_dir / f"crops-{digest.hexdigest()[:24]}.json"
 
 

@@ -271,25 +271,35 @@ def _load_or_cache(csv_path: Path, root: str | None, shape: tuple[int, int, int]
     """cache=disk: the crops from the cache, or from the CSV and files, cached on the way. The cache is
     keyed by the value-range setting too; a global range found by the scan is stored with it."""
     root_path = Path(root) if root is not None else csv_path.parent
-    manifest = crop_cache.manifest_path(cache_dir, require_csv(csv_path), root_path, shape, rows, value_range)
-    cached = crop_cache.load(manifest)
-    if cached is None and isinstance(value_range, tuple):
-        # A resumed run or evaluate.py pins the range a `global` run found; that run's cache holds exactly it,
-        # so a restart after a kill maps it instead of decoding every crop again.
-        found = crop_cache.load(crop_cache.manifest_path(cache_dir, csv_path, root_path, shape, rows, values.GLOBAL),
-                                report=False)
-        if found is not None and tuple(found.value_range) == tuple(value_range):
-            cached = found
-    if cached is None:
+    require_csv(csv_path)
+    while True:
+        content = csv_path.read_bytes()
+        manifest = crop_cache.manifest_path(cache_dir, content, root_path, shape, rows, value_range)
+        cached = crop_cache.load(manifest)
+        if cached is None and isinstance(value_range, tuple):
+            # A resumed run or evaluate.py pins the range a `global` run found; that run's cache holds exactly
+            # it, so a restart after a kill maps it instead of decoding every crop again.
+            found = crop_cache.load(crop_cache.manifest_path(cache_dir, content, root_path, shape, rows, values.GLOBAL),
+                                    report=False)
+            if found is not None and tuple(found.value_range) == tuple(value_range):
+                cached = found
+        if cached is not None:
+            break
         with crop_cache.build_lock(manifest):
-            # Another run may have built it while this one waited (its damage, if any, was reported above).
-            cached = crop_cache.load(manifest, report=False)
-            if cached is None:
+            # The CSV may have been edited while this run waited for the lock: the cache is built from the
+            # bytes its key was made of, or keyed again, so a cache never holds other rows than its key's.
+            if require_csv(csv_path).read_bytes() == content:
+                # Another run may have built it while this one waited (its damage, if any, was reported above).
+                cached = crop_cache.load(manifest, report=False)
+                if cached is not None:
+                    break
                 log.info("crop cache: writing %s", manifest)
-                crops, skipped, grey = read_crops(csv_path, root, *rows)
+                crops, skipped, grey = read_crops(csv_path, root, *rows, content=content)
                 scales, resolved = scan_arrays([c.path for c in crops], value_range)
                 return crop_cache.write(manifest, crops, skipped, stored_shape(shape, grey),
                                         lambda out: extract(crops, out, desc="caching crops", scales=scales),
                                         resolved)
+        log.info("crop cache: %s changed while this run waited for %s; looking its cache up again", csv_path,
+                 manifest)
     log.info("crop cache: reusing %s", manifest)
     return cached

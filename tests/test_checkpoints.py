@@ -1,9 +1,11 @@
 """Checkpoints: what they hold, that they load without pickled code, atomic saves, and exact resume."""
 
+import copy
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import training
@@ -19,7 +22,7 @@ from errors import UserError
 from models.cnn import TutorialCNN
 from tests import files
 from training import checkpoint as checkpoints
-from training.loop import NonFiniteLoss
+from training.loop import NonFiniteLoss, Normalizer, train_one_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 # 64 crops, 20% of each class held out: 52 train = 7 batches of 8 per epoch.
@@ -82,11 +85,16 @@ def test_failed_save_leaves_previous_checkpoint_whole(crop_run, tmp_path, monkey
     assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 1
 
 
-def next_second() -> None:
-    """TensorBoard names event files by the second, then by a per-process counter that is not zero-padded
-    (...pid.9 sorts after ...pid.10), and applies a resume's purge_step in name order: runs in one process
-    writing into one folder must start in different seconds (separate processes always do)."""
-    time.sleep(1 - time.time() % 1)
+def test_a_resume_opened_in_the_second_of_an_earlier_attempts_events_still_shows(crop_run, tmp_path):
+    """TensorBoard reads a run's event files in name order (second, host, pid, counter; not zero-padded) and
+    applies each file's session start as it goes. An attempt killed in its first second and resumed at once
+    can leave a file that sorts after the resumed one: here, the same second with a pid that sorts last."""
+    training.run(crop_run("run", "trainer.epochs=1"))
+    (earlier,) = (tmp_path / "run").glob("events.out.tfevents.*")
+    time.sleep(1 - time.time() % 1)  # a second's start: the resume below opens its events within it
+    earlier.rename(earlier.with_name(f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.99999999.0"))
+    training.run(crop_run("run", "trainer.epochs=2", f"resume={tmp_path / 'run/checkpoints/last.pt'}"))
+    assert [step for step, _ in events(tmp_path / "run")["val/acc"]] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
 
 
 def test_resume_is_bitwise_equal_to_an_unbroken_run(crop_run, tmp_path):
@@ -95,9 +103,7 @@ def test_resume_is_bitwise_equal_to_an_unbroken_run(crop_run, tmp_path):
     folder = tmp_path / "broken" / "checkpoints"
     shutil.copy(folder / "last.pt", folder / "epoch1.pt")
     # An attempt that logged epoch 2 and then "died": its events after the checkpoint must not survive.
-    next_second()
     training.run(crop_run("elsewhere", "trainer.epochs=2", f"resume={folder / 'epoch1.pt'}"))
-    next_second()
     metrics = training.run(crop_run("elsewhere", "trainer.epochs=2", f"resume={folder / 'epoch1.pt'}"))
 
     assert not (tmp_path / "elsewhere").exists()  # a checkpoint in a run's checkpoints/ continues that run
@@ -168,11 +174,13 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_restores_one_cuda_state_per_
 
 @pytest.mark.slow
 def test_a_sigkilled_run_resumes_from_its_mid_epoch_checkpoint_bitwise_equal(make_cfg, tmp_path):
-    """SIGKILL (the OOM killer, a preempted machine) runs no handler: only what checkpoint_every saved survives.
-    cache=none decodes a 256x256 noise PNG per crop, so an epoch lasts long enough to kill inside it."""
+    """SIGKILL (the OOM killer, a preempted machine) runs no handler: only what checkpoint_every saved survives,
+    with the TensorBoard points logged before that save. cache=none decodes a 256x256 noise PNG per crop, so an
+    epoch lasts long enough to kill inside it."""
     csv_path = files.write_noise_crops(tmp_path / "noise", sources=4, size=256, boxes=30)
     overrides = [f"dataset.csv={csv_path}", "dataset.cache=none", "loader.mode=dataloader", "loader.num_workers=0",
-                 "loader.batch_size=2", "trainer.checkpoint_every=2"]  # 96 training crops: 48 steps an epoch
+                 "loader.batch_size=2", "trainer.checkpoint_every=4",  # 96 training crops: 48 steps an epoch
+                 "trainer.log_every=3"]  # windows end between saves: the first save keeps one
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one torch thread, as the in-process runs below (conftest)
     killed = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *overrides, "trainer.epochs=1", "trainer.progress=false",
@@ -185,7 +193,7 @@ def test_a_sigkilled_run_resumes_from_its_mid_epoch_checkpoint_bitwise_equal(mak
     killed.kill()  # SIGKILL
     assert killed.wait(timeout=60) == -signal.SIGKILL
     saved = torch.load(last, weights_only=True)
-    assert saved["epoch"] == 0 and 0 < saved["batches_done"] < 48 and saved["step"] % 2 == 0
+    assert saved["epoch"] == 0 and 0 < saved["batches_done"] < 48 and saved["step"] % 4 == 0
     assert not (last.parent / "best.pt").exists()  # none before the first validation
     (last.parent / ".last.pt.tmp-999999").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves it
 
@@ -200,6 +208,37 @@ def test_a_sigkilled_run_resumes_from_its_mid_epoch_checkpoint_bitwise_equal(mak
     for index, state in unbroken["optimizer"]["state"].items():
         assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
     assert torch.equal(resumed["rng"]["torch"], unbroken["rng"]["torch"])
+
+    # The same train/loss points: those logged before the save, then windows at the unbroken run's steps. The
+    # first window after the checkpoint averages only the steps since it; every later one is the same number.
+    expected, logged = events(tmp_path / "unbroken")["train/loss"], events(tmp_path / "killed")["train/loss"]
+    assert [step for step, _ in logged] == [step for step, _ in expected] == [*range(3, 48, 3), 48]
+    first_after = next(step for step, _ in expected if step > saved["step"])
+    assert [point for point in logged if point[0] != first_after] == [point for point in expected if point[0] != first_after]
+
+
+def test_a_resumed_epoch_closes_its_windows_at_the_steps_of_an_unbroken_one():
+    """Windows count from the epoch's start, not from where a resumed run began: points at 4, 8, 10 for
+    log_every=4 however many batches the epoch had done."""
+    torch.manual_seed(0)
+    batches = [(torch.randint(0, 256, (2, 3, 2, 2), dtype=torch.uint8), torch.randint(0, 2, (2,))) for _ in range(10)]
+    normalize = Normalizer([0.5] * 3, [0.5] * 3, torch.device("cpu"))
+    start = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+
+    def train(model, optimizer, part, batches_done):
+        windows = []
+        train_one_epoch(model, optimizer, part, normalize, torch.device("cpu"), start_step=batches_done,
+                        warmup_steps=0, log_every=4, on_window=windows.append, batches_done=batches_done)
+        return [(w.step, w.loss) for w in windows]
+
+    model = copy.deepcopy(start)
+    unbroken = train(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), batches, 0)
+    model = copy.deepcopy(start)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, optimizer, batches[:3], 0)  # the run stopped after 3 batches
+    resumed = train(model, optimizer, batches[3:], 3)
+    assert [step for step, _ in resumed] == [step for step, _ in unbroken] == [4, 8, 10]
+    assert resumed[1:] == unbroken[1:]  # the first averages batch 4 alone
 
 
 def test_checkpoint_every_below_one_is_a_user_error(crop_run):

@@ -1,16 +1,20 @@
 """dataset.cache=disk: written once, reused while nothing changed, never stale, never half-written."""
 
+import fcntl
 import logging
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from datasets import crops
 from datasets.crop_csv import write_crops
 from errors import UserError
 from tests import files
@@ -133,42 +137,89 @@ def test_a_truncated_or_altered_cache_array_is_reported_in_one_line_and_rebuilt(
     assert not any("damaged" in r.getMessage() or "writing" in r.getMessage() for r in caplog.records)
 
 
-# A process that builds the crops with cache=disk once every builder is ready, and prints their digest.
-BUILDER = """
-import hashlib, logging, sys, time
-from pathlib import Path
+def test_a_csv_edited_while_a_run_waits_on_the_cache_lock_never_pairs_its_old_key_with_the_new_rows(
+        build_crops, make_cfg, npy_crops, tmp_path, caplog):
+    """A run keys the cache by the CSV's bytes, then may wait for another run's build lock; the CSV edited
+    meanwhile must not be cached under the key of the bytes it replaced. The test holds that lock itself."""
+    caplog.set_level(logging.INFO)
+    overrides = (f"dataset.csv={npy_crops}", "dataset.width=16", "dataset.height=16", "dataset.cache=disk")
+    original = npy_crops.read_bytes()
+    build_crops(*overrides)
+    manifest = next((tmp_path / "cache").glob("*.json"))
+    manifest.unlink()  # the next run must build this key again, under its lock
+    edited = original.replace(b"a0.npy,0,16", b"a0.npy,8,24")  # first row: strip moved by 8 columns
+    keys = OmegaConf.to_container(make_cfg(f"dataset.cache_dir={tmp_path / 'cache'}", *overrides).dataset,
+                                  resolve=True)
+    keys.pop("_target_")
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with open(manifest.with_suffix(".lock"), "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # as another run building this key would; closing releases it
+            waiting = pool.submit(crops.build, **keys, seed=0)
+            deadline = time.monotonic() + 60
+            while not any("waiting for it" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            npy_crops.write_bytes(edited)
+        waited = waiting.result(timeout=60)
+    said = [r.getMessage() for r in caplog.records]
+    source = np.load(npy_crops.parent / "a0.npy")
+    assert torch.equal(all_images(waited)[0], torch.from_numpy(source[:, 8:24]).permute(2, 0, 1))  # the new rows
+
+    npy_crops.write_bytes(original)  # each content maps the cache its own bytes were keyed by
+    assert torch.equal(all_images(build_crops(*overrides))[0], torch.from_numpy(source[:, 0:16]).permute(2, 0, 1))
+    npy_crops.write_bytes(edited)
+    caplog.clear()
+    assert torch.equal(all_images(build_crops(*overrides))[0], torch.from_numpy(source[:, 8:24]).permute(2, 0, 1))
+    assert not any("writing" in r.getMessage() for r in caplog.records)  # the waiting run's cache, reused
+    assert any("changed while this run waited" in message for message in said)
+
+
+# One interpreter imports the crop code (~2.6 s of CPU, torch and torchvision: most of what a builder costs) and
+# forks the builders, which start building together when the launcher closes the pipe they block on. Each is a
+# process of its own with its own open file for the lock, as separate runs are; each logs to builder<i>.log.
+LAUNCHER = """
+import hashlib, logging, os, sys
 from datasets import crops
-logging.basicConfig(level=logging.INFO, format="%(message)s")
-csv_path, cache_dir, size, ready, go = sys.argv[1:]
-Path(ready).touch()
-while not Path(go).exists():
-    time.sleep(0.005)
-bundle = crops.build(csv=csv_path, root=None, width=int(size), height=int(size), channels=3, cache="disk",
-                     cache_dir=cache_dir, val_fraction=0.2, mean=[0.5], std=[0.5], seed=0)
-print("digest", hashlib.sha256(bundle.train.store.images.numpy().tobytes()).hexdigest())
+csv_path, cache_dir, out, builders = sys.argv[1:]
+start_r, start_w = os.pipe()
+children = []
+for i in range(int(builders)):
+    pid = os.fork()
+    if pid == 0:
+        os.close(start_w)
+        logging.basicConfig(filename=f"{out}/builder{i}.log", level=logging.INFO, format="%(message)s")
+        os.read(start_r, 1)  # returns once every builder is forked and the launcher closed its end
+        try:
+            bundle = crops.build(csv=csv_path, root=None, width=32, height=32, channels=3, cache="disk",
+                                 cache_dir=cache_dir, val_fraction=0.2, mean=[0.5], std=[0.5], seed=0)
+            logging.info("digest %s", hashlib.sha256(bundle.train.store.images.numpy().tobytes()).hexdigest())
+        except BaseException:
+            logging.exception("failed")
+            os._exit(1)
+        logging.shutdown()
+        os._exit(0)
+    children.append(pid)
+os.close(start_w)
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+sys.exit(1 if any(codes) else 0)
 """
 
 
 @pytest.mark.slow
 def test_runs_started_together_build_the_cache_once(tmp_path):
-    """Two real processes on one cache folder at once: one builds, the other waits for it and maps its array.
-    12 noise PNGs of 768x768 make a build that lasts (~0.4 s) while the second arrives."""
-    csv_path = files.write_noise_crops(tmp_path / "noise", sources=12, size=768, boxes=20)
-    cache, go = tmp_path / "cache", tmp_path / "go"
-    runs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(csv_path), str(cache), "32", str(tmp_path / f"ready{i}"),
-                              str(go)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(2)]
-    deadline = time.monotonic() + 120
-    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    go.touch()  # both start building at once
-    outputs = [run.communicate(timeout=120) for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], outputs
-    logs = [err for _, err in outputs]
-    assert sum("crop cache: writing" in err for err in logs) == 1, logs
-    waited = next(err for err in logs if "crop cache: writing" not in err)
-    assert "another run is building" in waited and "crop cache: reusing" in waited
-    assert outputs[0][0] == outputs[1][0]  # the same digest of the same crops
+    """Three processes on one cache folder at once: one builds, the two others wait for it and map its array.
+    Building the 80 crops of 4 noise PNGs (512x512) takes ~0.4 s, most of it torch's first calls, while the
+    others reach the lock within milliseconds."""
+    csv_path = files.write_noise_crops(tmp_path / "noise", sources=4, size=512, boxes=20)
+    cache = tmp_path / "cache"
+    launched = subprocess.run([sys.executable, "-c", LAUNCHER, str(csv_path), str(cache), str(tmp_path), "3"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    logs = [(tmp_path / f"builder{i}.log").read_text() for i in range(3)]
+    assert launched.returncode == 0, (launched.stderr, logs)
+    built = [log for log in logs if "crop cache: writing" in log]
+    waited = [log for log in logs if "another run is building" in log and "crop cache: reusing" in log]
+    assert len(built) == 1 and len(waited) == 2, logs
+    assert len({log.split("digest ")[1] for log in logs}) == 1  # the same digest of the same crops
     assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".lock", ".npy"]
 
 

@@ -207,3 +207,18 @@ def test_rows_short_of_the_header_read_as_before(scene_root):
     rows = [["scene.png", 0, 0, 16, 16, "a"], ["scene.png", 8, 8, 24, 24, "b"]]
     crops, bad, _ = read_crops(write_csv(scene_root / "short.csv", rows, header=[*HEADER, "split"]))
     assert bad == [] and [(c.line, c.label, c.split) for c in crops] == [(2, "a", None), (3, "b", None)]
+
+
+@pytest.mark.parametrize("character", ["\x0b", "\x0c", "\x1c", "\x1f", "\x7f", "\x85", "\u2028"])
+def test_a_path_holding_a_control_character_is_a_bad_row_on_either_reader(scene_root, character):
+    """str.strip() drops these from a path's ends without a word, yet 'scene.png\\x1f' is another file on disk.
+    A row with the header's field count is judged column by column; a short one goes to the row parser."""
+    rows = [["scene.png", 0, 0, 16, 16, "a", "train"],
+            [f"scene.png{character}", 0, 0, 16, 16, "a", "train"],  # line 3: the column reader
+            [f"{character}scene.png", 0, 0, 16, 16, "b"],  # line 4: too few fields, the row parser
+            ["scene.png", 0, 0, 16, 16, "b"]]
+    crops, bad, _ = read_crops(write_csv(scene_root / "control.csv", rows, header=[*HEADER, "split"]), on_bad_rows="skip")
+    assert [c.line for c in crops] == [2, 5]
+    message = "holds a line break or control character: remove it from the CSV"
+    assert bad == [f"line {line}: {path.strip()}: path {path!r} {message}"
+                   for line, path in ((3, f"scene.png{character}"), (4, f"{character}scene.png"))]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,6 +39,7 @@ SUMMARY_TAG = "run/summary"  # the TEXT entry: data, model, recipe, machine and 
 RESULT_METRICS = ("val/acc", "val/acc_best", "val/f1_macro", "val/loss", "train/loss", "train/throughput",
                   "train/data_wait")
 HPARAM_METRICS = ("val/acc", "val/loss", "val/acc_best", "val/f1_macro")  # those this run logged
+EVENT_FILE_SECOND = re.compile(r"events\.out\.tfevents\.(\d+)\.")  # the second an event file was opened
 
 
 def _write_errors_once(handler: logging.FileHandler) -> None:
@@ -77,6 +80,18 @@ def run_log(run_dir: Path):
             handler.close()  # flushes: on a full disk it fails again, and that was already said
         except OSError:
             pass
+
+
+def _wait_to_sort_last(run_dir: Path) -> None:
+    """TensorBoard reads a run's event files in name order, and names a file by the second it was opened, then
+    host, pid and a counter (not zero-padded). A resumed attempt opened in the same second as an earlier
+    attempt's file (one killed early and restarted at once) may sort before it: that file's session start, read
+    last, then hides every point of the resumed attempt. Opening in the next second puts the new file last
+    (a wait of at most 1 s, and only then)."""
+    opened = [int(found.group(1)) for found in map(EVENT_FILE_SECOND.match, (p.name for p in run_dir.iterdir()))
+              if found]
+    if opened and max(opened) == int(time.time()):
+        time.sleep(1 - time.time() % 1)
 
 
 def starvation_advice(loader) -> str:
@@ -128,6 +143,7 @@ class RunLogger:
     @_events_written
     def _open(self, run_dir: Path, purge_step: int | None) -> None:
         continued = any(run_dir.glob("events.out.tfevents.*"))  # this run's earlier attempt wrote the layout
+        _wait_to_sort_last(run_dir)
         # A fresh run starts a session at step 0 too: TensorBoard's server takes a run's first session start
         # for its beginning and purges only on a later one, so without it a resume would purge nothing.
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step if purge_step is not None else 0)
@@ -256,6 +272,13 @@ class RunLogger:
         results |= {name: f"`{path}`" for name, path in checkpoints.items() if path.is_file()}
         text = summary_markdown(f"Run {self.writer.log_dir}", {**self.about, "Results": results})
         self.writer.add_text(SUMMARY_TAG, text, self.last_step + 1)
+
+    @_events_written
+    def flush(self) -> None:
+        """Write what was logged to the event files now (the writer otherwise holds it up to 120 s): called
+        before each checkpoint, so a SIGKILL after a save loses no point the resumed run will not log again."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is None:

@@ -102,9 +102,13 @@ def train_one_epoch(
     augment: Callable[[torch.Tensor], torch.Tensor] = lambda images: images,
     label_smoothing: float = 0.0,
     graphed_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    batches_done: int = 0,
 ) -> EpochStats:
     """`augment` takes each uint8 batch on the device, before normalisation, and returns the one to train on;
     `on_step` runs after every optimizer step (progress bar, per-step learning-rate schedules).
+    `batches_done`: batches of this epoch trained before this call (a resumed epoch): windows close every
+    `log_every` batches counted from the epoch's start, at the steps an unbroken run closes them, so a
+    resumed run's points continue its curve (the first one averages the steps since the checkpoint).
     `graphed_step(images, targets) -> loss` (training.graphs.CudaGraphStep), when given, replaces
     normalisation and train_step: the step replayed from a CUDA graph."""
     model.train()
@@ -150,7 +154,7 @@ def train_one_epoch(
             window_samples += len(targets)
             epoch_samples += len(targets)
         on_step(step)  # a step boundary: the runner may save a checkpoint here (trainer.checkpoint_every)
-        if len(window_losses) == log_every:
+        if (batches_done + epoch_steps) % log_every == 0:
             window_started = _close_window(step, window_losses, window_samples, window_wait, window_started, device,
                                            on_window)
             window_losses = []

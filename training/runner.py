@@ -350,7 +350,7 @@ class EpochLoop:
                         on_window=self.logger.window, on_step=step_done,
                         clip_grad_norm=self.cfg.optim.get("clip_grad_norm"), should_stop=stop, amp=self.state.amp,
                         augment=self._augment(epoch, skip), label_smoothing=trainer.get("label_smoothing", 0.0),
-                        graphed_step=self.graphed_step)
+                        graphed_step=self.graphed_step, batches_done=skip)
                 epoch_seconds = time.perf_counter() - epoch_started
                 position = checkpoints.Position(epoch, skip + stats.steps, position.step + stats.steps)
                 if stats.interrupted:
@@ -425,6 +425,7 @@ class EpochLoop:
         """last.pt (and best.pt when validation improved), written by the main process only."""
         if not self.process.is_main:
             return
+        self.logger.flush()  # events first: a kill after this save keeps every point up to its step
         snapshot = self.state.snapshot(position, metrics)
         checkpoints.save(snapshot, self._path("last.pt"))
         if best:
