@@ -214,7 +214,7 @@ def test_a_sigkilled_run_resumes_from_its_mid_epoch_checkpoint_bitwise_equal(mak
     expected, logged = events(tmp_path / "unbroken")["train/loss"], events(tmp_path / "killed")["train/loss"]
     assert [step for step, _ in logged] == [step for step, _ in expected] == [*range(3, 48, 3), 48]
     first_after = next(step for step, _ in expected if step > saved["step"])
-    assert [point for point in logged if point[0] != first_after] == [point for point in expected if point[0] != first_after]
+    assert [p for p in logged if p[0] != first_after] == [p for p in expected if p[0] != first_after]
 
 
 def test_a_resumed_epoch_closes_its_windows_at_the_steps_of_an_unbroken_one():
