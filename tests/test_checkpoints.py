@@ -22,6 +22,7 @@ from errors import UserError
 from models.cnn import TutorialCNN
 from tests import files
 from training import checkpoint as checkpoints
+from training.runner import _resumed_config
 from training.loop import NonFiniteLoss, Normalizer, train_one_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,6 +131,17 @@ def test_resume_past_the_last_epoch_is_a_user_error(crop_run, tmp_path):
         training.run(crop_run("run", "trainer.epochs=1", f"resume={tmp_path / 'run/checkpoints/last.pt'}"))
 
 
+def test_a_resume_without_trainer_epochs_keeps_the_end_its_run_started_with(crop_run, tmp_path):
+    """An interrupted 3-epoch run (its last save after epoch 1) resumed by `resume=PATH` alone trains to 3;
+    trainer.epochs on the command line sets another end."""
+    training.run(crop_run("run", "trainer.epochs=3"))
+    checkpoint = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
+    checkpoint["epoch"] = 1  # as the save after epoch 1 of the run would hold
+    command = crop_run("again", f"resume={tmp_path / 'run/checkpoints/last.pt'}", "trainer.epochs=5")
+    assert _resumed_config(checkpoint, command, epochs_given=False).trainer.epochs == 3  # 5 was not typed
+    assert _resumed_config(checkpoint, command, epochs_given=True).trainer.epochs == 5
+
+
 def test_resume_after_the_classes_changed_is_a_user_error(crop_run, crop_csv, tmp_path):
     training.run(crop_run("run", "trainer.epochs=1"))
     crop_csv.write_text(crop_csv.read_text().replace("bright", "light"))
@@ -141,6 +153,12 @@ def test_train_py_resume_needs_only_the_checkpoint_and_epochs(crop_run, tmp_path
     """The checkpoint's config is the run's: no dataset, loader or scheduler overrides to repeat."""
     training.run(crop_run("run", "trainer.epochs=1"))
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    # Without trainer.epochs a resume finishes the run to the epochs it started with (here 1: nothing left),
+    # rather than to the default 10.
+    finished = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"resume={tmp_path / 'run/checkpoints/last.pt'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 1 and "has already trained 1 epochs" in finished.stdout + finished.stderr
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), f"resume={tmp_path / 'run/checkpoints/last.pt'}", "trainer.epochs=2",
          "trainer.progress=false"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -106,7 +107,7 @@ def run(cfg: DictConfig) -> dict:
     check_ranges(cfg)  # the command's own values (a resumed run keeps its checkpoint's, checked when it started)
     checkpoint = checkpoints.load(cfg.resume, "resume") if cfg.resume else None
     if checkpoint is not None:
-        cfg = _resumed_config(checkpoint, cfg)
+        cfg = _resumed_config(checkpoint, cfg, epochs_given=_given_on_command_line("trainer.epochs"))
     require_keys(cfg)
     limit_image_pixels(cfg.max_image_pixels)
     _check_schedule_length(cfg)
@@ -130,17 +131,27 @@ def run(cfg: DictConfig) -> dict:
         distributed.shutdown()
 
 
-def _resumed_config(checkpoint: dict, cfg: DictConfig) -> DictConfig:
-    """The checkpoint's own config, so `resume=PATH trainer.epochs=N` alone continues that run exactly; only
-    the keys in FROM_COMMAND_LINE come from this command. A checkpoint inside a run's checkpoints/ folder
-    continues that run dir (its events, log and checkpoints); one kept elsewhere starts a new run dir."""
-    if checkpoint["epoch"] >= cfg.trainer.epochs:
-        raise UserError(f"resume={cfg.resume} has already trained {checkpoint['epoch']} epochs: "
-                        f"set trainer.epochs above {checkpoint['epoch']} to train further")
+def _given_on_command_line(key: str) -> bool:
+    """Whether train.py's command line set `key`; True when there is no Hydra command line (a caller of
+    training.run composed its config itself, so every value in it is meant)."""
+    if not HydraConfig.initialized():
+        return True
+    return any(override.split("=", 1)[0].lstrip("+~") == key for override in HydraConfig.get().overrides.task)
+
+
+def _resumed_config(checkpoint: dict, cfg: DictConfig, epochs_given: bool = True) -> DictConfig:
+    """The checkpoint's own config, so `resume=PATH` alone finishes that run exactly (to the epochs it was
+    started with; `trainer.epochs=N` sets another end); only the keys in FROM_COMMAND_LINE come from this
+    command. A checkpoint inside a run's checkpoints/ folder continues that run dir (its events, log and
+    checkpoints); one kept elsewhere starts a new run dir."""
     # Rebuilt from the shipped config groups: a checkpoint's config may not choose what code runs.
     resumed = saved_config.rebuild(checkpoint["config"], checkpoint.get("choices"), f"resume={cfg.resume}")
     for key in FROM_COMMAND_LINE:
-        OmegaConf.update(resumed, key, OmegaConf.select(cfg, key))
+        if key != "trainer.epochs" or epochs_given:  # else the default (10) would end a longer run early
+            OmegaConf.update(resumed, key, OmegaConf.select(cfg, key))
+    if checkpoint["epoch"] >= resumed.trainer.epochs:
+        raise UserError(f"resume={cfg.resume} has already trained {checkpoint['epoch']} epochs: "
+                        f"set trainer.epochs above {checkpoint['epoch']} to train further")
     path = Path(cfg.resume).resolve()
     resumed.run_dir = str(path.parent.parent if path.parent.name == CHECKPOINT_DIR else cfg.run_dir)
     return resumed
