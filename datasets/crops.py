@@ -42,9 +42,13 @@ from progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-# Boxes resized per call: enough to amortise the call, few enough that the copies in flight stay small
-# (1,024 boxes of 96x96 px are 9 MB per thread, against the 3 kB a crop is kept as).
+# Boxes resized per call: enough to amortise the call, few enough that the copies in flight stay small. A
+# call holds its regions about twice (the cut, and the copy interleaving 4 grey crops): 1,000 boxes of 96x96
+# px in one call added 44-56 MB to the peak of a 192k-crop grey build on 2 threads (its array: 187.5 MiB),
+# so a call takes at most REGION_BYTES_PER_CALL of regions (112 such boxes): 21-23 MB, and no slower;
+# 256 kB calls held 14-16 MB but took 1.13x the time.
 REGIONS_PER_CALL = 1024
+REGION_BYTES_PER_CALL = 2**20
 # Each thread holds its decoded source a few times over (the decoder's image, the array, the channel-first
 # copy: measured ~1.7x its decoded bytes on 2 cores and ~4x on a 16-core machine, whose 16 threads put a
 # 10,000-crop cache=memory build at 2.55x its array). Into memory, the threads' sources together stay within
@@ -88,10 +92,10 @@ def extract(crops: CropTable, out: torch.Tensor | crop_cache.RowWriter, desc: st
     cache file written by rows. .npy values are mapped by `scales` (from the value-range scan; a file without
     one, by its own range).
 
-    A file's boxes are grouped by size and each group is resized in one call (transforms.resize_many: the
-    same pixels as cutting them one by one); a grey image is resized as one channel, and repeated as it is
-    stored where `out` has 3 channels (a data set mixing grey and colour files). Files are cut on `workers`
-    threads (default decode_threads()).
+    A file's boxes are grouped by size and each group is resized in calls of at most REGION_BYTES_PER_CALL
+    (transforms.resize_many: the same pixels as cutting them one by one); a grey image is resized as one
+    channel, and repeated as it is stored where `out` has 3 channels (a data set mixing grey and colour
+    files). Files are cut on `workers` threads (default decode_threads()).
     Headers were checked already; a file whose pixels fail to decode (truncated, corrupt) is listed with
     every other such file in one error at the end.
     """
@@ -115,9 +119,13 @@ def extract(crops: CropTable, out: torch.Tensor | crop_cache.RowWriter, desc: st
         # A cache file takes a file's crops in one write per run of rows; a tensor takes each batch directly.
         direct = isinstance(out, torch.Tensor)
         block = None if direct else torch.empty((len(rows), channels, height, width), dtype=torch.uint8)
+        source_channels = source.array.shape[2] if source.array.ndim == 3 else 1
         for g, (h, w) in enumerate(unique.tolist()):
             members = np.flatnonzero(group.reshape(-1) == g)
-            for part in np.array_split(members, -(-len(members) // REGIONS_PER_CALL)):
+            # A multiple of 4: grey crops are resized 4 to an image, and a call of any other count copies its
+            # regions once more to pad them (transforms.resize_many).
+            per_call = 4 * max(1, min(REGIONS_PER_CALL, REGION_BYTES_PER_CALL // (h * w * source_channels)) // 4)
+            for part in np.split(members, range(per_call, len(members), per_call)):
                 regions = source.regions(boxes[part, 0], boxes[part, 2], h, w, height, width)
                 if direct:
                     out[torch.from_numpy(rows[part])] = regions
