@@ -32,6 +32,7 @@ from datasets.base import (
     decode_threads,
     per_channel,
     problem_list,
+    release_free_heap,
     split_indices,
 )
 from datasets.crop_csv import SPLIT_CODES, Crop, CropTable, read_crops, require_csv
@@ -243,6 +244,7 @@ def build(
             stored = stored_shape(shape, grey)
             check_fits_in_memory(len(crops) * int(np.prod(stored)), f"{csv_path} at {width}x{height}x{stored[0]}",
                                  Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
+            release_free_heap()  # what parsing the CSV freed, before the array and the threads filling it
             images = torch.empty((len(crops), *stored), dtype=torch.uint8)
             extract(crops, images, desc="decoding crops", scales=scales)
 
