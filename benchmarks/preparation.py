@@ -201,6 +201,9 @@ def main(argv=None) -> dict:
           f"(stored bytes {ratios['grey_vs_rgb_stored']:.2f}x); app vs PIL: mean {report['vs_reference_grey_levels']['mean']} grey "
           f"levels, max {report['vs_reference_grey_levels']['max']}; load {report['machine']['load_average_before_after']}; "
           f"JSON: {out}")
+    if not all(result["peak_reset"] for result in memory.values()):
+        print("the kernel did not reset the peak RSS (VmHWM) before a build: those peaks are the process's whole "
+              "life's (benchmarks/peak_memory.py)")
     write_report(report, out)
     return report
 

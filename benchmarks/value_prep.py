@@ -66,8 +66,7 @@ def prep_seconds(csv: Path, channels: int, cache: str, value_range, auto: bool) 
 def components(csv: Path, repeats: int) -> dict[str, float]:
     """The added work alone, fastest of `repeats`: the global scan over every array file, and the mean/std
     counting pass over the in-memory training split, beside the whole per_file preparation they add to."""
-    crop_rows = read_crops(csv, None).crops
-    paths = [c.path for c in crop_rows]
+    paths = read_crops(csv, None).crops.used_files()
     bundle = crops.build(csv=str(csv), root=None, width=32, height=32, channels=1, cache="memory", cache_dir=None,
                          val_fraction=0.2, mean=[0.5], std=[0.5], seed=0, value_range="per_file")
     best = {"scan_global": float("inf"), "mean_std_auto": float("inf")}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -182,6 +184,19 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return None
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing), before a large
+    allocation. Reading a 192k-row crop CSV and splitting it leave ~13 MB freed but resident in the main
+    thread's heap, which the decoding threads (each with a heap of its own) never reuse: handing it back
+    lowered that build's peak by ~7 MB, 0.04x of its grey array. Takes well under 1 ms."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # a C library without it (musl)
+        pass
 
 
 def free_disk(folder: Path) -> int:

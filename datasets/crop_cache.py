@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from datasets.base import check_fits_on_disk
-from datasets.crop_csv import Crop
+from datasets.crop_csv import CropTable
 from errors import UserError
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class RowWriter:
             buffer, offset = buffer[written:], offset + written
 
 
-def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[int, int, int],
+def write(manifest: Path, crops: CropTable, skipped: list[str], shape: tuple[int, int, int],
           fill: Callable[[torch.Tensor | RowWriter], None], value_range: str | tuple[float, float]) -> CachedCrops:
     """Extract the crops (`fill` writes them into the array it is given, by rows) into a new cache of `shape`
     (C, H, W) per crop, as stored; return it mapped. Called under build_lock."""
@@ -190,7 +190,7 @@ def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[in
     # fit rather than fill the disk.
     check_fits_on_disk(len(crops) * int(np.prod(shape)), manifest.parent, f"the crop cache at {'x'.join(map(str, shape))}")
     # Stats taken before extraction: a file edited meanwhile makes this cache stale next time, never wrongly fresh.
-    sources = _source_stats({crop.path for crop in crops})
+    sources = _source_stats(crops.used_files())
     sources_key = hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:12]
     array_path = manifest.with_name(f"{manifest.stem}-{sources_key}.npy")
 
@@ -200,7 +200,7 @@ def write(manifest: Path, crops: list[Crop], skipped: list[str], shape: tuple[in
         with open(tmp, "wb") as f:
             fill(RowWriter(f.fileno(), (len(crops), *shape)))
 
-    labels, splits = [c.label for c in crops], [c.split for c in crops]
+    labels, splits = crops.row_labels(), crops.row_splits()
 
     def write_manifest(tmp: Path) -> None:
         tmp.write_text(json.dumps({"array": array_path.name, "array_bytes": array_path.stat().st_size,

@@ -14,9 +14,9 @@ import gc
 import io
 import math
 import re
-from operator import attrgetter, is_not
+from operator import is_not
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 from contextlib import contextmanager
 from itertools import compress, repeat
@@ -55,6 +55,87 @@ class Crop:
     y1: int | None
     label: str
     split: str | None
+
+
+SPLIT_CODES = (None, "train", "val")  # CropTable.split holds a row's split as its index here
+
+
+@dataclass
+class CropTable:
+    """The good rows of a crop CSV, column by column: 33 bytes a row, where a Crop per row (with an int
+    object per field) took ~230, 42 MiB for 192k rows, more than a fifth of the 32x32 grey array a
+    cache=memory build fills from them. Indexing or iterating gives Crop objects, made on the fly (cache=none
+    items, preview, messages); the builds read the columns."""
+
+    files: list[Path]  # the distinct files the CSV names (bad rows' included), in order of first appearance
+    labels: list[str]  # the distinct labels, likewise; `file` and `label` index these
+    line: np.ndarray  # int64 (n,): 1-based CSV line, for messages
+    file: np.ndarray  # int32 (n,)
+    x0: np.ndarray  # int32 (n,): half-open ranges, as in Crop
+    y0: np.ndarray
+    x1: np.ndarray
+    y1: np.ndarray  # -1: the full height (strip form)
+    label: np.ndarray  # int32 (n,)
+    split: np.ndarray  # int8 (n,): index into SPLIT_CODES
+
+    def __len__(self) -> int:
+        return len(self.line)
+
+    def __getitem__(self, index: int) -> Crop:
+        y1 = int(self.y1[index])
+        return Crop(int(self.line[index]), self.files[self.file[index]], int(self.x0[index]), int(self.y0[index]),
+                    int(self.x1[index]), None if y1 < 0 else y1, self.labels[self.label[index]],
+                    SPLIT_CODES[self.split[index]])
+
+    def __iter__(self) -> Iterator[Crop]:
+        return map(self.__getitem__, range(len(self)))
+
+    def take(self, indices: np.ndarray) -> CropTable:
+        """The rows at `indices` (int positions or a boolean mask), in that order."""
+        return CropTable(self.files, self.labels, *(getattr(self, name)[indices] for name in _ROW_COLUMNS))
+
+    def used_files(self) -> list[Path]:
+        """The files the rows name, each once, in order of first appearance."""
+        codes, first = np.unique(self.file, return_index=True)
+        return [self.files[code] for code in codes[np.argsort(first)].tolist()]
+
+    def row_labels(self) -> list[str]:
+        """Each row's label (the strings are shared, one per class)."""
+        return list(map(self.labels.__getitem__, self.label.tolist()))
+
+    def row_splits(self) -> list[str | None]:
+        return list(map(SPLIT_CODES.__getitem__, self.split.tolist()))
+
+
+_ROW_COLUMNS = ("line", "file", "x0", "y0", "x1", "y1", "label", "split")
+_COLUMN_TYPES = {"line": np.int64, "split": np.int8}  # int32 for the rest: _int keeps every value below 2**31
+
+
+class _Columns:
+    """The good rows' columns, gathered chunk by chunk, with one code per distinct file and label."""
+
+    def __init__(self):
+        self.files: dict[Path, int] = {}
+        self.labels: dict[str, int] = {}
+        self.chunks: list[dict[str, np.ndarray]] = []
+
+    def file_code(self, path: Path) -> int:
+        return self.files.setdefault(path, len(self.files))
+
+    def label_code(self, label: str) -> int:
+        return self.labels.setdefault(label, len(self.labels))
+
+    def chunk(self, n: int) -> dict[str, np.ndarray]:
+        """Zeroed columns for a chunk of n rows: the caller fills them, then keep() adds the good ones."""
+        return {name: np.zeros(n, dtype=_COLUMN_TYPES.get(name, np.int32)) for name in _ROW_COLUMNS}
+
+    def keep(self, columns: dict[str, np.ndarray], good: np.ndarray) -> None:
+        self.chunks.append({name: column[good] for name, column in columns.items()})
+
+    def table(self) -> CropTable:
+        chunks = self.chunks or [self.chunk(0)]
+        return CropTable(list(self.files), list(self.labels),
+                         *(np.concatenate([chunk[name] for chunk in chunks]) for name in _ROW_COLUMNS))
 
 
 def _form(header: list[str], csv_path: Path) -> tuple[str, ...]:
@@ -193,8 +274,8 @@ def _plain_int(text: str) -> int:
 
 
 def _parse_rows(header: list[str], rows: list[list[str]], lines: list[int], form: tuple[str, ...],
-                paths: _Paths) -> tuple[list[Crop], dict[int, str]]:
-    """Crops of the good rows (in CSV order) and CSV line -> problem for the bad ones.
+                paths: _Paths, table: _Columns) -> dict[int, str]:
+    """Add the good rows' columns to `table` (in CSV order); returns CSV line -> problem for the bad ones.
 
     Column by column, what every row of a clean CSV looks like is checked at once (~1 us a row, against ~20 us
     for _parse_row); rows that fail any check, or have too few or many fields, go through _parse_row, so a bad
@@ -234,26 +315,41 @@ def _parse_rows(header: list[str], rows: list[list[str]], lines: list[int], form
     if form is BOX_COLUMNS:
         x0, y0, x1, y1 = (_plain_ints(texts(c, strip=False)) for c in ("x0", "y0", "x1", "y1"))
         ok &= (x0 >= 0) & (y0 >= 0) & (x1 > x0) & (y1 > y0)
-        y0_list, y1_list = y0.tolist(), y1.tolist()
+        y0_values, y1_values = y0, y1
     else:
         x0, x1 = _plain_ints(texts("start", strip=False)), _plain_ints(texts("end", strip=False))
         ok &= (x0 >= 0) & (x1 > x0)
-        y0_list, y1_list = [0] * m, [None] * m
-    fast = list(map(Crop, compress(lines, regular), found, x0.tolist(), y0_list, x1.tolist(), y1_list,
-                    map(labels.get, label_text), map(split_of.get, split_lower)))
-    parsed, problems, next_regular = [], {}, iter(zip(fast, ok.tolist()))
-    for row, line, is_regular in zip(rows, lines, regular):
-        if is_regular:
-            crop, good = next(next_regular)
-            if good:
-                parsed.append(crop)
-                continue
-        record = _record(header, row)
+        y0_values, y1_values = 0, -1  # the full height
+    columns, at = table.chunk(len(rows)), np.flatnonzero(regular)  # at: the regular rows' places in the chunk
+    file_code = {text: table.file_code(path) for text, path in resolved.items() if path is not None}
+    label_code = {text: table.label_code(label) for text, label in labels.items()}
+    split_code = {text: SPLIT_CODES.index(split) for text, split in split_of.items()}
+
+    def codes(code: dict, keys: list[str]) -> np.ndarray:  # -1 where the text is refused (the row is not ok)
+        return np.fromiter(map(code.get, keys, repeat(-1)), dtype=np.int32, count=m)
+
+    for name, values in (("x0", x0), ("y0", y0_values), ("x1", x1), ("y1", y1_values),
+                         ("file", codes(file_code, path_text)), ("label", codes(label_code, label_text)),
+                         ("split", codes(split_code, split_lower))):
+        columns[name][at] = values
+    columns["line"][:] = lines
+    good = np.zeros(len(rows), dtype=bool)
+    good[at] = ok
+    problems = {}
+    for i in np.flatnonzero(~good).tolist():
+        record = _record(header, rows[i])
         try:
-            parsed.append(_parse_row(record, form, line, paths))
+            crop = _parse_row(record, form, lines[i], paths)
         except ValueError as e:
-            problems[line] = f"{(record.get('path') or '').strip()}: {e}"
-    return parsed, problems
+            problems[lines[i]] = f"{(record.get('path') or '').strip()}: {e}"
+            continue
+        for name, value in (("file", table.file_code(crop.path)), ("x0", crop.x0), ("y0", crop.y0), ("x1", crop.x1),
+                            ("y1", -1 if crop.y1 is None else crop.y1), ("label", table.label_code(crop.label)),
+                            ("split", SPLIT_CODES.index(crop.split))):
+            columns[name][i] = value
+        good[i] = True
+    table.keep(columns, good)
+    return problems
 
 
 def require_csv(csv_path: str | Path) -> Path:
@@ -274,7 +370,7 @@ def _require_utf8(csv_path: Path, data: bytes) -> None:
 
 
 class CropRows(NamedTuple):
-    crops: list[Crop]  # the good rows, in CSV order
+    crops: CropTable  # the good rows, in CSV order
     skipped: list[str]  # one line per bad row (on_bad_rows=skip)
     grey: bool  # every good row's file holds one value per pixel (transforms.image_header), from headers alone
 
@@ -306,14 +402,14 @@ def read_crops(
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         form = _form(header, csv_path)
-        parsed, problems, paths = [], {}, _Paths(root, allow_outside_root)  # problems: CSV line -> what is wrong
+        problems, paths = {}, _Paths(root, allow_outside_root)  # problems: CSV line -> what is wrong
+        columns = _Columns()
         for rows, lines in _chunks(reader, ROWS_PER_CHUNK):
-            good, bad = _parse_rows(header, rows, lines, form, paths)
-            parsed += good
-            problems.update(bad)
-    bad_files, grey = _check_files(parsed)
+            problems.update(_parse_rows(header, rows, lines, form, paths, columns))
+    parsed = columns.table()
+    outside, bad_files, grey = _check_files(parsed)
     problems.update(bad_files)
-    crops = [crop for crop in parsed if crop.line not in problems]
+    crops = parsed.take(~outside) if outside.any() else parsed
     bad = [f"line {line}: {problem}" for line, problem in sorted(problems.items())]
     if bad and on_bad_rows == "error":
         raise UserError(
@@ -322,18 +418,17 @@ def read_crops(
         )
     if not crops:
         raise UserError(f"{csv_path}: no usable rows; add one row per example under the header")
-    return CropRows(crops, bad, all(grey[path] for path in dict.fromkeys(map(attrgetter("path"), crops))))
+    return CropRows(crops, bad, all(grey[path] for path in crops.used_files()))
 
 
-def _check_files(crops: list[Crop]) -> tuple[dict[int, str], dict[Path, bool]]:
-    """Every region must lie inside its file: CSV line -> problem; and whether each readable file is grey.
-    Sizes and modes come from PIL's header read or the .npy header (memory-mapped), so validating a large
-    data set decodes no pixels. The bounds of all rows are compared at once; only the rows found outside are
-    looked at one by one, for their messages."""
-    paths = list(map(attrgetter("path"), crops))
+def _check_files(crops: CropTable) -> tuple[np.ndarray, dict[int, str], dict[Path, bool]]:
+    """Every region must lie inside its file: which rows do not (a mask), CSV line -> problem for each of them,
+    and whether each readable file is grey. Sizes and modes come from PIL's header read or the .npy header
+    (memory-mapped), so validating a large data set decodes no pixels. The bounds of all rows are compared
+    at once; only the rows found outside are looked at one by one, for their messages."""
     sizes: dict[Path, tuple[int, int] | str] = {}
     grey: dict[Path, bool] = {}
-    for path in dict.fromkeys(paths):
+    for path in crops.used_files():
         try:
             h, w, grey[path] = image_header(path)
             sizes[path] = (h, w)
@@ -341,15 +436,17 @@ def _check_files(crops: list[Crop]) -> tuple[dict[int, str], dict[Path, bool]]:
             sizes[path] = "file not found"
         except (*DECODE_ERRORS, UserError) as e:
             sizes[path] = f"unreadable ({decode_problem(e)})"
-    # (height, width) per row, -1 for files whose size could not be read
-    known = {path: size if isinstance(size, tuple) else (-1, -1) for path, size in sizes.items()}
-    height, width = np.array(list(map(known.__getitem__, paths)), dtype=np.int64).reshape(-1, 2).T
-    x1 = np.fromiter(map(attrgetter("x1"), crops), dtype=np.int64, count=len(crops))
-    y1 = np.array([-1 if y is None else y for y in map(attrgetter("y1"), crops)], dtype=np.int64)
-    y1 = np.where(y1 < 0, height, y1)  # strip form: the full height
+    known = np.full((len(crops.files), 2), -1, dtype=np.int64)  # (height, width) per file, -1 where unread
+    for code, path in enumerate(crops.files):
+        if isinstance(sizes.get(path), tuple):
+            known[code] = sizes[path]
+    height, width = known[crops.file].T
+    y1 = np.where(crops.y1 < 0, height, crops.y1)  # strip form: the full height
+    outside = (height < 0) | (crops.x1 > width) | (y1 > height)
     problems = {}
-    for i in np.flatnonzero((height < 0) | (x1 > width) | (y1 > height)).tolist():
-        crop, size = crops[i], sizes[paths[i]]
+    for i in np.flatnonzero(outside).tolist():
+        crop = crops[i]
+        size = sizes[crop.path]
         if isinstance(size, str):
             problems[crop.line] = f"{crop.path}: {size}"
         else:
@@ -357,7 +454,7 @@ def _check_files(crops: list[Crop]) -> tuple[dict[int, str], dict[Path, bool]]:
                 f"{crop.path}: region x {crop.x0}..{crop.x1}, y {crop.y0}..{y1[i]} "
                 f"is outside the {size[1]}x{size[0]} (width x height) file"
             )
-    return problems, grey
+    return outside, problems, grey
 
 
 def write_crops(csv_path: str | Path, rows: Iterable[dict], strip: bool = False) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -33,9 +32,10 @@ from datasets.base import (
     decode_threads,
     per_channel,
     problem_list,
+    release_free_heap,
     split_indices,
 )
-from datasets.crop_csv import Crop, read_crops, require_csv
+from datasets.crop_csv import SPLIT_CODES, Crop, CropTable, read_crops, require_csv
 from datasets.transforms import DECODE_ERRORS, FileSource, image_size, scan_arrays
 from datasets.values import Scale
 from errors import UserError
@@ -43,9 +43,13 @@ from progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-# Boxes resized per call: enough to amortise the call, few enough that the copies in flight stay small
-# (1,024 boxes of 96x96 px are 9 MB per thread, against the 3 kB a crop is kept as).
+# Boxes resized per call: enough to amortise the call, few enough that the copies in flight stay small. A
+# call holds its regions about twice (the cut, and the copy interleaving 4 grey crops): 1,000 boxes of 96x96
+# px in one call added 44-56 MB to the peak of a 192k-crop grey build on 2 threads (its array: 187.5 MiB),
+# so a call takes at most REGION_BYTES_PER_CALL of regions (112 such boxes): 21-23 MB, and no slower;
+# 256 kB calls held 14-16 MB but took 1.13x the time.
 REGIONS_PER_CALL = 1024
+REGION_BYTES_PER_CALL = 2**20
 # Each thread holds its decoded source a few times over (the decoder's image, the array, the channel-first
 # copy: measured ~1.7x its decoded bytes on 2 cores and ~4x on a 16-core machine, whose 16 threads put a
 # 10,000-crop cache=memory build at 2.55x its array). Into memory, the threads' sources together stay within
@@ -65,7 +69,7 @@ def cut(source: FileSource, crop: Crop, height: int, width: int) -> torch.Tensor
 class LazyCrops(Dataset):
     """cache=none: every item decodes its file again; each .npy file's value mapping comes from the scan."""
 
-    def __init__(self, crops: list[Crop], targets: list[int], height: int, width: int, channels: int,
+    def __init__(self, crops: CropTable, targets: list[int], height: int, width: int, channels: int,
                  scales: dict[Path, Scale]):
         self.crops, self.targets = crops, targets
         self.height, self.width, self.channels = height, width, channels
@@ -83,41 +87,46 @@ class LazyCrops(Dataset):
         return cut(source, crop, self.height, self.width), self.targets[index]
 
 
-def extract(crops: list[Crop], out: torch.Tensor | crop_cache.RowWriter, desc: str,
+def extract(crops: CropTable, out: torch.Tensor | crop_cache.RowWriter, desc: str,
             scales: dict[Path, Scale] | None = None, workers: int | None = None) -> None:
     """Fill out[i] with crop i, decoding each source file once (rows grouped by file); `out` is a tensor or a
     cache file written by rows. .npy values are mapped by `scales` (from the value-range scan; a file without
     one, by its own range).
 
-    A file's boxes are grouped by size and each group is resized in one call (transforms.resize_many: the
-    same pixels as cutting them one by one); a grey image is resized as one channel, and repeated as it is
-    stored where `out` has 3 channels (a data set mixing grey and colour files). Files are cut on `workers`
-    threads (default decode_threads()).
+    A file's boxes are grouped by size and each group is resized in calls of at most REGION_BYTES_PER_CALL
+    (transforms.resize_many: the same pixels as cutting them one by one); a grey image is resized as one
+    channel, and repeated as it is stored where `out` has 3 channels (a data set mixing grey and colour
+    files). Files are cut on `workers` threads (default decode_threads()).
     Headers were checked already; a file whose pixels fail to decode (truncated, corrupt) is listed with
     every other such file in one error at the end.
     """
     _, channels, height, width = out.shape
-    by_file: dict[Path, list[int]] = defaultdict(list)
-    for i, crop in enumerate(crops):
-        by_file[crop.path].append(i)
+    # Rows grouped by file (CSV order within each), the files in order of first appearance: index arrays,
+    # where a list of Python ints per file held ~36 bytes a row through the whole build.
+    order = np.argsort(crops.file, kind="stable")
+    codes, starts = np.unique(crops.file[order], return_index=True)
+    by_file = sorted(zip(codes.tolist(), np.split(order, starts[1:])), key=lambda code_rows: code_rows[1][0])
 
-    def cut_file(path: Path, rows: list[int]) -> str | None:
+    def cut_file(path: Path, rows: np.ndarray) -> str | None:
         try:
             source = FileSource(path, channels, (scales or {}).get(path), keep_grey=True)
         except DECODE_ERRORS as e:
-            return (f"{path}: {e} (CSV line(s) {', '.join(str(crops[i].line) for i in rows[:5])}"
+            return (f"{path}: {e} (CSV line(s) {', '.join(map(str, crops.line[rows[:5]].tolist()))}"
                     f"{', ...' if len(rows) > 5 else ''})")
-        rows = np.array(rows)
-        boxes = np.array([(c.y0, source.shape[0] if c.y1 is None else c.y1, c.x0, c.x1)
-                          for c in (crops[i] for i in rows)], dtype=np.int64).reshape(-1, 4)
+        y0, y1, x0, x1 = (column[rows].astype(np.int64) for column in (crops.y0, crops.y1, crops.x0, crops.x1))
+        boxes = np.stack([y0, np.where(y1 < 0, source.shape[0], y1), x0, x1], axis=1)  # y1 -1: the full height
         sizes = np.stack([boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]], axis=1)
         unique, group = np.unique(sizes, axis=0, return_inverse=True)
         # A cache file takes a file's crops in one write per run of rows; a tensor takes each batch directly.
         direct = isinstance(out, torch.Tensor)
         block = None if direct else torch.empty((len(rows), channels, height, width), dtype=torch.uint8)
+        source_channels = source.array.shape[2] if source.array.ndim == 3 else 1
         for g, (h, w) in enumerate(unique.tolist()):
             members = np.flatnonzero(group.reshape(-1) == g)
-            for part in np.array_split(members, -(-len(members) // REGIONS_PER_CALL)):
+            # A multiple of 4: grey crops are resized 4 to an image, and a call of any other count copies its
+            # regions once more to pad them (transforms.resize_many).
+            per_call = 4 * max(1, min(REGIONS_PER_CALL, REGION_BYTES_PER_CALL // (h * w * source_channels)) // 4)
+            for part in np.split(members, range(per_call, len(members), per_call)):
                 regions = source.regions(boxes[part, 0], boxes[part, 2], h, w, height, width)
                 if direct:
                     out[torch.from_numpy(rows[part])] = regions
@@ -129,9 +138,10 @@ def extract(crops: list[Crop], out: torch.Tensor | crop_cache.RowWriter, desc: s
 
     workers = max(1, min(workers or decode_threads(), len(by_file)))
     if isinstance(out, torch.Tensor):  # a cache file streams; its peak does not follow the data set's size
-        workers = min(workers, _threads_within_memory_share(list(by_file)[:HEADERS_SAMPLED], out.numel(), channels))
+        paths = [crops.files[code] for code, _ in by_file[:HEADERS_SAMPLED]]
+        workers = min(workers, _threads_within_memory_share(paths, out.numel(), channels))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        done = [pool.submit(cut_file, path, rows) for path, rows in by_file.items()]
+        done = [pool.submit(cut_file, crops.files[code], rows) for code, rows in by_file]
         for _ in progress_bar(as_completed(done), total=len(done), desc=desc, unit="file"):
             pass
     unreadable = [problem for problem in (d.result() for d in done) if problem is not None]
@@ -164,17 +174,24 @@ def _classes(labels: list[str]) -> list[str]:
     return sorted(unique)
 
 
-def _split(splits: list[str | None], targets: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Rows with a split column keep it; the rest get a seeded, class-stratified split."""
-    fixed_train = [i for i, split in enumerate(splits) if split == "train"]
-    fixed_val = [i for i, split in enumerate(splits) if split == "val"]
-    free = [i for i, split in enumerate(splits) if split is None]
-    train, val = fixed_train, fixed_val
-    if free:
-        free_train, free_val = split_indices([targets[i] for i in free], val_fraction, seed)
-        train = sorted(train + [free[i] for i in free_train])
-        val = sorted(val + [free[i] for i in free_val])
-    if not train or not val:
+def _labelled(labels: list[str], splits: list[str | None], val_fraction: float,
+              seed: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Classes, each row's class index (int64) and the train and val rows, from the rows' labels and splits."""
+    classes = _classes(labels)
+    class_index = {name: i for i, name in enumerate(classes)}
+    targets = np.fromiter(map(class_index.__getitem__, labels), dtype=np.int64, count=len(labels))
+    return classes, targets, *_split(splits, targets, val_fraction, seed)
+
+
+def _split(splits: list[str | None], targets: np.ndarray, val_fraction: float,
+           seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with a split column keep it; the rest get a seeded, class-stratified split. Sorted row indices."""
+    code = np.fromiter(map(SPLIT_CODES.index, splits), dtype=np.int8, count=len(splits))
+    train, val, free = (np.flatnonzero(code == SPLIT_CODES.index(split)) for split in ("train", "val", None))
+    if len(free):
+        free_train, free_val = split_indices(targets[free], val_fraction, seed)
+        train, val = np.sort(np.concatenate([train, free[free_train]])), np.sort(np.concatenate([val, free[free_val]]))
+    if not len(train) or not len(val):
         raise UserError(
             f"the crop CSV gives {len(train)} training and {len(val)} validation rows: "
             "mark some rows split=val (and train), or leave the split column empty for a seeded split"
@@ -216,34 +233,31 @@ def build(
     if cache == "disk":
         cached = _load_or_cache(csv_path, root, shape, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR, rows,
                                 value_range)
-        images, labels, splits, skipped = cached.images, cached.labels, cached.splits, cached.skipped
-        value_range = cached.value_range
+        images, skipped, value_range = cached.images, cached.skipped, cached.value_range
+        classes, targets, train, val = _labelled(cached.labels, cached.splits, val_fraction, seed)
     else:
         crops, skipped, grey = read_crops(csv_path, root, *rows)
-        labels, splits = [c.label for c in crops], [c.split for c in crops]
-        scales, value_range = scan_arrays([c.path for c in crops], value_range)
+        scales, value_range = scan_arrays(crops.used_files(), value_range)
+        # Split before decoding: a CSV without training or validation rows stops before any crop is cut.
+        classes, targets, train, val = _labelled(crops.row_labels(), crops.row_splits(), val_fraction, seed)
         if cache == "memory":
             stored = stored_shape(shape, grey)
             check_fits_in_memory(len(crops) * int(np.prod(stored)), f"{csv_path} at {width}x{height}x{stored[0]}",
                                  Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
+            release_free_heap()  # what parsing the CSV freed, before the array and the threads filling it
             images = torch.empty((len(crops), *stored), dtype=torch.uint8)
             extract(crops, images, desc="decoding crops", scales=scales)
-    classes = _classes(labels)
-    class_index = {name: i for i, name in enumerate(classes)}
-    targets = [class_index[label] for label in labels]
-    train, val = _split(splits, targets, val_fraction, seed)
 
     if images is None:
         def subset(indices):
-            return LazyCrops([crops[i] for i in indices], [targets[i] for i in indices], height, width, channels,
-                             scales)
+            return LazyCrops(crops.take(indices), targets[indices].tolist(), height, width, channels, scales)
 
         train_set, val_set = subset(train), subset(val)
     else:
         log.info("crops: %d x %s uint8 (%.1f MiB%s) ready in %.2f s", len(images), tuple(images.shape[1:]),
                  images.numel() / 2**20, ", grey: repeated to 3 channels on the device" if images.shape[1] < channels
                  else "", time.perf_counter() - started)
-        store = ArrayStore(images, torch.tensor(targets), channels)
+        store = ArrayStore(images, torch.from_numpy(targets), channels)
         train_set, val_set = InMemoryDataset(store, train), InMemoryDataset(store, val)
 
     mean, std = values.normalization(mean, std, train_set, channels)
@@ -295,7 +309,7 @@ def _load_or_cache(csv_path: Path, root: str | None, shape: tuple[int, int, int]
                     break
                 log.info("crop cache: writing %s", manifest)
                 crops, skipped, grey = read_crops(csv_path, root, *rows, content=content)
-                scales, resolved = scan_arrays([c.path for c in crops], value_range)
+                scales, resolved = scan_arrays(crops.used_files(), value_range)
                 return crop_cache.write(manifest, crops, skipped, stored_shape(shape, grey),
                                         lambda out: extract(crops, out, desc="caching crops", scales=scales),
                                         resolved)

@@ -105,6 +105,26 @@ def test_cached_crops_equal_cutting_each_crop_alone_for_boxes_of_shared_sizes(tm
         assert torch.equal(a, b)
 
 
+def test_a_size_group_larger_than_one_call_gives_the_pixels_of_cutting_each_crop_alone(tmp_path):
+    """A file's same-size boxes are resized at most crops.REGION_BYTES_PER_CALL of regions at a time, in calls
+    of a multiple of 4 boxes (grey crops travel 4 to an image): groups longer than a call, ending in a call
+    of another count, grey and RGB, give every pixel the per-crop path gives."""
+    rng = np.random.default_rng(7)
+    files.write_png(tmp_path / "grey.png", files.random_image(rng, 120, 130, channels=1))
+    files.write_png(tmp_path / "rgb.png", files.random_image(rng, 120, 130))
+    h = w = 96
+    count = crops.REGION_BYTES_PER_CALL // (h * w) * 3 // 2 + 2  # one and a half grey calls (more RGB calls)
+    rows = []
+    for path in ("grey.png", "rgb.png"):
+        for _ in range(count):
+            y0, x0 = int(rng.integers(0, 121 - h)), int(rng.integers(0, 131 - w))
+            rows.append({"path": path, "x0": x0, "y0": y0, "x1": x0 + w, "y1": y0 + h, "label": f"c{len(rows) % 2}"})
+    csv = write_crops(tmp_path / "many.csv", rows)
+    lazy, held = build(csv, cache="none", width=20, height=12), build(csv, cache="memory", width=20, height=12)
+    for (label_a, a), (label_b, b) in zip(items(lazy), items(held), strict=True):
+        assert label_a == label_b and torch.equal(a, b)
+
+
 def test_crop_is_resized_to_width_by_height(box_png):
     csv, scene, boxes = box_png
     bundle = build(csv, width=48, height=24)
