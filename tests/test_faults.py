@@ -1,7 +1,6 @@
 """Training faults: non-finite loss, gradient clipping, dying workers, Ctrl-C, unsafe checkpoints, run dirs."""
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
