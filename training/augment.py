@@ -94,25 +94,28 @@ class Augment:
     def _geometric(self, images: torch.Tensor, offsets, hflip, vflip, transpose) -> torch.Tensor:
         """Source row per output row and source column per output column, per item (small: N x H and N x W),
         combined into one flat source index per output pixel only at the end: building full-size index maps
-        step by step cost ~10x the gather itself (measured at batch 256, 32x32)."""
+        step by step cost ~10x the gather itself (measured at batch 256, 32x32). The small maps go to the
+        batch's device, where the full-size index is built: copying that instead (4 MiB of int64 at batch 512,
+        32x32, from unpinned memory) would wait for the copy every step."""
         n, channels, height, width = images.shape
-        rows = torch.arange(height).expand(n, height)
-        cols = torch.arange(width).expand(n, width)
+        device = images.device
+        rows = torch.arange(height, device=device).expand(n, height)
+        cols = torch.arange(width, device=device).expand(n, width)
         if vflip is not None:
-            rows = torch.where(vflip.view(n, 1), height - 1 - rows, rows)
+            rows = torch.where(vflip.to(device).view(n, 1), height - 1 - rows, rows)
         if hflip is not None:
-            cols = torch.where(hflip.view(n, 1), width - 1 - cols, cols)
+            cols = torch.where(hflip.to(device).view(n, 1), width - 1 - cols, cols)
         if offsets is not None:  # crop at offset (dy, dx) of the image padded by `pad` on every side
+            offsets = offsets.to(device)
             rows = _reflect(rows + (offsets[0] - self.pad).view(n, 1), height)
             cols = _reflect(cols + (offsets[1] - self.pad).view(n, 1), width)
         # Flat source index = row part + column part; a transposed item reads row cols[x], column rows[y]
         # (square inputs only, checked, so both index ranges match).
         row_part, col_part = rows * width, cols
         if transpose is not None:
-            t = transpose.view(n, 1)
+            t = transpose.to(device).view(n, 1)
             row_part, col_part = torch.where(t, rows, row_part), torch.where(t, cols * width, col_part)
         source = (row_part.view(n, height, 1) + col_part.view(n, 1, width)).view(n, 1, height * width)
-        source = source.to(images.device, non_blocking=True)
         flat = images.reshape(n, channels, height * width)
         return flat.gather(2, source.expand(n, channels, height * width)).view(n, channels, height, width)
 
