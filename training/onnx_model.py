@@ -23,7 +23,7 @@ from torch import nn
 
 from errors import UserError
 from training import checkpoint as checkpoints
-from training import saved_config
+from training import run_folder, saved_config
 from training.build import build_model, require_keys
 from training.logger import run_log
 from training.loop import Normalizer
@@ -81,7 +81,7 @@ def run_export(cfg: DictConfig) -> Path:
         raise UserError(f"output={output} must end in {SUFFIX}: evaluate.py tells an ONNX model by it")
     if output.exists():
         raise UserError(f"output={output} already exists: export never overwrites a file; choose another output")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_folder.create(run_dir)
     with run_log(run_dir):
         checkpoint = checkpoints.load(cfg.checkpoint, "checkpoint")
         export(checkpoint, output, f"checkpoint={cfg.checkpoint}")

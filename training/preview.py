@@ -32,6 +32,7 @@ from datasets.crop_csv import Crop
 from datasets.crops import LazyCrops
 from datasets.transforms import DECODE_ERRORS, FileSource
 from errors import UserError
+from training import run_folder
 from training.build import build_dataset, require_keys
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def run_preview(cfg: DictConfig) -> dict:
         if cfg[key] < (0 if key == "sources" else 1):
             raise UserError(f"{key} must be {'0 or more' if key == 'sources' else 'at least 1'}, got {cfg[key]}")
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_folder.create(run_dir)
     bundle = build_dataset(_per_item(cfg.dataset), cfg.seed)
     splits = {"train": bundle.train, "val": bundle.val}
     counts = {name: torch.bincount(labels_of(split), minlength=len(bundle.classes)).tolist()
