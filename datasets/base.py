@@ -287,30 +287,15 @@ def materialize(dataset: Dataset, shape: tuple[int, int, int], desc: str, worker
     return InMemoryDataset(ArrayStore(images, labels))
 
 
-def targets(dataset: Dataset) -> list[int] | None:
-    """Every item's class index without decoding anything, for the kinds of data set the families build;
-    None for another kind."""
-    if isinstance(dataset, InMemoryDataset):
-        return dataset.store.labels[dataset.indices].tolist()
-    if isinstance(dataset, Subset):
-        base = targets(dataset.dataset)
-        return None if base is None else [base[i] for i in dataset.indices]
-    found = getattr(dataset, "targets", None)
-    return list(found) if found is not None else None
-
-
 def check_class_coverage(bundle: DataBundle) -> None:
     """A training split with a single class teaches nothing (its loss is zero from the start): an error. A
     class with validation items but no training items can never be predicted: a warning naming it."""
-    train, val = targets(bundle.train), targets(bundle.val)
-    if train is None:
-        return
-    present = set(train)
+    present = set(labels_of(bundle.train).tolist())
     if len(present) < 2:
         names = [bundle.classes[i] for i in sorted(present)]
         raise UserError(f"the training split holds only class {names} of {bundle.classes}: a classifier needs "
                         "training items of at least two classes; add them, or check the split column / train/ folder")
-    missing = sorted({bundle.classes[i] for i in set(val or []) - present})
+    missing = sorted({bundle.classes[i] for i in set(labels_of(bundle.val).tolist()) - present})
     if missing:
         log.warning("class(es) %s have validation items but no training items: the model cannot learn them, and "
                     "their validation accuracy will be 0; give them training rows or files", missing)
