@@ -9,6 +9,7 @@ reported at once, each with its CSV line number; or, with on_bad_rows=skip, left
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gc
 import io
@@ -359,10 +360,11 @@ def require_csv(csv_path: str | Path) -> Path:
     return csv_path
 
 
-def _require_utf8(csv_path: Path, data: bytes) -> None:
-    """Name the first line that is not UTF-8 (decoding while parsing knows only its buffer, not the line)."""
+def _decode(csv_path: Path, data: bytes) -> str:
+    """The CSV's text (a leading byte-order mark dropped), or one line naming the first line that is not UTF-8."""
+    data = data.removeprefix(codecs.BOM_UTF8)  # as utf-8-sig would, keeping the error's offset in `data`
     try:
-        data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise UserError(f"{csv_path}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x}): the crop CSV must be "
@@ -396,9 +398,8 @@ def read_crops(
     if not root.is_dir():
         raise UserError(f"dataset.root: folder not found: {root.resolve()}")
     data = csv_path.read_bytes() if content is None else content
-    _require_utf8(csv_path, data)
     # newline="": line breaks inside quoted fields reach the csv module as written, as open(newline="") gives them.
-    with io.StringIO(data.decode("utf-8-sig"), newline="") as f, _collector_paused():
+    with io.StringIO(_decode(csv_path, data), newline="") as f, _collector_paused():
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         form = _form(header, csv_path)
