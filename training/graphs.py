@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from training.loop import forward_backward_step
 from training.speed import MixedPrecision
 
 WARMUP_STEPS = 3  # eager steps on a side stream before the first capture, as torch's examples do
@@ -50,13 +51,8 @@ class CudaGraphStep:
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward, loss, backward and optimizer step, without zeroing gradients (the caller decides how)."""
-        inputs = self.normalize(images)
-        with self.amp.autocast(cache_enabled=False):
-            logits = self.model(inputs)
-        # In fp32, as training.loop.train_step.
-        loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
-        self.amp.backward_and_step(loss, self.optimizer, self.model, self.clip_grad_norm)
-        return loss.detach()
+        return forward_backward_step(self.model, self.optimizer, self.normalize(images), targets, self.clip_grad_norm,
+                                     self.amp, self.label_smoothing, cache_enabled=False)
 
     def _settings(self) -> list[dict]:
         """Every value of the optimizer's groups but the parameters: lr, momentum, ... as the graph saw them."""

@@ -77,7 +77,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
     """One optimizer step; returns the detached loss tensor (no host sync). `label_smoothing` spreads that
     share of each target over all classes (training only: validation scores the plain loss)."""
     optimizer.zero_grad(set_to_none=True)
-    with amp.autocast():
+    return forward_backward_step(model, optimizer, inputs, targets, clip_grad_norm, amp, label_smoothing)
+
+
+def forward_backward_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+                          targets: torch.Tensor, clip_grad_norm: float | None, amp: MixedPrecision,
+                          label_smoothing: float, cache_enabled: bool = True) -> torch.Tensor:
+    """train_step without zeroing the gradients, which its callers do each in their own way (a captured CUDA
+    graph's step, training/graphs.py, also turns off autocast's weight cache, as capture requires)."""
+    with amp.autocast(cache_enabled=cache_enabled):
         logits = model(inputs)
     # The loss in fp32 whatever the forward ran in.
     loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
