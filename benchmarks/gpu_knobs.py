@@ -26,7 +26,6 @@ import torch
 
 from benchmarks import throughput
 from datasets import demo
-from datasets.base import ArrayStore, InMemoryDataset
 from benchmarks.report import run as run_benchmark, write as write_report
 from training.build import resolve_device
 
@@ -77,20 +76,17 @@ def main(argv=None) -> dict:
         demo.generate(folder)
         bundle = throughput.build_crops(throughput.random_boxes(folder, args.rows), "memory", folder / "cache")
         # The crops repeated to a whole number of batches of every size: no short last batch (run eagerly).
-        store = bundle.train.store
-        take = torch.arange(SAMPLES) % len(store)
-        train = InMemoryDataset(ArrayStore(store.images[take], store.labels[take], store.channels))
+        train = throughput.repeated(bundle.train.store, SAMPLES)
         setups = {f"default/{b}": (Setup(bundle.mean, bundle.std, device, {}, False), b) for b in BATCHES}
         for name, (overrides, fused) in KNOBS.items():
             if cuda or not ({"precision", "cuda_graphs"} & set(overrides) or fused):
                 setups[f"{name}/512"] = (Setup(bundle.mean, bundle.std, device, overrides, fused and cuda), 512)
-        cases = {}
-        for _ in range(args.repeats):
-            for name, (setup, batch) in setups.items():
-                loader = throughput.app_loader(train, device, "device", batch)
-                value = throughput.app_train(loader, setup, args.seconds, 3)
-                cases[name] = max(cases.get(name, 0.0), value)
-                print(f"  {name:24s} {cases[name]:12,.0f} samples/s", file=sys.stderr)
+
+        def case(setup: Setup, batch: int):
+            return lambda: throughput.app_train(throughput.app_loader(train, device, "device", batch), setup,
+                                                args.seconds, 3)
+
+        cases = throughput.measure({name: case(*setup) for name, setup in setups.items()}, args.repeats)
     base = cases["default/512"]
     report = {
         "command": " ".join(["python -m benchmarks.gpu_knobs", *(argv if argv is not None else sys.argv[1:])]),

@@ -357,14 +357,18 @@ def variant_setups(bundle, device: torch.device) -> dict[str, App]:
     return setups
 
 
+def repeated(store: ArrayStore, samples: int) -> InMemoryDataset:
+    """`samples` items: the store's crops repeated in order (an epoch of a chosen length)."""
+    take = torch.arange(samples) % len(store)
+    return InMemoryDataset(ArrayStore(store.images[take], store.labels[take], store.channels))
+
+
 def measure_epochs(bundle, device: torch.device, samples: int, repeats: int) -> dict[str, float]:
     """Best of `repeats` whole-epoch times over `samples` items (the cache's crops repeated), device loader,
     batch GPU_BATCH: with train.py's defaults and, where those replay CUDA graphs, with eager steps too (the
     defaults are the graphed case: timing graphs again would repeat them, and where the defaults cannot
     capture a step, fp16 on a 7.x GPU, graphs=true would be refused)."""
-    store = bundle.train.store
-    take = torch.arange(samples) % len(store)
-    dataset = InMemoryDataset(ArrayStore(store.images[take], store.labels[take], store.channels))
+    dataset = repeated(bundle.train.store, samples)
     default = train_speed(device)
     setups = {"default": App(bundle.mean, bundle.std, device, default)}
     if default.cuda_graphs:
