@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -60,6 +62,13 @@ def main(csv_path: Path, cache: str = "memory") -> dict:
     uint8_bytes = bundle.train.store.images.numel()
     return {"cache": cache, "rows": len(bundle.train.store), "stored_shape": list(bundle.train.store.images.shape[1:]),
             "uint8_bytes": uint8_bytes, "peak_bytes": peak, "ratio": peak / uint8_bytes, "peak_reset": reset}
+
+
+def in_own_process(csv_path: Path, cache: str = "memory") -> dict:
+    """main() in a fresh interpreter, so nothing the caller allocated before counts in its peak."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", str(csv_path), "--cache", cache],
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.peak_memory import main as measure_peak
+from benchmarks.peak_memory import in_own_process as peak_in_own_process, main as measure_peak
 from datasets import crops
 from datasets.crop_csv import read_crops, write_crops
 from benchmarks.report import run as run_benchmark, write as write_report
@@ -132,9 +130,7 @@ def timed(fn) -> tuple[float, object]:
 def peak_memory(csv_path: Path, cache: str, own_process: bool) -> dict:
     if not own_process:  # smoke: the same code without a second torch import; the figure means nothing then
         return measure_peak(csv_path, cache)
-    out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", str(csv_path), "--cache", cache],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    return peak_in_own_process(csv_path, cache)
 
 
 def main(argv=None) -> dict:

@@ -28,7 +28,6 @@ cache=memory build against its uint8 bytes (benchmarks/peak_memory.py, in a subp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -49,6 +48,7 @@ from torchvision import transforms
 
 from datasets import crops, demo
 from datasets.crop_csv import write_crops
+from benchmarks.peak_memory import in_own_process as peak_in_own_process
 from benchmarks.report import run as run_benchmark, write as write_report
 from models.cnn import TutorialCNN
 from datasets.base import ArrayStore, InMemoryDataset
@@ -389,12 +389,6 @@ def measure(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str, fl
     return best
 
 
-def peak_memory(csv_path: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", str(csv_path)], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
-
-
 def ratios(cases: dict[str, float], prep: dict[str, float], memory: dict, epochs: dict[str, float],
            batches: tuple[int, ...]) -> dict[str, float]:
     found = {
@@ -500,7 +494,7 @@ def main(argv=None) -> dict:
         folder = Path(tmp)
         demo.generate(folder)
         csv_path = random_boxes(folder, settings["rows"])
-        memory = peak_memory(random_boxes(folder, settings["memory_rows"]))
+        memory = peak_in_own_process(random_boxes(folder, settings["memory_rows"]))
         bundles, prep = prepare(csv_path, folder / "cache", device)
         extras = device.type == "cuda" or size == "smoke"  # the GPU comparisons; in smoke, to prove they run
         cases = measure(define_cases(bundles, device, settings["seconds"], settings["warmup_batches"],
