@@ -11,10 +11,7 @@ from errors import UserError
 from tests import files
 
 
-def build(csv, **overrides):
-    args = dict(csv=str(csv), root=None, width=16, height=16, channels=3, cache="memory", cache_dir=None,
-                val_fraction=0.5, mean=[0.5], std=[0.5], seed=0)
-    return crops.build(**{**args, **overrides})
+from tests.files import build_crops as build
 
 
 def items(bundle) -> dict:

@@ -1,6 +1,7 @@
 """How values become pixels: non-finite arrays refused, high-depth images scaled, dataset.value_range
 (per_file, global, [low, high]) and dataset.mean/std=auto, from the data set through checkpoints to predict."""
 
+import functools
 import logging
 import pickle
 
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import training
-from datasets import cifar, crops
+from datasets import cifar
 from datasets.crop_csv import write_crops
 from datasets.folders import build_datasetfolder, build_imagefolder
 from errors import UserError
@@ -21,10 +22,7 @@ from training.evaluation import run_evaluation
 from training.loop import Normalizer
 
 
-def build(csv, **overrides):
-    args = dict(csv=str(csv), root=None, width=16, height=16, channels=1, cache="memory", cache_dir=None,
-                val_fraction=0.5, mean=[0.5], std=[0.5], seed=0)
-    return crops.build(**{**args, **overrides})
+build = functools.partial(files.build_crops, channels=1)  # grey crops
 
 
 def items_by_label(bundle) -> dict[str, list[torch.Tensor]]:
