@@ -40,7 +40,7 @@ from benchmarks.peak_memory import in_own_process as peak_in_own_process, main a
 from datasets import crops
 from datasets.crop_csv import read_crops, write_crops
 from benchmarks.report import run as run_benchmark, write as write_report
-from training.loaders import available_cores
+from cores import available_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {

@@ -56,7 +56,8 @@ from training import schema
 from training import speed as speeds
 from training.build import resolve_device
 from training.graphs import WARMUP_STEPS as GRAPH_WARMUP_STEPS, CudaGraphStep
-from training.loaders import available_cores, build_loader
+from cores import available_cores
+from training.loaders import build_loader
 from training.loop import Normalizer, train_one_epoch, train_step
 from training.runner import torch_threads
 

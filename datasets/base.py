@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
+from cores import cores_per_process
 from errors import UserError
 from progress import progress_bar
 
@@ -252,10 +253,6 @@ def decode_problem(error: Exception) -> str:
 def decode_threads() -> int:
     """Threads for decoding files: this process's share of the cores. PIL's decoders, numpy's copies and torch's
     resize release the GIL, and threads start at once, where a pool of processes took ~5 s (each imports torch)."""
-    # Imported here: importing the training package at module level costs ~0.6 s (TensorBoard, OmegaConf) to
-    # every user of datasets; a run has imported it by the time it builds data.
-    from training.loaders import cores_per_process
-
     return cores_per_process()
 
 

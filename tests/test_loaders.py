@@ -5,7 +5,8 @@ import torch
 from hydra.utils import instantiate
 
 from errors import UserError
-from training.loaders import DeviceLoader, EpochSeededDataLoader, available_cores, choose_device_loader, device_bytes
+from cores import available_cores
+from training.loaders import DeviceLoader, EpochSeededDataLoader, choose_device_loader, device_bytes
 from training.runner import torch_threads
 
 CPU = torch.device("cpu")

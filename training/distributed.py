@@ -16,6 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from cores import local_processes
 from errors import UserError
 
 
@@ -89,11 +90,6 @@ def init(process: Process, device: torch.device, timeout_minutes: float) -> None
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def local_processes() -> int:
-    """Processes torchrun started on this machine (1 without torchrun): they share its cores."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def world_size() -> int:

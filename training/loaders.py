@@ -22,15 +22,15 @@ Random augmentation is not done here but on whole batches after the loader, on t
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cores import cores_per_process
 from datasets.base import InMemoryDataset, labels_of
 from errors import UserError
-from training.distributed import local_processes, shard, shard_size
+from training.distributed import shard, shard_size
 
 MODES = ("auto", "device", "dataloader")
 SAMPLERS = ("uniform", "balanced")
@@ -38,18 +38,6 @@ DEVICE_MEMORY_SHARE = 0.8  # of a GPU's free memory the data may take: the rest 
 # activations, cuDNN workspaces and the allocator's rounding
 _WORKER_ERROR = "Caught UserError in DataLoader worker"
 _WORKER_DIED = "DataLoader worker (pid"  # torch's words for a worker killed by a signal or exited
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def cores_per_process() -> int:
-    """This process's share of the machine's cores: all of them, or a torchrun process's part."""
-    return max(1, available_cores() // local_processes())
 
 
 def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cores import cores_per_process, local_processes
 from datasets.base import DataBundle, labels_of, limit_image_pixels
 from errors import UserError
 from models.size import cost as model_cost
@@ -33,7 +34,6 @@ from training import speed as speeds
 from training.augment import Augment
 from training.build import (Data, build_augment, build_data, build_model, build_optimizer, require_keys,
                             resolve_device, saved_mapping)
-from training.loaders import cores_per_process
 from training.logger import RunLogger, describe_run, run_log
 from training.schema import check_ranges
 from training.loop import NonFiniteLoss, Normalizer, evaluate, train_one_epoch
@@ -95,7 +95,7 @@ def torch_threads(workers: int):
     (2 workers plus 2 torch threads oversubscribe 2 cores, and torch's threads then spin in their barriers
     waiting for each other)."""
     before = torch.get_num_threads()
-    if workers or distributed.local_processes() > 1:
+    if workers or local_processes() > 1:
         torch.set_num_threads(max(1, min(before, cores_per_process() - workers)))
     try:
         yield
