@@ -24,7 +24,7 @@
 #   benchmark    [120]  python -m benchmarks.throughput --gpu-check --device cuda      -> benchmark.json, .md
 # Every step's output goes to OUTDIR/STEP.log; summary.json lists each step's exit code, seconds and limit
 # (124: out of time; the limits add up to 510 s and each is cut to what is left of that). The benchmark measures the GPU targets, bf16 against fp32 and CUDA graphs against
-# eager steps (trainer.cuda_graphs=auto turned on from these figures; README "Measured on a GPU").
+# eager steps (trainer.cuda_graphs=auto turned on from these figures; docs/performance.md "On a GPU").
 #
 # CUDA_CHECK_DEVICE=cpu runs the same steps on the CPU at smoke size (tests/test_cuda_check.py does, with
 # CUDA_CHECK_SKIP=benchmark): the cuda tests then skip with their reason and train-graphs fails in one line.

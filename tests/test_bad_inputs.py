@@ -1,5 +1,5 @@
 """Inputs a careless or hostile user gives, on real files: each is refused in one line naming the file, row
-or key, or handled as the README says."""
+or key, or handled as docs/troubleshooting.md says."""
 
 import csv
 import os

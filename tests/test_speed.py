@@ -44,7 +44,7 @@ def test_cuda_graphs_refuse_what_a_captured_step_cannot_do_and_auto_turns_them_o
 
 @pytest.mark.parametrize("precision", ["auto", "bf16", "fp32"])
 def test_auto_captures_cuda_graphs_wherever_a_step_can_be_captured(precision):
-    """Measured faster on a GPU (README): auto turns them on for CUDA unless something above rules them out."""
+    """Measured faster on a GPU (docs/performance.md): auto turns them on for CUDA unless something above rules them out."""
     resolved = speed.resolve(precision, "auto", False, False, torch.device("cuda"), capability=(9, 0))
     assert resolved.cuda_graphs and resolved.cuda_graphs_reason.startswith("auto: on")
     assert not speed.resolve(precision, "auto", False, False, torch.device("cuda"), capability=(9, 0),

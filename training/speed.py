@@ -1,6 +1,6 @@
 """Speed settings: mixed precision, channels_last, torch.compile and cuDNN autotuning.
 
-On this project's 2-core CPU they measured neutral or slower for the tutorial CNN (see the README), so
+On this project's 2-core CPU they measured neutral or slower for the tutorial CNN (docs/performance.md), so
 `auto` keeps each of them off on CPU. On CUDA, `auto` picks the autocast precision from the training
 device's compute capability (bf16 from Ampere, 8.0, on; fp16 with a GradScaler on Volta and Turing,
 7.x, whose tensor cores have no bf16; fp32 before that), turns on channels_last, whose tensor-core
