@@ -1,3 +1,14 @@
+"""Fixtures every test file shares: configs composed like the scripts compose them, small real data sets,
+training runs shared across a session, and the rules of the suite (one torch thread, programs only in `slow`
+tests, xdist on every core by default)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -6,12 +17,23 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torchvision import datasets as tv
 
+import training
 from datasets import crops
 from tests import files
 from training import schema
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
 schema.register()  # before any test composes, as train.py and evaluate.py do
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """`-n auto` (one xdist worker per core) unless the command says otherwise: set here, not in pyproject's
+    addopts, so that `-p no:xdist` (a serial run, e.g. under a debugger) is accepted instead of failing on an
+    unknown `-n`. xdist's workers run this hook too, and must not start workers of their own."""
+    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput") \
+            and config.option.numprocesses is None:
+        config.option.numprocesses = "auto"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,14 +46,51 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tests train tiny batches, where one thread beats two, and two threads on a busy 2-core machine stall
     on each other: two epochs of the crop fixture took 0.05 s on one thread, 1 to 5 s on two under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def programs_only_in_slow_tests(request, monkeypatch):
+    """A test that starts a program (python train.py, torchrun, bash) pays its imports, seconds each: it must
+    be marked `slow`, so that `-m "not slow"` stays the quick loop. Every subprocess call ends in
+    Popen._execute_child; outside slow tests it fails the test, naming the program. (Forked children that run
+    a function, as DataLoader workers and helpers.in_child do, start no program and are allowed.)"""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(self, args, *rest, **kwargs):
+        pytest.fail(f"this test starts a program ({args!r}): mark it @pytest.mark.slow", pytrace=False)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+
+
+def compose_train(run_dir: Path, *overrides: str):
+    """configs/train.yaml composed like train.py does, with tiny CPU settings; `overrides` win."""
+    base = [
+        f"run_dir={run_dir}",
+        "trainer.device=cpu",
+        "trainer.progress=false",
+        "trainer.epochs=1",
+        "trainer.log_every=2",
+        "trainer.warmup_steps=1",
+    ]
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose(config_name="train", overrides=[*base, *overrides])
 
 
 @pytest.fixture
@@ -39,18 +98,75 @@ def make_cfg(tmp_path):
     """Compose configs/train.yaml like train.py does, with tiny CPU settings and the run dir in tmp_path."""
 
     def make(*overrides: str, run_dir: Path | None = None):
-        base = [
-            f"run_dir={run_dir or tmp_path / 'run'}",
-            "trainer.device=cpu",
-            "trainer.progress=false",
-            "trainer.epochs=1",
-            "trainer.log_every=2",
-            "trainer.warmup_steps=1",
-        ]
-        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-            return compose(config_name="train", overrides=[*base, *overrides])
+        return compose_train(run_dir or tmp_path / "run", *overrides)
 
     return make
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder` by relative path, with its content's SHA-256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class SharedRun:
+    """A finished training run that tests read and never change; `copy` gives a test its own to change."""
+
+    dir: Path
+    metrics: dict
+    digest: dict = field(repr=False)
+
+    def checkpoint(self, name: str = "last") -> dict:
+        return torch.load(self.dir / "checkpoints" / f"{name}.pt", weights_only=True)
+
+    def copy(self, to: Path) -> Path:
+        """The run folder copied to `to` (a resume from its checkpoints/ continues the copy, not the original)."""
+        shutil.copytree(self.dir, to)
+        return to
+
+
+@pytest.fixture(scope="session")
+def shared_crop_csv(tmp_path_factory) -> Path:
+    """The crop scenes of `crop_csv`, written once per session (per xdist worker) for shared runs: read only."""
+    return files.write_crop_scenes(tmp_path_factory.mktemp("shared-crops"))
+
+
+@pytest.fixture(scope="session")
+def _shared_runs(tmp_path_factory, shared_crop_csv):
+    runs: dict[tuple[str, ...], SharedRun] = {}
+
+    def get(overrides: tuple[str, ...]) -> SharedRun:
+        if overrides not in runs:
+            run_dir = tmp_path_factory.mktemp("shared-run") / "run"
+            with torch_threads(1):  # as every test trains (one_torch_thread), so bitwise comparisons hold
+                metrics = training.run(compose_train(run_dir, f"dataset.csv={shared_crop_csv}", *overrides))
+            runs[overrides] = SharedRun(run_dir, metrics, folder_digest(run_dir))
+        return runs[overrides]
+
+    return get, runs
+
+
+@pytest.fixture
+def shared_run(_shared_runs, shared_crop_csv):
+    """shared_run(*overrides): the run `make_cfg` would compose with these overrides on the crop scenes of
+    `shared_crop_csv`, trained once per session (per xdist worker) and shared by every test that asks for the
+    same overrides. Tests only read it (or `copy` it into tmp_path); after each test its files, and the crop
+    scenes', are checked unchanged, and a changed run is dropped so that later tests train a fresh one."""
+    get, runs = _shared_runs
+    scenes = folder_digest(shared_crop_csv.parent)
+    used: list[tuple[str, ...]] = []
+
+    def run(*overrides: str) -> SharedRun:
+        used.append(overrides)
+        return get(overrides)
+
+    yield run
+    changed = [overrides for overrides in dict.fromkeys(used) if folder_digest(runs[overrides].dir) != runs[overrides].digest]
+    for overrides in changed:
+        del runs[overrides]
+    assert not changed, f"this test changed shared runs {changed}: copy one into tmp_path to change it"
+    assert folder_digest(shared_crop_csv.parent) == scenes, "this test changed the shared crop scenes"
 
 
 @pytest.fixture

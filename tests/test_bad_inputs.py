@@ -11,6 +11,7 @@ import pytest
 import training
 from errors import UserError
 from tests import files
+from tests.helpers import in_child
 
 
 def write_scene_csv(folder: Path, labels: list[str], splits: list[str] | None = None, paths=None) -> Path:
@@ -83,27 +84,27 @@ def test_a_folder_symlink_leaving_the_root_is_refused(make_cfg, tmp_path, family
     assert metrics["val/acc"] >= 0
 
 
-@pytest.fixture
-def file_size_limit():
-    """Writes past `limit` bytes fail with EFBIG (Python ignores SIGXFSZ): the errors of a full disk without
-    mounting one. Restored on the way out."""
+def with_file_size_limit(n_bytes: int, body) -> None:
+    """Run `body` where writes past `n_bytes` fail with EFBIG (Python ignores SIGXFSZ): the errors of a full
+    disk without mounting one. The limit binds a whole process, pytest's own writes (its log, a redirected
+    report) included, so it is set in a forked child that ends with the body (helpers.in_child)."""
     import resource
 
-    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        body()
 
-    def limit(n_bytes: int) -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, before[1]))
-
-    yield limit
-    resource.setrlimit(resource.RLIMIT_FSIZE, before)
+    in_child(limited)
 
 
-def test_a_disk_cache_that_cannot_be_written_is_one_line_and_leaves_no_temp_file(build_crops, crop_csv, tmp_path,
-                                                                                 file_size_limit):
+def test_a_disk_cache_that_cannot_be_written_is_one_line_and_leaves_no_temp_file(build_crops, crop_csv, tmp_path):
     cache = tmp_path / "cache"
-    file_size_limit(100_000)  # the array is 64 x 3 x 64 x 64 = 786 kB
-    with pytest.raises(UserError, match=r"dataset.cache_dir .*cache: cannot write the crop cache \(File too large\)"):
-        build_crops(f"dataset.csv={crop_csv}", "dataset.cache=disk", "dataset.width=64", "dataset.height=64")
+
+    def build() -> None:  # the array is 64 x 3 x 64 x 64 = 786 kB
+        with pytest.raises(UserError, match=r"dataset.cache_dir .*cache: cannot write the crop cache \(File too large\)"):
+            build_crops(f"dataset.csv={crop_csv}", "dataset.cache=disk", "dataset.width=64", "dataset.height=64")
+
+    with_file_size_limit(100_000, build)
     assert [p.suffix for p in cache.iterdir()] == [".lock"]  # the empty build lock alone
 
 
@@ -124,21 +125,24 @@ def test_a_cache_dir_that_cannot_be_created_is_one_line(build_crops, crop_csv, t
         build_crops(f"dataset.csv={crop_csv}", "dataset.cache=disk", f"dataset.cache_dir={tmp_path / 'a_file' / 'cache'}")
 
 
-def test_a_checkpoint_that_cannot_be_saved_is_one_line(tmp_path, file_size_limit):
+def test_a_checkpoint_that_cannot_be_saved_is_one_line(tmp_path):
     import torch
 
     from training import checkpoint as checkpoints
 
     path = tmp_path / "checkpoints" / "last.pt"
-    file_size_limit(50_000)
-    with pytest.raises(UserError, match=r"cannot save .*last.pt \(.*\); no checkpoint was saved") as error:
-        checkpoints.save({"model": torch.zeros(100_000)}, path)  # 400 kB
-    assert "\n" not in str(error.value) and list(path.parent.iterdir()) == []
-    checkpoints.save({"model": torch.zeros(10)}, path)
-    before = path.read_bytes()
-    with pytest.raises(UserError, match=r"the previous one is kept"):
-        checkpoints.save({"model": torch.zeros(100_000)}, path)
-    assert path.read_bytes() == before and list(path.parent.iterdir()) == [path]
+
+    def save() -> None:
+        with pytest.raises(UserError, match=r"cannot save .*last.pt \(.*\); no checkpoint was saved") as error:
+            checkpoints.save({"model": torch.zeros(100_000)}, path)  # 400 kB
+        assert "\n" not in str(error.value) and list(path.parent.iterdir()) == []
+        checkpoints.save({"model": torch.zeros(10)}, path)
+        before = path.read_bytes()
+        with pytest.raises(UserError, match=r"the previous one is kept"):
+            checkpoints.save({"model": torch.zeros(100_000)}, path)
+        assert path.read_bytes() == before and list(path.parent.iterdir()) == [path]
+
+    with_file_size_limit(50_000, save)
 
 
 def test_an_image_over_the_pixel_limit_is_refused_from_its_header(build_crops, make_cfg, make_eval_cfg, tmp_path):
@@ -165,38 +169,44 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(build_crops, m
     limit_image_pixels(89478485)
 
 
-def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_keeps_the_previous(tmp_path, file_size_limit):
+def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_keeps_the_previous(tmp_path):
     from training import run_folder
 
     path = tmp_path / "metrics.json"
     run_folder.write_text(path, "{}")
-    file_size_limit(1000)
-    with pytest.raises(UserError, match=r"cannot write .*metrics.json \(File too large\); the previous one is kept"):
-        run_folder.write_text(path, "x" * 5000)
+
+    def write() -> None:
+        with pytest.raises(UserError, match=r"cannot write .*metrics.json \(File too large\); the previous one is kept"):
+            run_folder.write_text(path, "x" * 5000)
+
+    with_file_size_limit(1000, write)
     assert path.read_text() == "{}" and list(tmp_path.iterdir()) == [path]  # whole, and no temp file left
 
 
-def test_tensorboard_events_that_cannot_be_written_are_one_line(make_cfg, crop_csv, tmp_path, file_size_limit,
-                                                               capfd):
+def test_tensorboard_events_that_cannot_be_written_are_one_line(make_cfg, crop_csv, tmp_path, capfd):
     """The first batch's image alone takes the event file past 20 kB; config.yaml and train.log stay below."""
     import training
 
-    file_size_limit(20_000)
-    with pytest.raises(UserError, match=r"cannot write TensorBoard events to .*run \(File too large\)") as error:
-        training.run(make_cfg(f"dataset.csv={crop_csv}", "trainer.epochs=3"))
-    assert "\n" not in str(error.value)
+    def train() -> None:
+        with pytest.raises(UserError, match=r"cannot write TensorBoard events to .*run \(File too large\)") as error:
+            training.run(make_cfg(f"dataset.csv={crop_csv}", "trainer.epochs=3"))
+        assert "\n" not in str(error.value)
+
+    with_file_size_limit(20_000, train)
     assert "Traceback" not in capfd.readouterr().err  # nor from the event writer's own thread
 
 
 def test_a_train_log_that_cannot_be_written_is_one_line_not_a_traceback_per_line(make_cfg, crop_csv, tmp_path,
-                                                                                 file_size_limit, capfd):
+                                                                                 capfd):
     """train.log outgrows a 300-byte limit at its second line, before config.yaml (larger) is written:
     logging would print '--- Logging error ---' and a traceback for every later line."""
     import training
 
-    file_size_limit(300)
-    with pytest.raises(UserError, match=r"cannot write .*config.yaml \(File too large\)"):
-        training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=tmp_path / "run"))
+    def train() -> None:
+        with pytest.raises(UserError, match=r"cannot write .*config.yaml \(File too large\)"):
+            training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=tmp_path / "run"))
+
+    with_file_size_limit(300, train)
     err = capfd.readouterr().err
     assert err.count(f"cannot write {tmp_path / 'run' / 'train.log'} (File too large)") == 1, err
     assert "Logging error" not in err and "Traceback" not in err

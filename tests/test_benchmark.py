@@ -6,6 +6,7 @@ import json
 from benchmarks import throughput
 
 
+@pytest.mark.slow
 def test_smoke_run_measures_every_case_and_target(tmp_path):
     out = tmp_path / "bench.json"
     report = throughput.main(["--smoke", "--threads", "1", "--out", str(out)])

@@ -149,6 +149,7 @@ def test_resume_after_the_classes_changed_is_a_user_error(crop_run, crop_csv, tm
         training.run(crop_run("run", "trainer.epochs=2", f"resume={tmp_path / 'run/checkpoints/last.pt'}"))
 
 
+@pytest.mark.slow
 def test_train_py_resume_needs_only_the_checkpoint_and_epochs(crop_run, tmp_path):
     """The checkpoint's config is the run's: no dataset, loader or scheduler overrides to repeat."""
     training.run(crop_run("run", "trainer.epochs=1"))

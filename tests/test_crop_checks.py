@@ -182,6 +182,7 @@ def test_object_npy_is_refused_without_unpickling(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_train_py_prints_the_bad_rows_as_lines(tmp_path):
     """The dataset is built by Hydra's instantiate, which wraps the UserError: train.py still prints it plainly."""
     csv_path = write_csv(tmp_path / "crops.csv", [["gone.png", 0, 0, 4, 4, "a"], ["gone.png", 0, 0, 4, 4, ""]])

@@ -179,6 +179,7 @@ def test_resume_a_checkpoint_from_a_machine_with_more_gpus(make_cfg, crop_csv, t
     assert resumed["val/acc"] >= 0.9
 
 
+@pytest.mark.slow
 def test_one_process_nccl_torchrun(crop_csv, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
@@ -191,6 +192,7 @@ def test_one_process_nccl_torchrun(crop_csv, tmp_path):
     assert not any(k.startswith("module.") for k in last(tmp_path / "run")["model"])  # DDP-wrapped, saved bare
 
 
+@pytest.mark.slow
 def test_more_processes_than_gpus_is_one_line(crop_csv, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     processes = torch.cuda.device_count() + 1

@@ -66,6 +66,7 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+@pytest.mark.slow
 def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, make_eval_cfg):
     common = [f"dataset.csv={crop_csv}", "loader.batch_size=4", "trainer.progress=false", "trainer.device=cpu"]
     # checkpoint_every=3: rank 0 alone saves last.pt after steps 3 and 6 of each 7-step epoch, and no rank waits.
@@ -133,6 +134,7 @@ def test_a_one_process_torchrun_launch_joins_a_process_group(monkeypatch):
     assert not from_environment().distributed
 
 
+@pytest.mark.slow
 def test_two_processes_train_fastnet_with_augmentation_and_a_per_step_schedule(crop_csv, tmp_path, make_eval_cfg):
     """BatchNorm buffers, per-rank augmentation draws and a per-step schedule under DDP (gloo, CPU)."""
     result = torchrun(f"dataset.csv={crop_csv}", "dataset.width=16", "dataset.height=16", "loader.batch_size=4",

@@ -80,6 +80,7 @@ def test_predict_uses_the_training_preprocessing(trained, make_eval_cfg, crop_cs
         assert prediction["probability"] == pytest.approx(float(probabilities.max()), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_py_prints_a_table(trained, tmp_path):
     run_dir, metrics = trained
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}

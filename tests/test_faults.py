@@ -75,6 +75,7 @@ def test_a_dying_worker_raises_with_a_hint():
         next(iter(loader))
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_last_pt_closes_tensorboard_and_exits_non_zero(crop_csv, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run = subprocess.Popen(
@@ -133,6 +134,7 @@ def test_a_run_never_writes_into_another_runs_dir(make_cfg, crop_csv, tmp_path):
     assert (run_dir / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_train_py_refuses_a_used_run_dir_before_writing_anything_there(make_cfg, crop_csv, tmp_path):
     """Hydra writes .hydra/*.yaml and train.log into hydra.run.dir before the task runs: the refusal comes
     from its on_run_start callback, and every byte of the old run stays as it was."""

@@ -129,6 +129,7 @@ def test_cifar10_gets_classes_and_counts(make_preview_cfg, cifar_root):
     assert _png(result["classes_png"]).shape[0] > 10 * 64  # a row of 64 px tiles (32 px shown at 2x) per class
 
 
+@pytest.mark.slow
 def test_preview_py_prints_counts_and_bad_rows(crop_csv, tmp_path):
     with open(crop_csv, "a") as f:
         f.write("missing.png,0,0,16,16,dark\n")

@@ -11,6 +11,7 @@ from progress import progress_bar
 from tests.test_train import ROOT
 
 
+@pytest.mark.slow
 def test_redirected_train_py_output_has_no_bar_frames(crop_csv, tmp_path):
     """As under nohup or a SLURM job: stdout and stderr go to one file, with the bar left at its default (on)."""
     log = tmp_path / "console.log"

@@ -102,6 +102,7 @@ def test_num_workers_keeps_its_own_check(make_cfg):
         build_loader([0], device=torch.device("cpu"), seed=0, train=True, **{**keys, "mode": "dataloader"})
 
 
+@pytest.mark.slow
 def test_train_py_wrong_type_fails_before_anything_runs(tmp_path):
     result = train_py("dataset.width=abc", cwd=tmp_path)
     assert result.returncode == 1
@@ -109,6 +110,7 @@ def test_train_py_wrong_type_fails_before_anything_runs(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, error", [
     ("trainer.epochs=0", "trainer.epochs must be at least 1, got 0"),
     ("trainer.device=cuda", "trainer.device=cuda but CUDA is not available here: use trainer.device=cpu or auto"),

@@ -70,6 +70,7 @@ def test_cuda_without_cuda_fails_at_start(make_cfg, crop_csv):
         training.run(make_cfg(f"dataset.csv={crop_csv}", "trainer.device=cuda"))
 
 
+@pytest.mark.slow
 def test_train_py_crop_size_override(crop_csv, tmp_path):
     result = train_py(f"dataset.csv={crop_csv}", "dataset.width=48", "dataset.height=24", "loader.batch_size=4",
                       "trainer.progress=false", "trainer.device=cpu", cwd=tmp_path)
@@ -80,6 +81,7 @@ def test_train_py_crop_size_override(crop_csv, tmp_path):
     assert SCALARS <= set(scalars(run_dir))
 
 
+@pytest.mark.slow
 def test_train_py_user_error_is_one_line(crop_csv, tmp_path):
     result = train_py(f"dataset.csv={crop_csv}", "dataset.width=8", "trainer.progress=false", cwd=tmp_path)
     assert result.returncode == 1
@@ -90,6 +92,7 @@ def test_train_py_user_error_is_one_line(crop_csv, tmp_path):
     assert "decoding crops" not in output  # refused before any data was decoded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, expected",
     [
@@ -104,6 +107,7 @@ def test_train_py_bad_config_fails_at_composition(override, expected, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_train_py_help_lists_groups_and_cfg_prints_config(tmp_path):
     help_text = train_py("--help", cwd=tmp_path).stdout
     for group in ("dataset", "model", "loader", "optim", "trainer", "experiment"):
@@ -113,6 +117,7 @@ def test_train_py_help_lists_groups_and_cfg_prints_config(tmp_path):
     assert "width: 40" in job and "_target_: datasets.crops.build" in job
 
 
+@pytest.mark.slow
 def test_sweep_survives_a_failing_job(crop_csv, tmp_path):
     result = train_py("-m", f"dataset.csv={crop_csv}", "dataset.width=8,24", "loader.batch_size=4",
                       "trainer.progress=false", "trainer.device=cpu", cwd=tmp_path)

@@ -1,0 +1,102 @@
+"""What many tests do the same way, written once: start the project's scripts as programs, read TensorBoard
+back with TensorBoard's own reader, compare two training states bit for bit, and run a body in a forked child
+where it changes process-wide state (an rlimit, a signal handler) that must not leak into pytest itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_PY = ROOT / "train.py"
+# Two processes through torchrun on the CPU (gloo); the caller adds train.py's overrides.
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN_PY]
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def program_env(**changes: str) -> dict[str, str]:
+    """The environment a user's shell gives a program, plus `changes`: without HYDRA_FULL_ERROR (it turns the
+    one-line errors the tests check into tracebacks) or a torchrun launch's RANK/WORLD_SIZE (a plain run would
+    join a process group); unbuffered, so a killed program's output is whole; one OpenMP thread, as in-process
+    tests train (conftest), so runs compare bit for bit and parallel programs do not fight over 2 cores."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR" and k not in LAUNCH_VARIABLES}
+    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **changes}
+
+
+def run_python(*args: str | Path, cwd: Path, env: dict[str, str] | None = None, timeout: float = 150,
+               **kwargs) -> subprocess.CompletedProcess:
+    """`python *args` to its end in `cwd`, output captured as text (stdout, stderr) unless kwargs say otherwise."""
+    options = {"capture_output": True, "text": True, **kwargs}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env or program_env(), timeout=timeout,
+                          **options)
+
+
+def start_python(*args: str | Path, cwd: Path, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    """`python *args` started in `cwd` and left running; output goes nowhere unless kwargs send it somewhere."""
+    options = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **kwargs}
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env or program_env(), **options)
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    """Every event file of a run folder, read by TensorBoard's own reader (its default sample sizes)."""
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return accumulator
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each scalar tag of a run folder as (step, value) points, in the order TensorBoard shows them."""
+    logged = events(run_dir)
+    return {tag: [(e.step, e.value) for e in logged.Scalars(tag)] for tag in logged.Tags()["scalars"]}
+
+
+def assert_same_state(got: dict, expected: dict) -> None:
+    """Two checkpoints hold the same weights and optimizer state, bit for bit (on the CPU, with equal thread
+    counts: float sums depend on both); the failure names the first tensor that differs."""
+    assert got["model"].keys() == expected["model"].keys()
+    for name, tensor in expected["model"].items():
+        assert torch.equal(got["model"][name], tensor), f"model {name}"
+    assert got["optimizer"]["state"].keys() == expected["optimizer"]["state"].keys()
+    for index, state in expected["optimizer"]["state"].items():
+        for key, value in state.items():
+            same = torch.equal(got["optimizer"]["state"][index][key], value) if torch.is_tensor(value) \
+                else got["optimizer"]["state"][index][key] == value
+            assert same, f"optimizer state {index} {key}"
+
+
+def in_child(body: Callable[[], None]) -> None:
+    """Run `body` in a forked copy of this process, for a test that changes process-wide state (an rlimit, a
+    signal handler): the change dies with the child, so pytest's own writes and later tests never see it,
+    whatever the body does. A failure or error in the child fails the test with the child's traceback.
+    A fork costs milliseconds (no imports, unlike a new program); the child shares the captured stdout/stderr."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            report = b""
+            try:
+                body()
+            except BaseException:  # pytest.fail and pytest.skip raise BaseExceptions too
+                report = traceback.format_exc().encode()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            with os.fdopen(write, "wb") as pipe:  # a pipe, not a file: no file size limit applies
+                pipe.write(report)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        report = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    if report:
+        pytest.fail(f"in the child process:\n{report}", pytrace=False)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child process died before reporting"
