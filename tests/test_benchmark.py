@@ -3,6 +3,8 @@ speed belongs to the benchmark itself, on a quiet machine)."""
 
 import json
 
+import pytest
+
 from benchmarks import throughput
 
 

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 
 from progress import progress_bar
 from tests.test_train import ROOT
