@@ -58,7 +58,9 @@ def main(csv_path: Path, cache: str = "memory") -> dict:
         baseline = _status_bytes("VmRSS")
         reset = _reset_peak()
         bundle = _build(csv_path, csv_path.parent, cache, Path(tmp) / "cache")
-        peak = _status_bytes("VmHWM") - baseline
+        # At least 0: the reset sets the peak to the RSS of that moment, which can sit a page or two below the
+        # baseline read just before it (a page freed in between); a build cannot have used less than nothing.
+        peak = max(0, _status_bytes("VmHWM") - baseline)
     uint8_bytes = bundle.train.store.images.numel()
     return {"cache": cache, "rows": len(bundle.train.store), "stored_shape": list(bundle.train.store.images.shape[1:]),
             "uint8_bytes": uint8_bytes, "peak_bytes": peak, "ratio": peak / uint8_bytes, "peak_reset": reset}
