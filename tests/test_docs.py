@@ -2,6 +2,7 @@
 link and file path resolves, and every one-line error a user can meet is explained in docs/troubleshooting.md."""
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from docs import config_reference
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -230,3 +232,33 @@ def test_every_measured_table_is_stamped():
             unstamped.append(f"line {i}: {lines[i - 1]}")
     assert not unstamped, "tables without a '> Stamp: hardware · torch X · YYYY-MM-DD' line above: " \
         + "; ".join(unstamped)
+
+
+def _as_documented(tag: str, classes: list[str]) -> str:
+    """A tag as monitoring.md names it: a class name as <class>, TEXT's /text_summary suffix dropped."""
+    tag = tag.removesuffix("/text_summary")
+    for name in classes:
+        for prefix in ("val/acc_class/", "val/pr/"):
+            if tag == prefix + name:
+                return prefix + "<class>"
+    return tag
+
+
+def test_monitoring_page_names_every_tag_and_metric_a_run_writes(shared_run):
+    """What a real run wrote (read back with TensorBoard's own reader) and what docs/monitoring.md lists agree,
+    both ways: every tag and metrics.json key is described, and every tag described is written."""
+    run = shared_run()
+    classes = json.loads((run.dir / "classes.json").read_text())
+    logged = helpers.events(run.dir).Tags()
+    written = {_as_documented(tag, classes) for kind in ("scalars", "images", "tensors") for tag in logged[kind]
+               if not tag.startswith("_hparams_") and tag != "custom_scalars__config__"}
+    page = (DOCS / "monitoring.md").read_text()
+    table = page[page.index("## Every tag"):page.index("## HPARAMS")]
+    described = set(re.findall(r"^\| `([a-z_]+/[^`]+)` \|", table, flags=re.M))
+    assert written == described, f"docs/monitoring.md's tag table: missing {sorted(written - described)}, " \
+        f"no longer written {sorted(described - written)}"
+    metrics = {_as_documented(key, classes) for key in json.loads((run.dir / "metrics.json").read_text())}
+    section = page[page.index("## metrics.json"):]
+    listed = set(re.findall(r"`([a-z_]+(?:/[^`]+)?)`", section.split("\n| key |", 1)[1].split("\n\n", 1)[0]))
+    assert metrics == listed, f"docs/monitoring.md's metrics.json table: missing {sorted(metrics - listed)}, " \
+        f"not written {sorted(listed - metrics)}"
