@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,21 +164,6 @@ def check_image_keys(width: int, height: int, channels: int, val_fraction: float
     check_val_fraction(val_fraction)
 
 
-def split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded split, stratified by class so small classes appear in both parts; returns sorted indices."""
-    check_val_fraction(val_fraction)
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        # A class with one item trains on it; otherwise at least one item on each side.
-        n_val = 0 if len(members) == 1 else min(max(1, round(len(members) * val_fraction)), len(members) - 1)
-        val.append(members[:n_val])
-        train.append(members[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
-
-
 def available_memory() -> int | None:
     """Bytes of RAM free now, or None where the platform does not say."""
     try:
@@ -256,31 +241,42 @@ def decode_threads() -> int:
     return cores_per_process()
 
 
-def materialize(dataset: Dataset, shape: tuple[int, int, int], desc: str, workers: int | None = None) -> InMemoryDataset:
-    """Decode every item of a per-item dataset once into one preallocated uint8 array, on `workers` threads
-    (default decode_threads()); every item that fails to load is listed in one error, in index order, so this
-    doubles as an up-front check of every file."""
-    n = len(dataset)
-    check_fits_in_memory(n * int(np.prod(shape)), desc)
-    images = torch.empty((n, *shape), dtype=torch.uint8)
-    labels = torch.empty(n, dtype=torch.int64)
+def fill_items(out, indices: Sequence[int], load: Callable[[int], torch.Tensor], desc: str,
+               workers: int | None = None) -> None:
+    """out[k] = load(indices[k]) for every k, in chunks of MATERIALIZE_CHUNK items on `workers` threads
+    (default decode_threads()); `out` is a tensor or a cache file written by rows (disk_cache.RowWriter), one
+    write per chunk. Every item whose `load` raises a UserError is listed in one error, in index order, so
+    this doubles as an up-front check of every file."""
+    n = len(indices)
+    _, channels, height, width = out.shape
 
-    def load(chunk: range) -> list[str]:
-        problems = []
-        for i in chunk:
+    def load_chunk(start: int) -> list[str]:
+        stop = min(start + MATERIALIZE_CHUNK, n)
+        block, problems = torch.empty((stop - start, channels, height, width), dtype=torch.uint8), []
+        for k in range(start, stop):
             try:
-                images[i], labels[i] = dataset[i]
+                block[k - start] = load(indices[k])
             except UserError as e:
                 problems.append(str(e))
+        out[torch.arange(start, stop)] = block
         return problems
 
-    chunks = [range(start, min(start + MATERIALIZE_CHUNK, n)) for start in range(0, n, MATERIALIZE_CHUNK)]
     with ThreadPoolExecutor(max_workers=workers or decode_threads()) as pool:
-        done = progress_bar(pool.map(load, chunks), total=len(chunks), desc=desc, unit="chunk")
+        starts = range(0, n, MATERIALIZE_CHUNK)
+        done = progress_bar(pool.map(load_chunk, starts), total=len(starts), desc=desc, unit="chunk")
         problems = [problem for chunk_problems in done for problem in chunk_problems]
     if problems:
         raise UserError(f"{desc}: {len(problems)} item(s) cannot be loaded; replace or remove them:"
                         + problem_list(problems))
+
+
+def materialize(dataset: Dataset, shape: tuple[int, int, int], desc: str, workers: int | None = None) -> InMemoryDataset:
+    """Decode every item of a per-item dataset once into one preallocated uint8 array (fill_items)."""
+    n = len(dataset)
+    check_fits_in_memory(n * int(np.prod(shape)), desc)
+    images = torch.empty((n, *shape), dtype=torch.uint8)
+    labels = torch.as_tensor(labels_of(dataset), dtype=torch.int64)
+    fill_items(images, range(n), lambda i: dataset[i][0], desc, workers)
     return InMemoryDataset(ArrayStore(images, labels))
 
 

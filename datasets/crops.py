@@ -1,10 +1,7 @@
-"""The crop dataset: examples are regions of larger images or arrays, listed in a CSV (see crop_csv.py).
+"""The crop source: examples are regions of larger images or arrays, listed in a CSV (see crop_csv.py).
 
-Cache modes (the lesson behind this project: decoding from disk per item starves training):
-  none    decode the file and cut the crop on every __getitem__ (for data larger than RAM);
-  memory  decode each file once, cut all its crops, hold one uint8 array (N, C, H, W);
-  disk    as memory, but the array is written once to a cache file and memory-mapped by later runs
-          (datasets/crop_cache.py).
+Each file is decoded once and all its crops are cut from it (extract), for cache=memory and disk alike;
+cache=none cuts one crop per __getitem__ (LazyCrops). The pipeline (datasets/pipeline.py) does the rest.
 With dataset.channels=3 and every source grey (decided from the files' headers), memory and disk hold
 (N, 1, H, W): the loaders repeat the channel as a view on the training device (datasets.base.ArrayStore).
 """
@@ -13,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -21,22 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets import crop_cache, demo, values
-from datasets.base import (
-    CACHE_MODES,
-    ArrayStore,
-    DataBundle,
-    InMemoryDataset,
-    check_fits_in_memory,
-    check_image_keys,
-    decode_threads,
-    per_channel,
-    problem_list,
-    release_free_heap,
-    split_indices,
-)
-from datasets.crop_csv import SPLIT_CODES, Crop, CropTable, read_crops, require_csv
-from datasets.transforms import DECODE_ERRORS, FileSource, image_size, scan_arrays
+from datasets import demo, pipeline, values
+from datasets.base import DataBundle, decode_threads, problem_list
+from datasets.crop_csv import Crop, CropTable, read_crops, require_csv
+from datasets.disk_cache import RowWriter
+from datasets.sources import Items
+from datasets.spec import DataSpec
+from datasets.transforms import DECODE_ERRORS, FileSource, image_size
 from datasets.values import Scale
 from errors import UserError
 from progress import progress_bar
@@ -58,7 +45,6 @@ REGION_BYTES_PER_CALL = 2**20
 SOURCE_COPIES_PER_THREAD = 3
 THREADS_MEMORY_SHARE = 0.15
 HEADERS_SAMPLED = 64  # files whose header sizes the source estimate (the largest of them counts)
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "crops"
 
 
 def cut(source: FileSource, crop: Crop, height: int, width: int) -> torch.Tensor:
@@ -87,7 +73,7 @@ class LazyCrops(Dataset):
         return cut(source, crop, self.height, self.width), self.targets[index]
 
 
-def extract(crops: CropTable, out: torch.Tensor | crop_cache.RowWriter, desc: str,
+def extract(crops: CropTable, out: torch.Tensor | RowWriter, desc: str,
             scales: dict[Path, Scale] | None = None, workers: int | None = None) -> None:
     """Fill out[i] with crop i, decoding each source file once (rows grouped by file); `out` is a tensor or a
     cache file written by rows. .npy values are mapped by `scales` (from the value-range scan; a file without
@@ -174,146 +160,54 @@ def _classes(labels: list[str]) -> list[str]:
     return sorted(unique)
 
 
-def _labelled(labels: list[str], splits: list[str | None], val_fraction: float,
-              seed: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """Classes, each row's class index (int64) and the train and val rows, from the rows' labels and splits."""
-    classes = _classes(labels)
-    class_index = {name: i for i, name in enumerate(classes)}
-    targets = np.fromiter(map(class_index.__getitem__, labels), dtype=np.int64, count=len(labels))
-    return classes, targets, *_split(splits, targets, val_fraction, seed)
+class CropSource:
+    """The rows of a crop CSV as a source (datasets/sources.py): each row an item, its file its group, its
+    split column its hint. The key is the CSV's bytes with the root and the settings that decide which rows
+    count, so a cached run reads no row."""
+
+    family = "crops"
+
+    def __init__(self, csv: str | None, root: str | None, spec: DataSpec):
+        if csv is None:
+            self.csv_path, self.root = demo.ensure_demo(), None
+        else:
+            self.csv_path, self.root = Path(csv), root
+        self.spec, self.what = spec, str(self.csv_path)
+        self.grey, self.scales = False, {}
+        self.content: bytes | None = None  # the CSV's bytes as read by key(): items() parses exactly these
+        self.crops: CropTable | None = None
+
+    def key(self) -> tuple[list, bytes]:
+        self.content = require_csv(self.csv_path).read_bytes()
+        root = Path(self.root) if self.root is not None else self.csv_path.parent
+        return [str(root.resolve()), self.spec.on_bad_rows, self.spec.allow_outside_root], self.content
+
+    def items(self) -> Items:
+        self.crops, skipped, self.grey = read_crops(self.csv_path, self.root, self.spec.on_bad_rows,
+                                                    self.spec.allow_outside_root, content=self.content)
+        used = np.unique(self.crops.label)
+        classes = _classes([self.crops.labels[code] for code in used.tolist()])
+        class_index = {name: i for i, name in enumerate(classes)}
+        by_code = np.zeros(len(self.crops.labels), dtype=np.int64)
+        by_code[used] = [class_index[self.crops.labels[code]] for code in used.tolist()]
+        return Items(classes, by_code[self.crops.label], self.crops.split.copy(), self.crops.file.copy(), skipped)
+
+    def files(self) -> list[Path]:
+        return self.crops.used_files()
+
+    def fill(self, out: torch.Tensor | RowWriter, indices: np.ndarray) -> None:
+        whole = len(indices) == len(self.crops) and np.array_equal(indices, np.arange(len(indices)))
+        # The whole table as it is: take() would copy its columns (33 bytes a row) for nothing.
+        extract(self.crops if whole else self.crops.take(indices), out, desc="decoding crops", scales=self.scales)
+
+    def per_item(self, indices: np.ndarray, labels: np.ndarray) -> LazyCrops:
+        return LazyCrops(self.crops.take(indices), labels.tolist(), self.spec.height, self.spec.width,
+                         self.spec.channels, self.scales)
 
 
-def _split(splits: list[str | None], targets: np.ndarray, val_fraction: float,
-           seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows with a split column keep it; the rest get a seeded, class-stratified split. Sorted row indices."""
-    code = np.fromiter(map(SPLIT_CODES.index, splits), dtype=np.int8, count=len(splits))
-    train, val, free = (np.flatnonzero(code == SPLIT_CODES.index(split)) for split in ("train", "val", None))
-    if len(free):
-        free_train, free_val = split_indices(targets[free], val_fraction, seed)
-        train, val = np.sort(np.concatenate([train, free[free_train]])), np.sort(np.concatenate([val, free[free_val]]))
-    if not len(train) or not len(val):
-        raise UserError(
-            f"the crop CSV gives {len(train)} training and {len(val)} validation rows: "
-            "mark some rows split=val (and train), or leave the split column empty for a seeded split"
-        )
-    return train, val
-
-
-def build(
-    csv: str | None,
-    root: str | None,
-    width: int,
-    height: int,
-    channels: int,
-    cache: str,
-    cache_dir: str | None,
-    val_fraction: float,
-    mean: list[float] | str,
-    std: list[float] | str,
-    seed: int,
-    on_bad_rows: str = "error",
-    allow_outside_root: bool = False,
-    value_range: str | list[float] = values.GLOBAL,
-) -> DataBundle:
-    check_image_keys(width, height, channels, val_fraction)
-    value_range = values.parse_value_range(value_range)
-    values.parse_statistic(mean, "dataset.mean"), values.parse_statistic(std, "dataset.std")
-    if cache not in CACHE_MODES:
-        raise UserError(f"dataset.cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
-    if csv is None:
-        csv_path = demo.ensure_demo()
-        root = None
-    else:
-        csv_path = Path(csv)
-    shape = (channels, height, width)  # what the model sees; a grey data set is stored with one channel
-    rows = (on_bad_rows, allow_outside_root)  # which rows count: they change what a cache holds
-
-    started = time.perf_counter()
-    images = None
-    if cache == "disk":
-        cached = _load_or_cache(csv_path, root, shape, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR, rows,
-                                value_range)
-        images, skipped, value_range = cached.images, cached.skipped, cached.value_range
-        classes, targets, train, val = _labelled(cached.labels, cached.splits, val_fraction, seed)
-    else:
-        crops, skipped, grey = read_crops(csv_path, root, *rows)
-        scales, value_range = scan_arrays(crops.used_files(), value_range)
-        # Split before decoding: a CSV without training or validation rows stops before any crop is cut.
-        classes, targets, train, val = _labelled(crops.row_labels(), crops.row_splits(), val_fraction, seed)
-        if cache == "memory":
-            stored = stored_shape(shape, grey)
-            check_fits_in_memory(len(crops) * int(np.prod(stored)), f"{csv_path} at {width}x{height}x{stored[0]}",
-                                 Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
-            release_free_heap()  # what parsing the CSV freed, before the array and the threads filling it
-            images = torch.empty((len(crops), *stored), dtype=torch.uint8)
-            extract(crops, images, desc="decoding crops", scales=scales)
-
-    if images is None:
-        def subset(indices):
-            return LazyCrops(crops.take(indices), targets[indices].tolist(), height, width, channels, scales)
-
-        train_set, val_set = subset(train), subset(val)
-    else:
-        log.info("crops: %d x %s uint8 (%.1f MiB%s) ready in %.2f s", len(images), tuple(images.shape[1:]),
-                 images.numel() / 2**20, ", grey: repeated to 3 channels on the device" if images.shape[1] < channels
-                 else "", time.perf_counter() - started)
-        store = ArrayStore(images, torch.from_numpy(targets), channels)
-        train_set, val_set = InMemoryDataset(store, train), InMemoryDataset(store, val)
-
-    mean, std = values.normalization(mean, std, train_set, channels)
-    return DataBundle(
-        train=train_set,
-        val=val_set,
-        classes=classes,
-        input_shape=shape,
-        mean=per_channel(mean, channels, "dataset.mean"),
-        std=per_channel(std, channels, "dataset.std"),
-        skipped=skipped,
-        value_range=value_range,
-    )
-
-
-def stored_shape(shape: tuple[int, int, int], grey: bool) -> tuple[int, int, int]:
-    """What a cache holds per crop for the model's (C, H, W): one channel where every source is grey (1 or 3
-    channels seen, the pixels are the same), else C."""
-    channels, height, width = shape
-    return (1 if grey else channels, height, width)
-
-
-def _load_or_cache(csv_path: Path, root: str | None, shape: tuple[int, int, int], cache_dir: Path,
-                   rows: tuple[str, bool], value_range: str | tuple[float, float]) -> crop_cache.CachedCrops:
-    """cache=disk: the crops from the cache, or from the CSV and files, cached on the way. The cache is
-    keyed by the value-range setting too; a global range found by the scan is stored with it."""
-    root_path = Path(root) if root is not None else csv_path.parent
-    require_csv(csv_path)
-    while True:
-        content = csv_path.read_bytes()
-        manifest = crop_cache.manifest_path(cache_dir, content, root_path, shape, rows, value_range)
-        cached = crop_cache.load(manifest)
-        if cached is None and isinstance(value_range, tuple):
-            # A resumed run or evaluate.py pins the range a `global` run found; that run's cache holds exactly
-            # it, so a restart after a kill maps it instead of decoding every crop again.
-            found = crop_cache.load(crop_cache.manifest_path(cache_dir, content, root_path, shape, rows, values.GLOBAL),
-                                    report=False)
-            if found is not None and tuple(found.value_range) == tuple(value_range):
-                cached = found
-        if cached is not None:
-            break
-        with crop_cache.build_lock(manifest):
-            # The CSV may have been edited while this run waited for the lock: the cache is built from the
-            # bytes its key was made of, or keyed again, so a cache never holds other rows than its key's.
-            if require_csv(csv_path).read_bytes() == content:
-                # Another run may have built it while this one waited (its damage, if any, was reported above).
-                cached = crop_cache.load(manifest, report=False)
-                if cached is not None:
-                    break
-                log.info("crop cache: writing %s", manifest)
-                crops, skipped, grey = read_crops(csv_path, root, *rows, content=content)
-                scales, resolved = scan_arrays(crops.used_files(), value_range)
-                return crop_cache.write(manifest, crops, skipped, stored_shape(shape, grey),
-                                        lambda out: extract(crops, out, desc="caching crops", scales=scales),
-                                        resolved)
-        log.info("crop cache: %s changed while this run waited for %s; looking its cache up again", csv_path,
-                 manifest)
-    log.info("crop cache: reusing %s", manifest)
-    return cached
+def build(csv: str | None, root: str | None, *, seed: int, **keys) -> DataBundle:
+    """The crop data set (configs/dataset/crops.yaml): `csv` and `root` say where the rows are; every other
+    key is a DataSpec field (datasets/spec.py), checked before the CSV is opened."""
+    spec = DataSpec(seed=seed, **{"value_range": values.GLOBAL, **keys})
+    spec.check()
+    return pipeline.build(CropSource(csv, root, spec), spec)

@@ -94,6 +94,7 @@ class ImageFolderSchema:
     height: int = ranged(at_least=1)
     channels: int
     cache: str
+    cache_dir: Optional[str]
     val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
     mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
     std: Any
@@ -110,6 +111,7 @@ class DatasetFolderSchema:
     height: int = ranged(at_least=1)
     channels: int
     cache: str
+    cache_dir: Optional[str]
     val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
     mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
     std: Any
@@ -123,6 +125,8 @@ class Cifar10Schema:
     _target_: str
     root: str
     download: bool
+    cache: str
+    cache_dir: Optional[str]
     mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
     std: Any
 

@@ -1,17 +1,18 @@
-"""dataset.cache=disk for crops: the uint8 array is written once and memory-mapped by later runs.
+"""dataset.cache=disk for every source: the uint8 array is written once and memory-mapped by later runs.
 
-Two files per (CSV content, root, crop geometry, which rows count), named by a hash of those:
-  crops-<key>.json              the manifest: every source file's size and mtime, every row's label and
-                                split, the rows left out (on_bad_rows=skip), and the array's file name;
-  crops-<key>-<sources>.npy     the array (N, C, H, W), named also by the sources' sizes and mtimes; C is 1
-                                where every source is grey, whatever dataset.channels (the manifest's shape).
-A later run hashes the CSV's bytes and stats the source files, nothing per row: no CSV parsing, no bounds
-checks, no decoding (parsing alone is ~17 us per row, 0.3 s for 20k rows, longer than the rest of a cached
-run). A changed CSV gives a new key; a changed source size or mtime makes the manifest stale and the crops
-are extracted again. Both files go to a temp name first and are renamed into place, array before manifest,
+Two files per (source key, item geometry, value-range setting), named by a hash of those; the source key is
+what the source reads cheaply to know its items (a crop CSV's bytes and root, a folder's listing):
+  <family>-<key>.json            the manifest: every file's size and mtime, every item's class, split hint
+                                 and group, the items left out (on_bad_rows=skip), and the array's file name;
+  <family>-<key>-<files>.npy     the array (N, C, H, W), named also by the files' sizes and mtimes; C is 1
+                                 where every item is grey, whatever dataset.channels (the manifest's shape).
+A later run reads the source key and stats the files, nothing per item: no CSV parsing, no header reads, no
+decoding (parsing a crop CSV alone is ~17 us per row, 0.3 s for 20k rows, longer than the rest of a cached
+run). A changed key gives a new cache; a changed file size or mtime makes the manifest stale and the items
+are decoded again. Both files go to a temp name first and are renamed into place, array before manifest,
 so a killed run never leaves a manifest pointing at a half-written array.
 
-Runs share a cache folder safely: a run that finds no cache takes crops-<key>.lock (flock, released by the
+Runs share a cache folder safely: a run that finds no cache takes <family>-<key>.lock (flock, released by the
 kernel even on SIGKILL) before building, so runs started together build it once; the others wait, then
 find and map it. The manifest records the array's byte size, shape and a digest of SAMPLES blocks spread
 over it; an array that was truncated, replaced or damaged is reported in one line and built again. A full
@@ -36,33 +37,32 @@ import numpy as np
 import torch
 
 from datasets.base import check_fits_on_disk
-from datasets.crop_csv import CropTable
+from datasets.sources import Items
 from errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 6  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
-# (6: grey data is stored with one channel, where 5 stored it three times)
+FORMAT = 7  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
+# (6: grey data is stored with one channel, where 5 stored it three times; 7: any source, items as codes)
 SAMPLES, SAMPLE_BYTES = 64, 2**16  # the array's digest: 64 blocks of 64 KiB, first and last included
 
 
 @dataclass
-class CachedCrops:
+class Cached:
     images: torch.Tensor  # uint8 (N, C, H, W) as stored (C=1 for grey sources), memory-mapped copy-on-write
-    labels: list[str]  # per row, in CSV order
-    splits: list[str | None]
-    skipped: list[str]  # one line per row on_bad_rows=skip left out
-    value_range: str | tuple[float, float]  # per_file, or the (low, high) every .npy source was mapped from
+    items: Items
+    value_range: str | tuple[float, float] | None  # per_file, or the (low, high) every .npy file was mapped from
 
 
-def manifest_path(cache_dir: Path, csv_bytes: bytes, root: Path, shape: tuple[int, int, int], rows: tuple,
-                  value_range: str | tuple[float, float]) -> Path:
-    """`csv_bytes`: the CSV's content, as read once for both the key and the rows; `rows`: the settings that
-    decide which rows count (on_bad_rows, allow_outside_root); `value_range`: the dataset.value_range setting
-    (per_file, global or a pair), which decides every .npy crop's pixels."""
-    digest = hashlib.sha256(json.dumps([FORMAT, str(root.resolve()), *shape, *rows, value_range]).encode())
-    digest.update(csv_bytes)
-    return cache_dir / f"crops-{digest.hexdigest()[:24]}.json"
+def manifest_path(cache_dir: Path, family: str, key: tuple[list, bytes], shape: tuple[int, int, int],
+                  value_range: str | tuple[float, float] | None) -> Path:
+    """`key`: the source's key (JSON-able parts, and bytes such as a CSV's content, read once for both the key
+    and the items); `value_range`: the dataset.value_range setting (per_file, global or a pair), which decides
+    every .npy item's pixels."""
+    parts, content = key
+    digest = hashlib.sha256(json.dumps([FORMAT, family, *parts, *shape, value_range]).encode())
+    digest.update(content)
+    return cache_dir / f"{family}-{digest.hexdigest()[:24]}.json"
 
 
 def _source_stats(paths) -> dict[str, list[int]]:
@@ -85,8 +85,13 @@ def _sample_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load(manifest: Path, report: bool = True) -> CachedCrops | None:
-    """The cached crops, or None when there are none, any source file changed (or vanished) since, or the
+def _items(entry: dict) -> Items:
+    return Items(entry["classes"], np.asarray(entry["labels"], dtype=np.int64), np.asarray(entry["hints"], dtype=np.int8),
+                 np.asarray(entry["groups"], dtype=np.int32), entry["skipped"])
+
+
+def load(manifest: Path, what: str, report: bool = True) -> Cached | None:
+    """The cached items, or None when there are none, any source file changed (or vanished) since, or the
     array does not match its manifest (reported in one warning line unless `report` is false)."""
     try:
         entry = json.loads(manifest.read_text())
@@ -94,6 +99,7 @@ def load(manifest: Path, report: bool = True) -> CachedCrops | None:
         # fixed since would go unseen, so a cache that left rows out is built again rather than trusted.
         if entry["skipped"] or _source_stats(entry["sources"]) != entry["sources"]:
             return None
+        items = _items(entry)
         array_path = manifest.with_name(entry["array"])
         size, expected = array_path.stat().st_size, entry["array_bytes"]
     except (OSError, ValueError, KeyError):  # missing, vanished or unreadable: extract again
@@ -109,15 +115,14 @@ def load(manifest: Path, report: bool = True) -> CachedCrops | None:
         problem = f"it cannot be read ({e})"
     if problem:
         if report:
-            log.warning("crop cache: %s is damaged (%s): building it again", array_path, problem)
+            log.warning("%s: %s is damaged (%s): building it again", what, array_path, problem)
         return None
     resolved = entry["value_range"]
-    return CachedCrops(torch.from_numpy(images), entry["labels"], entry["splits"], entry["skipped"],
-                       resolved if isinstance(resolved, str) else tuple(resolved))
+    return Cached(torch.from_numpy(images), items, tuple(resolved) if isinstance(resolved, list) else resolved)
 
 
 @contextmanager
-def build_lock(manifest: Path) -> Iterator[None]:
+def build_lock(manifest: Path, what: str) -> Iterator[None]:
     """Held while one run builds the cache of `manifest`: other runs wait here, with one line saying so. The
     kernel drops the lock when its holder exits, killed or not; the small .lock file stays for the next run."""
     try:
@@ -130,7 +135,7 @@ def build_lock(manifest: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("crop cache: another run is building %s; waiting for it", manifest)
+            log.info("%s: another run is building %s; waiting for it", what, manifest)
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -178,19 +183,29 @@ class RowWriter:
             buffer, offset = buffer[written:], offset + written
 
 
-def write(manifest: Path, crops: CropTable, skipped: list[str], shape: tuple[int, int, int],
-          fill: Callable[[torch.Tensor | RowWriter], None], value_range: str | tuple[float, float]) -> CachedCrops:
-    """Extract the crops (`fill` writes them into the array it is given, by rows) into a new cache of `shape`
-    (C, H, W) per crop, as stored; return it mapped. Called under build_lock."""
+@dataclass
+class Contents:
+    """What a new cache holds: the items, the files they read, and how they were decoded."""
+
+    items: Items
+    files: list[Path]
+    shape: tuple[int, int, int]  # (C, H, W) per item, as stored
+    value_range: str | tuple[float, float] | None
+
+
+def write(manifest: Path, what: str, contents: Contents, fill: Callable[[RowWriter], None]) -> Cached:
+    """Decode the items (`fill` writes them into the array it is given, by rows) into a new cache; return it
+    mapped. Called under build_lock."""
     # A build killed midway (SIGKILL runs no cleanup) left its temp files; none is in use while this run holds
     # the lock, and they would count against the free space checked next.
     for stale in manifest.parent.glob(f"{manifest.stem}*.tmp-*"):
         stale.unlink(missing_ok=True)
-    # The folder exists: build_lock made it. The size is known before any crop is decoded: refuse what cannot
+    # The folder exists: build_lock made it. The size is known before any item is decoded: refuse what cannot
     # fit rather than fill the disk.
-    check_fits_on_disk(len(crops) * int(np.prod(shape)), manifest.parent, f"the crop cache at {'x'.join(map(str, shape))}")
-    # Stats taken before extraction: a file edited meanwhile makes this cache stale next time, never wrongly fresh.
-    sources = _source_stats(crops.used_files())
+    items, shape = contents.items, contents.shape
+    check_fits_on_disk(len(items) * int(np.prod(shape)), manifest.parent, f"the {what} at {'x'.join(map(str, shape))}")
+    # Stats taken before decoding: a file edited meanwhile makes this cache stale next time, never wrongly fresh.
+    sources = _source_stats(contents.files)
     sources_key = hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:12]
     array_path = manifest.with_name(f"{manifest.stem}-{sources_key}.npy")
 
@@ -198,26 +213,25 @@ def write(manifest: Path, crops: CropTable, skipped: list[str], shape: tuple[int
         # Plain writes (os.pwrite), not stores through a memory map: a full disk is an ordinary OSError here,
         # where a store into a sparse mapped file would kill the process with SIGBUS.
         with open(tmp, "wb") as f:
-            fill(RowWriter(f.fileno(), (len(crops), *shape)))
-
-    labels, splits = crops.row_labels(), crops.row_splits()
+            fill(RowWriter(f.fileno(), (len(items), *shape)))
 
     def write_manifest(tmp: Path) -> None:
         tmp.write_text(json.dumps({"array": array_path.name, "array_bytes": array_path.stat().st_size,
-                                   "shape": [len(crops), *shape], "digest": _sample_digest(array_path),
-                                   "sources": sources, "labels": labels, "splits": splits, "skipped": skipped,
-                                   "value_range": value_range}))
+                                   "shape": [len(items), *shape], "digest": _sample_digest(array_path),
+                                   "sources": sources, "classes": items.classes, "labels": items.labels.tolist(),
+                                   "hints": items.hints.tolist(), "groups": items.groups.tolist(),
+                                   "skipped": items.skipped, "value_range": contents.value_range}))
 
     previous = _previous_array(manifest)
     try:
         _replace_atomically(array_path, write_array)  # the temp file goes on any error, this one included
         _replace_atomically(manifest, write_manifest)
     except OSError as e:
-        raise UserError(f"dataset.cache_dir {manifest.parent}: cannot write the crop cache ({e.strerror or e}): free "
+        raise UserError(f"dataset.cache_dir {manifest.parent}: cannot write the {what} ({e.strerror or e}): free "
                         "space there, point dataset.cache_dir at another folder, or set dataset.cache=memory") from None
     if previous is not None and previous != array_path:
-        previous.unlink(missing_ok=True)  # the stale array of the same CSV; runs mapping it keep their copy
-    return CachedCrops(torch.from_numpy(np.load(array_path, mmap_mode="c")), labels, splits, skipped, value_range)
+        previous.unlink(missing_ok=True)  # the stale array of the same key; runs mapping it keep their copy
+    return Cached(torch.from_numpy(np.load(array_path, mmap_mode="c")), items, contents.value_range)
 
 
 def _previous_array(manifest: Path) -> Path | None:
