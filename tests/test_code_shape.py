@@ -14,12 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_PARAMETERS = 8  # keyword-only, *args and **kwargs included; a method's self/cls not
 # Where every function must stay within MAX_PARAMETERS: the packages and the entry points.
 NARROW = ("datasets", "training", "commands", "train.py", "evaluate.py", "export.py", "preview.py")
-# data pipeline (issue 22) removes these: the dataset builders that still take each key one by one.
 WIDE_TODO = {
-    "datasets/crops.py:build",
-    "datasets/folders.py:_build",
-    "datasets/folders.py:build_imagefolder",
-    "datasets/folders.py:build_datasetfolder",
     # the loop's two value objects and a loader settings object (issue 22, loop half) remove these:
     "training/loaders.py:DeviceLoader.__init__",
     "training/loaders.py:EpochSeededDataLoader.__init__",
