@@ -60,3 +60,13 @@ def test_gpu_knobs_runs_every_case_a_cpu_can_and_compares_each_with_the_default(
     assert set(report["cases"]) == {f"default/{b}" for b in gpu_knobs.BATCHES} | {"nchw/512"}
     assert all(value > 0 for value in report["cases"].values())
     assert report["vs_default_512"]["default/512"] == 1.0
+
+
+def test_folder_cache_smoke_run_times_every_case_against_its_target(tmp_path):
+    from benchmarks import folder_cache
+
+    out = tmp_path / "folders.json"
+    report = folder_cache.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report["seconds"]) == {"memory", "disk-first", "disk-second"}
+    assert all(seconds > 0 for seconds in report["seconds"].values()) and report["target"]["ratio"] > 0

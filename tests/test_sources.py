@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import cifar, crops, folders
+from datasets import cifar, crops, folders, listed
+from errors import UserError
 from tests import files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,12 @@ def family_builds(tmp_path: Path, cifar_root: Path):
     grey_csv = files.write_crop_scenes(tmp_path / "grey_crops", channels=1)
     images, grey_images = image_tree(tmp_path / "images"), image_tree(tmp_path / "grey_images", grey=True)
     arrays = array_tree(tmp_path / "arrays")
+    listing = tmp_path / "grey_images" / "files.csv"
+    listing.write_text("path,label,split\n" + "".join(f"{p.relative_to(listing.parent)},{p.parent.name},"
+                                                     f"{'val' if p.stem == '0' else ''}\n"
+                                                     for p in sorted(grey_images.rglob("*.png"))))
     return {
+        "listed": lambda cache: listed.build(str(listing), cache=cache, cache_dir=cache_dir, **SPEC),
         "crops": lambda cache: crops.build(str(crop_csv), None, cache=cache, cache_dir=cache_dir, **SPEC),
         "crops_grey": lambda cache: crops.build(str(grey_csv), None, cache=cache, cache_dir=cache_dir, **SPEC),
         "imagefolder": lambda cache: folders.build_imagefolder(str(images), cache=cache, cache_dir=cache_dir, **SPEC),
@@ -63,7 +69,7 @@ def every_item(dataset) -> tuple[torch.Tensor, list[int]]:
 
 
 @pytest.mark.parametrize("family", ["crops", "crops_grey", "imagefolder", "imagefolder_grey", "datasetfolder",
-                                    "cifar10"])
+                                    "cifar10", "listed"])
 def test_every_cache_mode_gives_the_same_bytes(tmp_path, cifar_root, family):
     build = family_builds(tmp_path, cifar_root)[family]
     bundles = {cache: build(cache) for cache in ("none", "memory", "disk")}
@@ -78,7 +84,7 @@ def test_every_cache_mode_gives_the_same_bytes(tmp_path, cifar_root, family):
             assert torch.equal(images, expected_images) and labels == expected_labels, (cache, split)
 
 
-@pytest.mark.parametrize("family", ["crops_grey", "imagefolder_grey"])
+@pytest.mark.parametrize("family", ["crops_grey", "imagefolder_grey", "listed"])
 def test_grey_items_seen_as_rgb_are_stored_once(tmp_path, cifar_root, family):
     build = family_builds(tmp_path, cifar_root)[family]
     for cache in ("memory", "disk"):
@@ -88,6 +94,16 @@ def test_grey_items_seen_as_rgb_are_stored_once(tmp_path, cifar_root, family):
         assert bundle.train[0][0].shape == (3, 10, 12)  # seen as three
     stored = [np.load(path, mmap_mode="r").shape for path in (tmp_path / "cache").glob("*.npy")]
     assert [shape[1:] for shape in stored] == [(1, 10, 12)]
+
+
+def test_the_listed_source_keeps_its_split_column_and_names_bad_rows(tmp_path, cifar_root):
+    bundle = family_builds(tmp_path, cifar_root)["listed"]("memory")
+    # 0.png of each class is marked val; of the 3 unmarked files per class, 1 is drawn for val (25%).
+    assert bundle.classes == ["cat", "dog", "eel"] and (len(bundle.train), len(bundle.val)) == (6, 6)
+    listing = tmp_path / "grey_images" / "files.csv"
+    listing.write_text(listing.read_text() + "cat/missing.png,cat,\ncat/0.png,,test\n")
+    with pytest.raises(UserError, match=r"2 bad row\(s\).*\n  line 14: cat/missing.png: file not found\n  line 15: "):
+        listed.build(str(listing), cache="memory", **SPEC)
 
 
 def test_a_second_disk_run_reads_the_cache_and_decodes_nothing(tmp_path, cifar_root, caplog):
