@@ -43,6 +43,7 @@ def by_hint_then_drawn(hints: np.ndarray, labels: np.ndarray, val_fraction: floa
     if not len(train) or not len(val):
         raise UserError(
             f"{what} gives {len(train)} training and {len(val)} validation items: "
-            "mark some items for validation (and training), or leave them unmarked for a seeded split"
+            "mark some for validation (and training) in its split column or train/ and val/ folders, or leave "
+            "them unmarked for a seeded split"
         )
     return train, val
