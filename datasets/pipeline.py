@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from datasets import disk_cache, splits, values
 from datasets.base import ArrayStore, DataBundle, InMemoryDataset, check_fits_in_memory, per_channel, release_free_heap
-from datasets.sources import Items, Source
+from datasets.sources import Source
 from datasets.spec import DataSpec
 from datasets.transforms import scan_arrays
 

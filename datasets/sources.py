@@ -9,7 +9,8 @@ A source answers five questions, and nothing else:
   files()      the files the items read: their sizes and mtimes tell a disk cache it is stale, and the value
                scan reads the .npy ones among them;
   fill(out, indices)  decode items `indices` into out[0..n): uint8 (n, C, H, W), C stored (1 for grey data);
-  per_item(indices, labels)  a Dataset decoding one item per __getitem__, for cache=none.
+  per_item(indices, labels)  a Dataset decoding one item per __getitem__, for cache=none;
+  verify()     (only families with the dataset.verify key) decode every item up front, listing every failure.
 Plus `family` (names the cache folder and messages), `what` (names the source in messages), `grey` (set by
 items(): every item holds one value per pixel, so stores keep one channel) and `scales` (set by the pipeline
 after the value scan: how each .npy file's values become 0..255).
@@ -67,3 +68,5 @@ class Source(Protocol):
     def fill(self, out: torch.Tensor, indices: np.ndarray) -> None: ...
 
     def per_item(self, indices: np.ndarray, labels: np.ndarray) -> Dataset: ...
+
+    def verify(self) -> None: ...

@@ -2,7 +2,6 @@
 bytes, a disk cache is reused by the next run, grey items are stored once, and runs sharing a cache folder
 build it once."""
 
-import hashlib
 import logging
 import os
 import subprocess
