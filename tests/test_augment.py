@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import training
 from datasets.base import ArrayStore, InMemoryDataset
 from errors import UserError
 from training.augment import Augment, batch_generator
 from training.loaders import build_loader
+from tests.helpers import events
 
 N = 24
 LOADER = dict(device=torch.device("cpu"), batch_size=8, shuffle=True, pin_memory=False, persistent_workers=False,
@@ -155,9 +155,7 @@ def test_presets(make_cfg, choice, on):
 
 
 def first_batch(run_dir: Path) -> torch.Tensor:
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    (image,) = events.Images("train/first_batch")
+    (image,) = events(run_dir).Images("train/first_batch")
     return torch.from_numpy(np.array(Image.open(io.BytesIO(image.encoded_image_string))))
 
 

@@ -1,13 +1,10 @@
 """Checkpoints: what they hold, that they load without pickled code, atomic saves, and exact resume."""
 
 import copy
-import os
 import random
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,17 +12,16 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import training
 from errors import UserError
 from models.cnn import TutorialCNN
 from tests import files
+from tests.helpers import TRAIN_PY, assert_same_state, run_python, scalars, start_python
 from training import checkpoint as checkpoints
 from training.runner import _resumed_config
 from training.loop import NonFiniteLoss, Normalizer, train_one_epoch
 
-ROOT = Path(__file__).resolve().parent.parent
 # 64 crops, 20% of each class held out: 52 train = 7 batches of 8 per epoch.
 STEPS_PER_EPOCH = 7
 # Warm-up restarts with each process, so these two differ between a resumed and an unbroken run.
@@ -41,12 +37,6 @@ def crop_run(make_cfg, crop_csv, tmp_path):
                         "scheduler.gamma=0.5", *overrides, run_dir=tmp_path / name)
 
     return make
-
-
-def events(run_dir: Path) -> dict:
-    accumulator = EventAccumulator(str(run_dir))
-    accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
 def test_checkpoints_load_weights_only_and_hold_the_run(crop_run, tmp_path):
@@ -95,7 +85,7 @@ def test_a_resume_opened_in_the_second_of_an_earlier_attempts_events_still_shows
     time.sleep(1 - time.time() % 1)  # a second's start: the resume below opens its events within it
     earlier.rename(earlier.with_name(f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.99999999.0"))
     training.run(crop_run("run", "trainer.epochs=2", f"resume={tmp_path / 'run/checkpoints/last.pt'}"))
-    assert [step for step, _ in events(tmp_path / "run")["val/acc"]] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert [step for step, _ in scalars(tmp_path / "run")["val/acc"]] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
 
 
 def test_resume_is_bitwise_equal_to_an_unbroken_run(crop_run, tmp_path):
@@ -111,14 +101,11 @@ def test_resume_is_bitwise_equal_to_an_unbroken_run(crop_run, tmp_path):
     unbroken = torch.load(tmp_path / "unbroken" / "checkpoints" / "last.pt", weights_only=True)
     resumed = torch.load(folder / "last.pt", weights_only=True)
     assert resumed["epoch"] == unbroken["epoch"] == 2
-    for name, tensor in unbroken["model"].items():
-        assert torch.equal(resumed["model"][name], tensor), name
-    for index, state in unbroken["optimizer"]["state"].items():
-        assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert_same_state(resumed, unbroken)
     assert resumed["scheduler"] == unbroken["scheduler"]
     assert torch.equal(resumed["rng"]["torch"], unbroken["rng"]["torch"])
 
-    expected, logged = events(tmp_path / "unbroken"), events(tmp_path / "broken")
+    expected, logged = scalars(tmp_path / "unbroken"), scalars(tmp_path / "broken")
     assert set(logged) == set(expected)
     for tag in set(expected) - TIMING_TAGS:
         assert logged[tag] == expected[tag], tag  # same steps, once each, in order, and the same values
@@ -153,21 +140,17 @@ def test_resume_after_the_classes_changed_is_a_user_error(crop_run, crop_csv, tm
 def test_train_py_resume_needs_only_the_checkpoint_and_epochs(crop_run, tmp_path):
     """The checkpoint's config is the run's: no dataset, loader or scheduler overrides to repeat."""
     training.run(crop_run("run", "trainer.epochs=1"))
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     # Without trainer.epochs a resume finishes the run to the epochs it started with (here 1: nothing left),
     # rather than to the default 10.
-    finished = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"resume={tmp_path / 'run/checkpoints/last.pt'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    finished = run_python(TRAIN_PY, f"resume={tmp_path / 'run/checkpoints/last.pt'}", cwd=tmp_path)
     assert finished.returncode == 1 and "has already trained 1 epochs" in finished.stdout + finished.stderr
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"resume={tmp_path / 'run/checkpoints/last.pt'}", "trainer.epochs=2",
-         "trainer.progress=false"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = run_python(TRAIN_PY, f"resume={tmp_path / 'run/checkpoints/last.pt'}", "trainer.epochs=2",
+                        "trainer.progress=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert (resumed["epoch"], resumed["step"]) == (2, 2 * STEPS_PER_EPOCH)
     assert resumed["scheduler"]["last_epoch"] == 2
-    assert [step for step, _ in events(tmp_path / "run")["val/acc"]] == [7, 14]
+    assert [step for step, _ in scalars(tmp_path / "run")["val/acc"]] == [7, 14]
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
@@ -200,11 +183,9 @@ def test_a_sigkilled_run_resumes_from_its_mid_epoch_checkpoint_bitwise_equal(mak
     overrides = [f"dataset.csv={csv_path}", "dataset.cache=none", "loader.mode=dataloader", "loader.num_workers=0",
                  "loader.batch_size=2", "trainer.checkpoint_every=4",  # 96 training crops: 48 steps an epoch
                  "trainer.log_every=3"]  # windows end between saves: the first save keeps one
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one torch thread, as the in-process runs below (conftest)
-    killed = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *overrides, "trainer.epochs=1", "trainer.progress=false",
-         "trainer.device=cpu", "hydra.run.dir=killed"], cwd=tmp_path, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # One torch thread (helpers.program_env), as the in-process runs below (conftest): bitwise comparable.
+    killed = start_python(TRAIN_PY, *overrides, "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu",
+                          "hydra.run.dir=killed", cwd=tmp_path)
     last = tmp_path / "killed" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not last.exists() and killed.poll() is None and time.monotonic() < deadline:
@@ -222,15 +203,12 @@ def test_a_sigkilled_run_resumes_from_its_mid_epoch_checkpoint_bitwise_equal(mak
     resumed = torch.load(last, weights_only=True)
     unbroken = torch.load(tmp_path / "unbroken" / "checkpoints" / "last.pt", weights_only=True)
     assert resumed["step"] == unbroken["step"] == 48
-    for name, tensor in unbroken["model"].items():
-        assert torch.equal(resumed["model"][name], tensor), name
-    for index, state in unbroken["optimizer"]["state"].items():
-        assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert_same_state(resumed, unbroken)
     assert torch.equal(resumed["rng"]["torch"], unbroken["rng"]["torch"])
 
     # The same train/loss points: those logged before the save, then windows at the unbroken run's steps. The
     # first window after the checkpoint averages only the steps since it; every later one is the same number.
-    expected, logged = events(tmp_path / "unbroken")["train/loss"], events(tmp_path / "killed")["train/loss"]
+    expected, logged = scalars(tmp_path / "unbroken")["train/loss"], scalars(tmp_path / "killed")["train/loss"]
     assert [step for step, _ in logged] == [step for step, _ in expected] == [*range(3, 48, 3), 48]
     first_after = next(step for step, _ in expected if step > saved["step"])
     assert [p for p in logged if p[0] != first_after] == [p for p in expected if p[0] != first_after]

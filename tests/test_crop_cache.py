@@ -3,8 +3,6 @@
 import fcntl
 import logging
 import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,8 +16,7 @@ from datasets import crops
 from datasets.crop_csv import write_crops
 from errors import UserError
 from tests import files
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, run_python
 
 
 def all_images(bundle) -> torch.Tensor:
@@ -212,8 +209,7 @@ def test_runs_started_together_build_the_cache_once(tmp_path):
     others reach the lock within milliseconds."""
     csv_path = files.write_noise_crops(tmp_path / "noise", sources=4, size=512, boxes=20)
     cache = tmp_path / "cache"
-    launched = subprocess.run([sys.executable, "-c", LAUNCHER, str(csv_path), str(cache), str(tmp_path), "3"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    launched = run_python("-c", LAUNCHER, csv_path, cache, tmp_path, "3", cwd=ROOT)
     logs = [(tmp_path / f"builder{i}.log").read_text() for i in range(3)]
     assert launched.returncode == 0, (launched.stderr, logs)
     built = [log for log in logs if "crop cache: writing" in log]

@@ -2,9 +2,6 @@
 runs just these; benchmarks/cuda_check.sh runs them on a lent GPU machine)."""
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from datasets.base import ArrayStore, InMemoryDataset
 from errors import UserError
 from models.cnn import TutorialCNN
 from tests import files
+from tests.helpers import TRAIN_PY, run_python
 from training import checkpoint as checkpoints
 from training.evaluation import run_evaluation
 from training.graphs import WARMUP_STEPS, CudaGraphStep
@@ -25,7 +23,6 @@ from training.loop import Normalizer, evaluate, train_step
 from training.speed import MixedPrecision
 
 pytestmark = pytest.mark.cuda
-ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.device("cuda")
 
 
@@ -181,11 +178,9 @@ def test_resume_a_checkpoint_from_a_machine_with_more_gpus(make_cfg, crop_csv, t
 
 @pytest.mark.slow
 def test_one_process_nccl_torchrun(crop_csv, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                           str(ROOT / "train.py"), f"dataset.csv={crop_csv}", "loader.batch_size=8",
-                           "trainer.epochs=2", "trainer.progress=false", "trainer.device=cuda", "hydra.run.dir=run"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    done = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", TRAIN_PY,
+                      f"dataset.csv={crop_csv}", "loader.batch_size=8", "trainer.epochs=2", "trainer.progress=false",
+                      "trainer.device=cuda", "hydra.run.dir=run", cwd=tmp_path, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 1 and metrics["val/acc"] >= 0.9
@@ -194,12 +189,10 @@ def test_one_process_nccl_torchrun(crop_csv, tmp_path):
 
 @pytest.mark.slow
 def test_more_processes_than_gpus_is_one_line(crop_csv, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     processes = torch.cuda.device_count() + 1
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={processes}", str(ROOT / "train.py"), f"dataset.csv={crop_csv}",
-                           "trainer.progress=false", "trainer.device=cuda"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    done = run_python("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", TRAIN_PY,
+                      f"dataset.csv={crop_csv}", "trainer.progress=false", "trainer.device=cuda", cwd=tmp_path,
+                      timeout=240)
     assert done.returncode != 0
     assert f"only {torch.cuda.device_count()} GPU(s) are visible" in done.stdout + done.stderr
     assert "invalid device ordinal" not in done.stdout + done.stderr

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,20 +12,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 from torch.utils.tensorboard.summary import compute_curve
 
 import training
 from errors import UserError
 from tests import files
+from tests.helpers import TORCHRUN, assert_same_state, events, run_python, scalars, start_python
 from tests.scoring import score_checkpoint
 from training.board import mistakes_image
 from training.distributed import Process, from_environment, process_device, shard, shard_size
 from training.evaluation import run_evaluation
 from training.metrics import MISTAKES, PR_THRESHOLDS
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("n", [10, 11, 13])
@@ -40,15 +38,8 @@ def test_validation_shards_cover_every_item_once_and_training_shards_are_even(n)
     assert set(torch.cat(train).tolist()) == set(range(n))
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py")]
-
-
-def launch_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-
-
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*TORCHRUN, *args], cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=150)
+    return run_python(*TORCHRUN, *args, cwd=cwd)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -88,13 +79,12 @@ def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, m
     assert single["f1_macro"] == metrics["val/f1_macro"]
     # PR curves and the highest-loss items merge the ranks' shards into what one process sees of every item.
     truth = score_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    events = EventAccumulator(str(tmp_path / "run"))
-    events.Reload()
+    logged = events(tmp_path / "run")
     for c, name in enumerate(["bright", "dark"]):
-        curve = events.Tensors(f"val/pr/{name}")[-1]
+        curve = logged.Tensors(f"val/pr/{name}")[-1]
         expected = compute_curve((truth.labels == c).numpy(), truth.probabilities[:, c].numpy(), PR_THRESHOLDS)
         assert curve.step == 14 and np.allclose(tensor_util.make_ndarray(curve.tensor_proto), expected, rtol=1e-6)
-    shown = events.Images("val/mistakes")[-1]
+    shown = logged.Images("val/mistakes")[-1]
     top = torch.argsort(truth.losses, descending=True)[:MISTAKES]
     expected = mistakes_image(truth.images[top], truth.labels[top].tolist(),
                               truth.probabilities[top].argmax(1).tolist(), ["bright", "dark"])
@@ -105,9 +95,7 @@ def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, m
                        "trainer.progress=false", "trainer.device=cpu", "hydra.run.dir=again", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 21
-    events = EventAccumulator(str(tmp_path / "run"))
-    events.Reload()
-    assert [e.step for e in events.Scalars("val/acc")] == [7, 14, 21]
+    assert [step for step, _ in scalars(tmp_path / "run")["val/acc"]] == [7, 14, 21]
 
 
 def test_more_local_processes_than_gpus_is_one_line_naming_the_fix(monkeypatch):
@@ -149,12 +137,6 @@ def test_two_processes_train_fastnet_with_augmentation_and_a_per_step_schedule(c
     assert scored["acc"] == metrics["val/acc"]
 
 
-def loss_points(run_dir: Path) -> list[tuple[int, float]]:
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars("train/loss")]
-
-
 @pytest.mark.slow
 def test_a_torchrun_killed_after_a_mid_epoch_save_resumes_bitwise_equal_to_an_unbroken_one(tmp_path):
     """Both ranks and torchrun are SIGKILLed (a preempted machine) after rank 0 saved last.pt mid-epoch; a torchrun
@@ -166,10 +148,9 @@ def test_a_torchrun_killed_after_a_mid_epoch_save_resumes_bitwise_equal_to_an_un
                  "trainer.log_every=3", "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu"]
     # The unbroken run goes alongside the other two (one launch's start-up is ~6 s of importing and joining).
     unbroken_log = open(tmp_path / "unbroken.log", "w")
-    unbroken = subprocess.Popen([*TORCHRUN, *overrides, "hydra.run.dir=unbroken"], cwd=tmp_path, env=launch_env(),
-                                stdout=unbroken_log, stderr=subprocess.STDOUT)
-    killed = subprocess.Popen([*TORCHRUN, *overrides, "hydra.run.dir=killed"], cwd=tmp_path, env=launch_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    unbroken = start_python(*TORCHRUN, *overrides, "hydra.run.dir=unbroken", cwd=tmp_path, stdout=unbroken_log,
+                            stderr=subprocess.STDOUT)
+    killed = start_python(*TORCHRUN, *overrides, "hydra.run.dir=killed", cwd=tmp_path)
     last = tmp_path / "killed" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not last.exists() and killed.poll() is None and time.monotonic() < deadline:
@@ -188,14 +169,11 @@ def test_a_torchrun_killed_after_a_mid_epoch_save_resumes_bitwise_equal_to_an_un
     expected = torch.load(tmp_path / "unbroken" / "checkpoints" / "last.pt", weights_only=True)
     got = torch.load(last, weights_only=True)
     assert got["step"] == expected["step"] == 48
-    for name, tensor in expected["model"].items():
-        assert torch.equal(got["model"][name], tensor), name
-    for index, state in expected["optimizer"]["state"].items():
-        assert torch.equal(got["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert_same_state(got, expected)
     assert got["metrics"]["val/loss"] == expected["metrics"]["val/loss"]
     # The points before the save survived the kill; the resumed ones fall on the unbroken run's steps, and all
     # but the first after the checkpoint (which averages only the steps since it) are the same numbers.
-    points, reference = loss_points(tmp_path / "killed"), loss_points(tmp_path / "unbroken")
+    points, reference = scalars(tmp_path / "killed")["train/loss"], scalars(tmp_path / "unbroken")["train/loss"]
     assert [step for step, _ in points] == [step for step, _ in reference] == list(range(3, 49, 3))
     first_after = next(step for step, _ in reference if step > saved["step"])
     assert [p for p in points if p[0] != first_after] == [p for p in reference if p[0] != first_after]

@@ -1,9 +1,6 @@
 """evaluate.py: scoring a checkpoint reproduces the training run's numbers; predictions use training's pipeline."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +11,11 @@ from PIL import Image
 import training
 from datasets.crops import build
 from errors import UserError
+from tests.helpers import ROOT, run_python
 from training.build import build_model
 from training.evaluation import run_evaluation
 from training.loop import Normalizer
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -83,11 +80,8 @@ def test_predict_uses_the_training_preprocessing(trained, make_eval_cfg, crop_cs
 @pytest.mark.slow
 def test_evaluate_py_prints_a_table(trained, tmp_path):
     run_dir, metrics = trained
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     checkpoint = run_dir / "checkpoints" / "best.pt"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), f"checkpoint={checkpoint}", "device=cpu"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = run_python(ROOT / "evaluate.py", f"checkpoint={checkpoint}", "device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"{metrics['val/acc_best']:.1%}" in result.stdout
     assert "0 bright" in result.stdout and "1 dark" in result.stdout

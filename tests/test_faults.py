@@ -3,23 +3,20 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import Dataset
 
 import training
 from errors import UserError
+from tests.helpers import TRAIN_PY, events, run_python, start_python
 from training import checkpoint as checkpoints
 from training.build import build_optimizer
 from training.loaders import build_loader
 from training.loop import NonFiniteLoss, train_step
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(make_cfg, crop_csv, tmp_path):
@@ -36,9 +33,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     assert best["step"] == 7
     assert not (run_dir / "metrics.json").exists()
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    assert events.Scalars("train/loss")  # what was logged before the stop was flushed
+    assert events(run_dir).Scalars("train/loss")  # what was logged before the stop was flushed
 
 
 def test_clip_grad_norm_bounds_each_step(make_cfg):
@@ -77,12 +72,10 @@ def test_a_dying_worker_raises_with_a_hint():
 
 @pytest.mark.slow
 def test_ctrl_c_saves_last_pt_closes_tensorboard_and_exits_non_zero(crop_csv, tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    run = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), f"dataset.csv={crop_csv}", "dataset.cache=none",
-         "loader.mode=dataloader", "loader.num_workers=0", "loader.batch_size=2", "trainer.epochs=1000",
-         "trainer.progress=false", "trainer.device=cpu", "hydra.run.dir=run"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = start_python(TRAIN_PY, f"dataset.csv={crop_csv}", "dataset.cache=none", "loader.mode=dataloader",
+                       "loader.num_workers=0", "loader.batch_size=2", "trainer.epochs=1000", "trainer.progress=false",
+                       "trainer.device=cpu", "hydra.run.dir=run", cwd=tmp_path, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 60
     while not last.exists() and time.monotonic() < deadline:  # at least one epoch done
@@ -95,9 +88,7 @@ def test_ctrl_c_saves_last_pt_closes_tensorboard_and_exits_non_zero(crop_csv, tm
     saved = torch.load(last, weights_only=True)
     assert saved["step"] > first_epoch["step"]
     assert saved["step"] == saved["epoch"] * 26 + saved["batches_done"]  # 52 training crops / batch 2
-    events = EventAccumulator(str(tmp_path / "run"))
-    events.Reload()
-    assert events.Scalars("train/loss")[-1].step <= saved["step"]
+    assert events(tmp_path / "run").Scalars("train/loss")[-1].step <= saved["step"]
 
 
 class Payload:
@@ -147,9 +138,7 @@ def test_train_py_refuses_a_used_run_dir_before_writing_anything_there(make_cfg,
         return {str(p.relative_to(old)): p.read_bytes() if p.is_file() else None for p in sorted(old.rglob("*"))}
 
     before = snapshot()
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), f"dataset.csv={crop_csv}", f"hydra.run.dir={old}",
-                             "trainer.device=cpu"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = run_python(TRAIN_PY, f"dataset.csv={crop_csv}", f"hydra.run.dir={old}", "trainer.device=cpu", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"Error: {old} already holds another run: a run never writes into another's folder; pick a new "

@@ -13,6 +13,7 @@ import training
 from datasets.crop_csv import write_crops
 from errors import UserError
 from tests import files
+from tests.helpers import assert_same_state
 from training.evaluation import run_evaluation
 from training.loaders import DeviceLoader, EpochSeededDataLoader, device_bytes
 
@@ -141,8 +142,7 @@ def test_training_on_grey_data_equals_training_on_its_rgb_copy_and_resumes(make_
     for name, stored in (("grey", "(1, 32, 32)"), ("broken", "(1, 32, 32)"), ("rgb", "(3, 32, 32)")):
         assert f"crops: 64 x {stored} uint8" in (tmp_path / name / "train.log").read_text(), name
     assert grey["input_shape"] == [3, 32, 32] and grey["normalization"] == rgb["normalization"]
-    for name, tensor in rgb["model"].items():
-        assert torch.equal(grey["model"][name], tensor), name
-        assert torch.equal(resumed["model"][name], tensor), name
+    assert_same_state(grey, rgb)
+    assert_same_state(resumed, rgb)
     result = run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'grey' / 'checkpoints' / 'last.pt'}"))
     assert result["acc"] == grey_metrics["val/acc"] and result["loss"] == grey["metrics"]["val/loss"]

@@ -1,8 +1,5 @@
 """preview.py: sources drawn with their CSV rows, classes.png as the model receives items, counts, bad rows."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +12,9 @@ from datasets.crop_csv import write_crops
 from datasets.transforms import LoadItem
 from errors import UserError
 from tests import files
+from tests.helpers import ROOT, run_python
 from training.preview import TAB10, report, run_preview
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _png(path: Path) -> np.ndarray:
@@ -133,9 +130,7 @@ def test_cifar10_gets_classes_and_counts(make_preview_cfg, cifar_root):
 def test_preview_py_prints_counts_and_bad_rows(crop_csv, tmp_path):
     with open(crop_csv, "a") as f:
         f.write("missing.png,0,0,16,16,dark\n")
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    done = subprocess.run([sys.executable, str(ROOT / "preview.py"), f"dataset.csv={crop_csv}", "sources=1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = run_python(ROOT / "preview.py", f"dataset.csv={crop_csv}", "sources=1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"line 66: {crop_csv.parent / 'missing.png'}: file not found" in done.stdout
     assert "bright" in done.stdout and "all" in done.stdout

@@ -9,19 +9,17 @@ import sys
 import pytest
 
 from progress import progress_bar
-from tests.test_train import ROOT
+from tests.helpers import TRAIN_PY, run_python
 
 
 @pytest.mark.slow
 def test_redirected_train_py_output_has_no_bar_frames(crop_csv, tmp_path):
     """As under nohup or a SLURM job: stdout and stderr go to one file, with the bar left at its default (on)."""
     log = tmp_path / "console.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), f"dataset.csv={crop_csv}", "loader.batch_size=8",
-             "trainer.epochs=2", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}"],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=120)
+        result = run_python(TRAIN_PY, f"dataset.csv={crop_csv}", "loader.batch_size=8", "trainer.epochs=2",
+                            "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                            capture_output=False, stdout=out, stderr=subprocess.STDOUT)
     text = log.read_text()
     assert result.returncode == 0, text
     assert "\r" not in text

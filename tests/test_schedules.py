@@ -8,7 +8,7 @@ import torch
 
 import training
 from errors import UserError
-from tests.test_checkpoints import events
+from tests.helpers import scalars
 from training.schedules import WarmupCosine
 
 STEPS_PER_EPOCH = 7  # the crop fixture: 52 training crops in batches of 8
@@ -62,8 +62,8 @@ def test_per_step_schedules_step_every_optimizer_step_and_resume_exactly(run, tm
     for name, tensor in unbroken["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
     assert resumed["scheduler"] == unbroken["scheduler"]
-    lr = [value for _, value in events(tmp_path / "unbroken")["train/lr"]]
-    assert lr == [value for _, value in events(tmp_path / "broken")["train/lr"]]
+    lr = [value for _, value in scalars(tmp_path / "unbroken")["train/lr"]]
+    assert lr == [value for _, value in scalars(tmp_path / "broken")["train/lr"]]
     if scheduler == "warmup_cosine":  # epoch 1 starts at the first warm-up step's rate: 1 of round(0.05 * 14)
         assert lr[0] == pytest.approx(0.05 / round(0.05 * 2 * STEPS_PER_EPOCH))
         assert lr[1] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * (7 - 1) / 13)))

@@ -1,37 +1,33 @@
 """What a run shows in TensorBoard beyond the contract's scalars, read back with TensorBoard's own reader."""
 
 import io
-from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
 import pytest
 import torch
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 from torch.utils.tensorboard.summary import compute_curve
 
-import training
 from datasets.base import labels_of
+from tests import helpers
 from tests.scoring import score_checkpoint
 from training.board import TUNED, confusion_image, hparam_value, mistakes_image, tuned_hparams
 from training.evaluation import run_evaluation
 from training.metrics import MISTAKES, PR_THRESHOLDS
 
 
-def test_per_class_confusion_images_lr_and_hparams(make_cfg, make_eval_cfg, crop_csv, tmp_path):
-    cfg = make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=8", "trainer.epochs=2", "scheduler=cosine")
-    metrics = training.run(cfg)
-    run_dir = Path(cfg.run_dir)
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
+def test_per_class_confusion_images_lr_and_hparams(shared_run, shared_crop_csv, make_eval_cfg):
+    run = shared_run("loader.batch_size=8", "trainer.epochs=2", "scheduler=cosine")
+    metrics, run_dir = run.metrics, run.dir
+    events = helpers.events(run_dir)
 
     # One events folder: hparams must not open a timestamped subfolder (a second "run" in TensorBoard).
     assert {p.parent for p in run_dir.rglob("events.out.tfevents*")} == {run_dir}
 
-    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    scalars = helpers.scalars(run_dir)
     for tag in ("val/acc_class/bright", "val/acc_class/dark", "val/acc_best", "train/epoch_seconds"):
         assert [step for step, _ in scalars[tag]] == [7, 14], tag  # 7 batches of 8 per epoch
         assert scalars[tag][-1][1] == pytest.approx(metrics[tag])
@@ -60,7 +56,7 @@ def test_per_class_confusion_images_lr_and_hparams(make_cfg, make_eval_cfg, crop
         "optim.weight_decay": 0.0, "optim.clip_grad_norm": "null", "trainer.label_smoothing": 0.0,
         "augment.pad": 0, "augment.hflip": False, "augment.vflip": False, "augment.transpose": False,
         "augment.cutout": 0,
-        "scheduler": "CosineAnnealingLR", "dataset": "crops", "dataset.csv": str(crop_csv),
+        "scheduler": "CosineAnnealingLR", "dataset": "crops", "dataset.csv": str(shared_crop_csv),
         "dataset.root": "null", "dataset.width": 32, "dataset.height": 32, "dataset.channels": 3,
         "dataset.cache": "memory", "dataset.val_fraction": pytest.approx(0.2), "loader.mode": "auto", "loader.sampler": "uniform",
         "trainer.precision": "auto", "trainer.seed": 0,
@@ -70,12 +66,10 @@ def test_per_class_confusion_images_lr_and_hparams(make_cfg, make_eval_cfg, crop
     assert {m.name.tag for m in experiment.metric_infos} == {"val/acc", "val/loss", "val/acc_best", "val/f1_macro"}
 
 
-def test_f1_pr_curves_mistakes_and_class_counts(make_cfg, make_eval_cfg, crop_csv):
-    cfg = make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=8")
-    metrics = training.run(cfg)
-    run_dir = Path(cfg.run_dir)
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
+def test_f1_pr_curves_mistakes_and_class_counts(shared_run, make_eval_cfg):
+    run = shared_run("loader.batch_size=8")
+    metrics, run_dir = run.metrics, run.dir
+    events = helpers.events(run_dir)
     last = run_dir / "checkpoints" / "last.pt"
     truth = score_checkpoint(last)
     classes = ["bright", "dark"]

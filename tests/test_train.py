@@ -1,38 +1,24 @@
 """Whole runs: through Hydra's compose API (in process) and through `python train.py` (a subprocess)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import training
 from errors import UserError
+from tests.helpers import TRAIN_PY, run_python, scalars
 
-ROOT = Path(__file__).resolve().parent.parent
 SCALARS = {"train/loss", "train/throughput", "train/data_wait", "val/loss", "val/acc"}
 
 
-def scalars(run_dir: Path) -> dict:
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+def train_py(*args: str, cwd: Path):
+    return run_python(TRAIN_PY, *args, cwd=cwd)
 
 
-def train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_run_writes_outputs_and_tensorboard_scalars(make_cfg, crop_csv, tmp_path):
-    cfg = make_cfg(f"dataset.csv={crop_csv}", "trainer.epochs=2", "loader.batch_size=8")
-    metrics = training.run(cfg)
-    run_dir = Path(cfg.run_dir)
+def test_run_writes_outputs_and_tensorboard_scalars(shared_run):
+    run = shared_run("loader.batch_size=8", "trainer.epochs=2")
+    metrics, run_dir = run.metrics, run.dir
     for name in ("config.yaml", "classes.json", "metrics.json", "train.log"):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "classes.json").read_text()) == ["bright", "dark"]
@@ -54,9 +40,9 @@ def test_default_demo_run_learns(make_cfg, tmp_path):
     assert metrics["val/acc"] >= 0.9
 
 
-def test_same_seed_same_result(make_cfg, crop_csv, tmp_path):
-    first = training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=tmp_path / "a"))
-    second = training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=tmp_path / "b"))
+def test_same_seed_same_result(make_cfg, shared_run, shared_crop_csv, tmp_path):
+    first = shared_run().metrics  # trained earlier in the session, maybe by another test
+    second = training.run(make_cfg(f"dataset.csv={shared_crop_csv}", run_dir=tmp_path / "b"))
     assert first["val/loss"] == second["val/loss"]
     assert first["train/loss"] == second["train/loss"]
 
