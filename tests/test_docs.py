@@ -162,20 +162,41 @@ def _fragments(node: ast.AST) -> list[str] | None:
     return None
 
 
-def user_errors() -> list[tuple[str, int, str, list[str] | None]]:
-    """(file, line, enclosing function, fixed fragments) of every UserError(...) the application raises."""
-    found = []
+def _sources() -> dict[str, ast.Module]:
+    """The application's modules (not tests, docs or data), parsed."""
+    trees = {}
     for path in sorted(ROOT.rglob("*.py")):
         relative = path.relative_to(ROOT)
         if relative.parts[0] in ("tests", "docs", "outputs", "data") or relative.parts[0].startswith("."):
             continue
-        tree = ast.parse(path.read_text())
+        trees[str(relative)] = ast.parse(path.read_text())
+    return trees
+
+
+def _user_error_types(trees: dict[str, ast.Module]) -> set[str]:
+    """UserError and the classes derived from it (NonFiniteLoss, ...): raising any of them prints one line."""
+    names = {"UserError"}
+    classes = [node for tree in trees.values() for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
+    grown = True
+    while grown:
+        before = len(names)
+        names |= {c.name for c in classes if any(getattr(b, "id", getattr(b, "attr", None)) in names for b in c.bases)}
+        grown = len(names) > before
+    return names
+
+
+def user_errors() -> list[tuple[str, int, str, list[str] | None]]:
+    """(file, line, enclosing function, fixed fragments) of every UserError(...) the application raises."""
+    found = []
+    trees = _sources()
+    types = _user_error_types(trees)
+    for relative, tree in trees.items():
         for function in [tree, *[n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]]:
             for node in ast.walk(function):
                 called = getattr(node, "func", None)
                 name = getattr(called, "id", None) or getattr(called, "attr", None)
-                if isinstance(node, ast.Call) and name == "UserError" and node.args:
-                    found.append((str(relative), node.lineno, getattr(function, "name", "<module>"),
+                if isinstance(node, ast.Call) and name in types and node.args:
+                    found.append((relative, node.lineno, getattr(function, "name", "<module>"),
                                   _fragments(node.args[0])))
     # The walk from the module visits every call once more than the walk from its function: keep the innermost.
     innermost = {}
