@@ -83,14 +83,19 @@ def read_yaml(path: Path) -> YamlFile:
     above: list[str] = []  # comment lines directly above a key belong to it
     parents: list[tuple[int, str]] = []  # (indent, key) of the mappings the current line is inside
     in_header = True
+    continues = False  # the last line was a key with a comment that an indented comment line may continue
     for line in path.read_text().splitlines():
         stripped = line.strip()
         if stripped.startswith("#"):
             text = stripped.lstrip("#").strip()
             if text.startswith("@package"):
                 continue
+            if line[0].isspace() and keys and continues:  # an indented comment goes on with the key's above it
+                keys[-1].comment = f"{keys[-1].comment} {_prose(text)}".strip()
+                continue
             (header if in_header else above).append(_prose(text))
             continue
+        continues = False
         in_header = False
         match = KEY_LINE.match(line)
         if not match:
@@ -106,6 +111,7 @@ def read_yaml(path: Path) -> YamlFile:
             continue
         if value:  # a mapping's own line (loader:) is no key; its children are
             keys.append(Key(dotted, value, " ".join([*above, _prose(comment)]).strip()))
+            continues = bool(comment)
         above = []
     loaded = OmegaConf.load(path)
     # An experiment's `override /scheduler: warmup_cosine` is a setting too: scheduler=warmup_cosine.
