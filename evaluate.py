@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from errors import one_line_or_exit
 from training import schema
-from training.evaluation import run_evaluation
+from commands.evaluation import run_evaluation
 
 log = logging.getLogger("evaluate")
 schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from errors import one_line_or_exit
 from training import schema
-from training.onnx_model import run_export
+from commands.onnx_model import run_export
 
 log = logging.getLogger("export")
 schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base

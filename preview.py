@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from errors import one_line_or_exit
 from training import schema
-from training.preview import report, run_preview
+from commands.preview import report, run_preview
 
 log = logging.getLogger("preview")
 schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base

@@ -148,7 +148,7 @@ def test_a_checkpoint_that_cannot_be_saved_is_one_line(tmp_path):
 def test_an_image_over_the_pixel_limit_is_refused_from_its_header(build_crops, make_cfg, make_eval_cfg, tmp_path):
     """A small PNG that claims 3000x3000 pixels, against a limit of 1000000 (the default is PIL's 89M)."""
     from datasets.base import limit_image_pixels
-    from training.evaluation import run_evaluation
+    from commands.evaluation import run_evaluation
 
     big = np.zeros((3000, 3000), np.uint8)
     csv_path = write_scene_csv(tmp_path, ["a", "b"] * 4, paths=["big.png"] * 8)

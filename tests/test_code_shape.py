@@ -92,6 +92,14 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def test_training_and_data_never_import_the_commands():
+    """commands/ (evaluate, export, preview) builds on training/ and datasets/; the reverse would put them back
+    into a training run's imports."""
+    reaching_back = {module: sorted(t for t in targets if t.partition(".")[0] == "commands")
+                     for module, targets in import_graph().items() if module.partition(".")[0] in ("training", "datasets")}
+    assert not {module: targets for module, targets in reaching_back.items() if targets}
+
+
 def parameter_count(function: ast.FunctionDef | ast.AsyncFunctionDef, in_class: bool) -> int:
     arguments = function.args
     names = [a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs]

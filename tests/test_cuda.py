@@ -16,7 +16,7 @@ from models.cnn import TutorialCNN
 from tests import files
 from tests.helpers import TRAIN_PY, run_python
 from training import checkpoint as checkpoints
-from training.evaluation import run_evaluation
+from commands.evaluation import run_evaluation
 from training.graphs import WARMUP_STEPS, CudaGraphStep
 from training.loaders import DeviceLoader, EpochSeededDataLoader, build_loader, free_memory
 from training.loop import Normalizer, evaluate, train_step

@@ -22,7 +22,7 @@ from tests.helpers import TORCHRUN, assert_same_state, events, run_python, scala
 from tests.scoring import score_checkpoint
 from training.board import mistakes_image
 from training.distributed import Process, from_environment, process_device, shard, shard_size
-from training.evaluation import run_evaluation
+from commands.evaluation import run_evaluation
 from training.metrics import MISTAKES, PR_THRESHOLDS
 
 

@@ -13,7 +13,7 @@ from datasets.crops import build
 from errors import UserError
 from tests.helpers import ROOT, run_python
 from training.build import build_model
-from training.evaluation import run_evaluation
+from commands.evaluation import run_evaluation
 from training.loop import Normalizer
 
 

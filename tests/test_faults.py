@@ -107,7 +107,7 @@ def test_checkpoint_with_a_pickle_payload_is_refused_without_running(make_cfg, m
     torch.save({"format": checkpoints.FORMAT, "model": Payload(marker)}, evil)
     with pytest.raises(UserError, match="not a checkpoint this trainer can read"):
         training.run(make_cfg(f"resume={evil}", "trainer.epochs=2"))
-    from training.evaluation import run_evaluation
+    from commands.evaluation import run_evaluation
 
     with pytest.raises(UserError, match="not a checkpoint this trainer can read"):
         run_evaluation(make_eval_cfg(f"checkpoint={evil}"))
@@ -162,7 +162,7 @@ def test_resume_appends_to_the_log_and_events(make_cfg, crop_csv, tmp_path):
 def test_missing_mandatory_keys_are_named_in_one_line(make_cfg, make_eval_cfg):
     with pytest.raises(UserError, match=r"dataset.root must be set: add dataset.root=\.\.\. to the command"):
         training.run(make_cfg("dataset=imagefolder"))
-    from training.evaluation import run_evaluation
+    from commands.evaluation import run_evaluation
 
     with pytest.raises(UserError, match="checkpoint must be set"):
         run_evaluation(make_eval_cfg())

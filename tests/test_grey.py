@@ -14,7 +14,7 @@ from datasets.crop_csv import write_crops
 from errors import UserError
 from tests import files
 from tests.helpers import assert_same_state
-from training.evaluation import run_evaluation
+from commands.evaluation import run_evaluation
 from training.loaders import DeviceLoader, EpochSeededDataLoader, device_bytes
 
 CPU = torch.device("cpu")

@@ -8,7 +8,7 @@ import torch
 import training
 from errors import UserError
 from models.resnet import ResNet18
-from training.evaluation import run_evaluation
+from commands.evaluation import run_evaluation
 
 
 def test_resnet18_trains_resumes_and_evaluates_on_tiny_data(make_cfg, make_eval_cfg, crop_csv, tmp_path):

@@ -12,7 +12,7 @@ from torchvision import datasets as tv
 
 import training
 from tests import files
-from training.evaluation import run_evaluation
+from commands.evaluation import run_evaluation
 
 STORED = Path(__file__).resolve().parent / "data" / "checkpoints-v1"
 EXPECTED = json.loads((STORED / "expected.json").read_text())

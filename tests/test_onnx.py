@@ -16,9 +16,9 @@ from errors import UserError
 from tests import files
 from tests.conftest import CONFIGS
 from training.build import build_dataset, build_model
-from training.evaluation import run_evaluation
+from commands.evaluation import run_evaluation
 from training.loop import Normalizer
-from training.onnx_model import run_export
+from commands.onnx_model import run_export
 
 
 def _compose(name: str, *overrides: str):

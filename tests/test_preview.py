@@ -13,7 +13,7 @@ from datasets.transforms import LoadItem
 from errors import UserError
 from tests import files
 from tests.helpers import ROOT, run_python
-from training.preview import TAB10, report, run_preview
+from commands.preview import TAB10, report, run_preview
 
 
 

@@ -6,7 +6,7 @@ import torch
 
 import training
 from errors import UserError
-from training.evaluation import run_evaluation
+from commands.evaluation import run_evaluation
 
 CHOICES = {"dataset": "crops", "augment": "none", "model": "tutorial_cnn", "loader": "default", "optim": "sgd",
            "scheduler": "step", "trainer": "default"}

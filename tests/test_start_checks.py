@@ -58,7 +58,7 @@ def test_every_bad_value_is_one_line_before_any_data_is_read(make_cfg, tmp_path)
 
 
 def test_evaluate_checks_ranges_before_reading_the_checkpoint(make_eval_cfg, tmp_path):
-    from training.evaluation import run_evaluation
+    from commands.evaluation import run_evaluation
 
     cfg = make_eval_cfg(f"checkpoint={tmp_path / 'absent.pt'}", "dataset=imagefolder", f"dataset.root={tmp_path}",
                         "dataset.val_fraction=2", "dataset.width=0")

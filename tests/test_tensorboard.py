@@ -15,7 +15,7 @@ from datasets.base import labels_of
 from tests import helpers
 from tests.scoring import score_checkpoint
 from training.board import TUNED, confusion_image, hparam_value, mistakes_image, tuned_hparams
-from training.evaluation import run_evaluation
+from commands.evaluation import run_evaluation
 from training.metrics import MISTAKES, PR_THRESHOLDS
 
 

@@ -18,7 +18,7 @@ from datasets.folders import build_datasetfolder, build_imagefolder
 from errors import UserError
 from tests import files
 from training.build import build_data, build_model, saved_mapping
-from training.evaluation import run_evaluation
+from commands.evaluation import run_evaluation
 from training.loop import Normalizer
 
 

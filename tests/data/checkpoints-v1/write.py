@@ -26,7 +26,7 @@ from torchvision import datasets as tv  # noqa: E402
 import training  # noqa: E402
 from tests import files  # noqa: E402
 from training import schema  # noqa: E402
-from training.evaluation import run_evaluation  # noqa: E402
+from commands.evaluation import run_evaluation  # noqa: E402
 
 CONFIGS = str(HERE.parent.parent.parent / "configs")
 TINY = ["trainer.device=cpu", "trainer.progress=false", "trainer.epochs=1", "trainer.log_every=2",

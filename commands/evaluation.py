@@ -16,12 +16,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from commands import onnx_model
 from datasets.base import decode_problem, limit_image_pixels
 from datasets.transforms import DECODE_ERRORS, LoadItem
 from datasets.values import Scale
 from errors import UserError
 from training import checkpoint as checkpoints
-from training import onnx_model, run_folder, saved_config
+from training import run_folder, saved_config
 from training.build import build_data, build_model, require_keys, resolve_device, saved_mapping
 from training import speed as speeds
 from training.loop import FP32, Normalizer, evaluate
