@@ -49,6 +49,7 @@ def test_preparation_smoke_run_times_every_case_against_its_targets(tmp_path):
     assert report["vs_reference_grey_levels"]["max"] <= 2  # the same boxes as PIL cuts them, not others
 
 
+@pytest.mark.slow  # the whole benchmark, in process
 def test_gpu_knobs_runs_every_case_a_cpu_can_and_compares_each_with_the_default(tmp_path):
     from benchmarks import gpu_knobs
 

@@ -28,20 +28,29 @@ STEPS_PER_EPOCH = 7
 TIMING_TAGS = {"train/throughput", "train/data_wait", "train/epoch_seconds"}
 
 
+# Batch 8 and a step schedule (so the scheduler's state matters on resume).
+CROP_RUN = ("loader.batch_size=8", "scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5")
+
+
 @pytest.fixture
 def crop_run(make_cfg, crop_csv, tmp_path):
-    """Compose a crop run with batch 8 and a step schedule (so the scheduler's state matters on resume)."""
+    """Compose a CROP_RUN in tmp_path / name."""
 
     def make(name: str, *overrides: str):
-        return make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=8", "scheduler=step", "scheduler.step_size=1",
-                        "scheduler.gamma=0.5", *overrides, run_dir=tmp_path / name)
+        return make_cfg(f"dataset.csv={crop_csv}", *CROP_RUN, *overrides, run_dir=tmp_path / name)
 
     return make
 
 
-def test_checkpoints_load_weights_only_and_hold_the_run(crop_run, tmp_path):
-    metrics = training.run(crop_run("run", "trainer.epochs=2"))
-    folder = tmp_path / "run" / "checkpoints"
+@pytest.fixture
+def one_epoch(shared_run, tmp_path) -> Path:
+    """A one-epoch CROP_RUN (trained once per session) copied to tmp_path / "run", for a test to resume or edit."""
+    return shared_run(*CROP_RUN, "trainer.epochs=1").copy(tmp_path / "run")
+
+
+def test_checkpoints_load_weights_only_and_hold_the_run(shared_run):
+    run = shared_run(*CROP_RUN, "trainer.epochs=2")
+    metrics, folder = run.metrics, run.dir / "checkpoints"
     last = torch.load(folder / "last.pt", weights_only=True)
     best = torch.load(folder / "best.pt", weights_only=True)
     assert (last["epoch"], last["step"]) == (2, 2 * STEPS_PER_EPOCH)
@@ -59,9 +68,8 @@ def test_checkpoints_load_weights_only_and_hold_the_run(crop_run, tmp_path):
         TutorialCNN(3, 32, 32, 2).load_state_dict(checkpoint["model"])  # strict: every key, every shape
 
 
-def test_failed_save_leaves_previous_checkpoint_whole(crop_run, tmp_path, monkeypatch):
-    training.run(crop_run("run", "trainer.epochs=1"))
-    folder = tmp_path / "run" / "checkpoints"
+def test_failed_save_leaves_previous_checkpoint_whole(crop_run, one_epoch, monkeypatch):
+    folder = one_epoch / "checkpoints"
     before = (folder / "last.pt").read_bytes()
 
     def disk_full(obj, f, *args, **kwargs):
@@ -76,11 +84,10 @@ def test_failed_save_leaves_previous_checkpoint_whole(crop_run, tmp_path, monkey
     assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 1
 
 
-def test_a_resume_opened_in_the_second_of_an_earlier_attempts_events_still_shows(crop_run, tmp_path):
+def test_a_resume_opened_in_the_second_of_an_earlier_attempts_events_still_shows(crop_run, one_epoch, tmp_path):
     """TensorBoard reads a run's event files in name order (second, host, pid, counter; not zero-padded) and
     applies each file's session start as it goes. An attempt killed in its first second and resumed at once
     can leave a file that sorts after the resumed one: here, the same second with a pid that sorts last."""
-    training.run(crop_run("run", "trainer.epochs=1"))
     (earlier,) = (tmp_path / "run").glob("events.out.tfevents.*")
     time.sleep(1 - time.time() % 1)  # a second's start: the resume below opens its events within it
     earlier.rename(earlier.with_name(f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.99999999.0"))
@@ -88,8 +95,8 @@ def test_a_resume_opened_in_the_second_of_an_earlier_attempts_events_still_shows
     assert [step for step, _ in scalars(tmp_path / "run")["val/acc"]] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
 
 
-def test_resume_is_bitwise_equal_to_an_unbroken_run(crop_run, tmp_path):
-    training.run(crop_run("unbroken", "trainer.epochs=2"))
+def test_resume_is_bitwise_equal_to_an_unbroken_run(crop_run, shared_run, tmp_path):
+    unbroken_run = shared_run(*CROP_RUN, "trainer.epochs=2")  # the same crops, written elsewhere
     training.run(crop_run("broken", "trainer.epochs=1"))
     folder = tmp_path / "broken" / "checkpoints"
     shutil.copy(folder / "last.pt", folder / "epoch1.pt")
@@ -98,22 +105,21 @@ def test_resume_is_bitwise_equal_to_an_unbroken_run(crop_run, tmp_path):
     metrics = training.run(crop_run("elsewhere", "trainer.epochs=2", f"resume={folder / 'epoch1.pt'}"))
 
     assert not (tmp_path / "elsewhere").exists()  # a checkpoint in a run's checkpoints/ continues that run
-    unbroken = torch.load(tmp_path / "unbroken" / "checkpoints" / "last.pt", weights_only=True)
+    unbroken = unbroken_run.checkpoint("last")
     resumed = torch.load(folder / "last.pt", weights_only=True)
     assert resumed["epoch"] == unbroken["epoch"] == 2
     assert_same_state(resumed, unbroken)
     assert resumed["scheduler"] == unbroken["scheduler"]
     assert torch.equal(resumed["rng"]["torch"], unbroken["rng"]["torch"])
 
-    expected, logged = scalars(tmp_path / "unbroken"), scalars(tmp_path / "broken")
+    expected, logged = scalars(unbroken_run.dir), scalars(tmp_path / "broken")
     assert set(logged) == set(expected)
     for tag in set(expected) - TIMING_TAGS:
         assert logged[tag] == expected[tag], tag  # same steps, once each, in order, and the same values
     assert metrics["val/acc_best"] == unbroken["metrics"]["val/acc_best"]
 
 
-def test_resume_past_the_last_epoch_is_a_user_error(crop_run, tmp_path):
-    training.run(crop_run("run", "trainer.epochs=1"))
+def test_resume_past_the_last_epoch_is_a_user_error(crop_run, one_epoch, tmp_path):
     with pytest.raises(UserError, match="trainer.epochs above 1"):
         training.run(crop_run("run", "trainer.epochs=1", f"resume={tmp_path / 'run/checkpoints/last.pt'}"))
 
@@ -137,9 +143,8 @@ def test_resume_after_the_classes_changed_is_a_user_error(crop_run, crop_csv, tm
 
 
 @pytest.mark.slow
-def test_train_py_resume_needs_only_the_checkpoint_and_epochs(crop_run, tmp_path):
+def test_train_py_resume_needs_only_the_checkpoint_and_epochs(one_epoch, tmp_path):
     """The checkpoint's config is the run's: no dataset, loader or scheduler overrides to repeat."""
-    training.run(crop_run("run", "trainer.epochs=1"))
     # Without trainer.epochs a resume finishes the run to the epochs it started with (here 1: nothing left),
     # rather than to the default 10.
     finished = run_python(TRAIN_PY, f"resume={tmp_path / 'run/checkpoints/last.pt'}", cwd=tmp_path)

@@ -206,6 +206,7 @@ def test_missing_csv_and_missing_file_are_named(tmp_path):
         build(csv)
 
 
+@pytest.mark.slow  # the whole demo, twice
 def test_demo_is_generated_deterministically(tmp_path):
     from datasets import demo
 

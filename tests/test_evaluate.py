@@ -1,7 +1,6 @@
 """evaluate.py: scoring a checkpoint reproduces the training run's numbers; predictions use training's pipeline."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +18,11 @@ from training.loop import Normalizer
 
 
 @pytest.fixture
-def trained(make_cfg, crop_csv, tmp_path):
-    """A two-epoch crop run (batch 8); returns its run dir and metrics."""
-    cfg = make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=8", "trainer.epochs=2", run_dir=tmp_path / "run")
-    return Path(cfg.run_dir), training.run(cfg)
+def trained(shared_run):
+    """A two-epoch crop run (batch 8), shared by the session (read only; its crops are crop_csv's, written
+    elsewhere); returns its run dir and metrics."""
+    run = shared_run("loader.batch_size=8", "trainer.epochs=2")
+    return run.dir, run.metrics
 
 
 def test_best_checkpoint_scores_the_runs_best_accuracy(trained, make_eval_cfg, tmp_path):

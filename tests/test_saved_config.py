@@ -13,12 +13,11 @@ CHOICES = {"dataset": "crops", "augment": "none", "model": "tutorial_cnn", "load
 
 
 @pytest.fixture
-def last_pt(make_cfg, crop_csv, tmp_path):
-    """A real checkpoint of a one-epoch crop run with a step schedule and an added optimizer key."""
-    run_dir = tmp_path / "run"
-    training.run(make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=16", "scheduler=step",
-                          "+optim.dampening=0.25", run_dir=run_dir))
-    return run_dir / "checkpoints" / "last.pt"
+def last_pt(shared_run, tmp_path):
+    """A real checkpoint of a one-epoch crop run with a step schedule and an added optimizer key: trained once
+    per session, copied into tmp_path for the test to tamper with."""
+    run = shared_run("loader.batch_size=16", "scheduler=step", "+optim.dampening=0.25")
+    return run.copy(tmp_path / "run") / "checkpoints" / "last.pt"
 
 
 def tampered(path, edit) -> None:

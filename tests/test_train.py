@@ -33,6 +33,7 @@ def test_run_writes_outputs_and_tensorboard_scalars(shared_run):
     assert all(value > 0 for _, value in logged["train/throughput"])
 
 
+@pytest.mark.slow  # ten epochs of the whole demo: a run as `python train.py` does it
 def test_default_demo_run_learns(make_cfg, tmp_path):
     """The bundled demo with every default as a user gets it: >= 90% validation accuracy."""
     with_defaults = make_cfg("trainer.epochs=10", "trainer.log_every=20", "trainer.warmup_steps=5")
@@ -59,7 +60,7 @@ def test_cuda_without_cuda_fails_at_start(make_cfg, crop_csv):
 @pytest.mark.slow
 def test_train_py_crop_size_override(crop_csv, tmp_path):
     result = train_py(f"dataset.csv={crop_csv}", "dataset.width=48", "dataset.height=24", "loader.batch_size=4",
-                      "trainer.progress=false", "trainer.device=cpu", cwd=tmp_path)
+                      "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "outputs").glob("*/*")
     config = (run_dir / "config.yaml").read_text()
@@ -106,7 +107,7 @@ def test_train_py_help_lists_groups_and_cfg_prints_config(tmp_path):
 @pytest.mark.slow
 def test_sweep_survives_a_failing_job(crop_csv, tmp_path):
     result = train_py("-m", f"dataset.csv={crop_csv}", "dataset.width=8,24", "loader.batch_size=4",
-                      "trainer.progress=false", "trainer.device=cpu", cwd=tmp_path)
+                      "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu", cwd=tmp_path)
     assert result.returncode == 1  # Hydra reports the failed job at the end
     assert "at least 16" in result.stderr
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
