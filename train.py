@@ -9,9 +9,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import training
-from training import distributed
+from training import distributed, stop
 from errors import one_line_or_exit
-from training import schema
+from training import cluster, schema
 
 log = logging.getLogger("train")
 schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base
@@ -22,12 +22,15 @@ def main(cfg: DictConfig) -> float:
     try:
         # In a sweep, Hydra records the failed job and runs the others; exiting would end the sweep.
         metrics = one_line_or_exit(lambda: training.run(cfg), log, reraise=HydraConfig.get().mode == RunMode.MULTIRUN)
+    except stop.Stopped as stopped:
+        stop.hand_on(stopped)  # exits 128 + the signal (130 Ctrl-C, 143 SIGTERM); last.pt is saved, events flushed
     except KeyboardInterrupt:
-        sys.exit(130)  # the shell's code for Ctrl-C; the runner has saved last.pt and closed TensorBoard
+        sys.exit(130)  # the shell's code for Ctrl-C
     return metrics["val/acc"]  # the value a sweeper would optimise
 
 
 if __name__ == "__main__":
     # Under torchrun, ranks other than 0 keep Hydra's files out of outputs/: rank 0's run dir is the run's.
     sys.argv += distributed.hydra_overrides(distributed.from_environment())
+    cluster.require_launcher(sys.argv[1:])  # one line, not Hydra's report, when the SLURM preset's plugin is missing
     main()

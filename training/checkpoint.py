@@ -122,11 +122,13 @@ def load(path: str | Path, key: str) -> dict:
 @dataclass
 class Position:
     """Where training stands: `epoch` epochs done, then `batches_done` batches of the next one (non-zero after
-    a Ctrl-C or a trainer.checkpoint_every save mid-epoch); `step` counts optimizer steps over the whole run."""
+    a Ctrl-C or a trainer.checkpoint_every save mid-epoch); `step` counts optimizer steps over the whole run.
+    `window`: after a stop, the per-step losses of the logging window it left open (loop.EpochStats.open_window)."""
 
     epoch: int = 0
     batches_done: int = 0
     step: int = 0
+    window: tuple[float, ...] = ()
 
 
 @dataclass
@@ -149,6 +151,7 @@ class TrainingState:
             "epoch": position.epoch,  # a resume starts at this epoch index...
             "batches_done": position.batches_done,  # ...after this many of its batches
             "step": position.step,
+            "window": list(position.window),
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -177,7 +180,9 @@ class TrainingState:
         self.amp.load_state_dict(checkpoint["scaler"])
         self.loader.load_state_dict(checkpoint["loader"])
         restore_rng(checkpoint["rng"])
-        return Position(checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"])
+        # "window" is absent from checkpoints saved before stops carried it: their first point averages fewer steps.
+        return Position(checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"],
+                        tuple(checkpoint.get("window", ())))
 
 
 def load_weights(model: nn.Module, checkpoint: dict, source: str) -> None:

@@ -273,6 +273,11 @@ class RunLogger:
         text = summary_markdown(f"Run {self.writer.log_dir}", {**self.about, "Results": results})
         self.writer.add_text(SUMMARY_TAG, text, self.last_step + 1)
 
+    def reached(self, step: int) -> None:
+        """Training got to `step` (a stop between logging windows): the summary goes after it, where a resumed run's
+        purge removes it."""
+        self.last_step = max(self.last_step, step)
+
     @_events_written
     def flush(self) -> None:
         """Write what was logged to the event files now (the writer otherwise holds it up to 120 s): called

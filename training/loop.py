@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,7 +38,10 @@ class EpochStats:
     steps: int  # optimizer steps taken in this call
     samples: int  # timed samples (warm-up excluded)
     seconds: float  # wall time of the timed part
-    interrupted: bool = False  # stopped early on request (Ctrl-C), at a step boundary
+    interrupted: bool = False  # stopped early on request (Ctrl-C, a stop signal), at a step boundary
+    # An interrupted epoch's losses since its last logging window closed, averaged over ranks: saved with the
+    # checkpoint, so the resumed run closes that window with the same mean an unbroken run logs.
+    open_window: list[float] = field(default_factory=list)
 
     @property
     def throughput(self) -> float | None:
@@ -111,6 +114,7 @@ def train_one_epoch(
     label_smoothing: float = 0.0,
     graphed_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     batches_done: int = 0,
+    carried: Sequence[float] = (),
 ) -> EpochStats:
     """`augment` takes each uint8 batch on the device, before normalisation, and returns the one to train on;
     `on_step` runs after every optimizer step (progress bar, per-step learning-rate schedules).
@@ -118,7 +122,8 @@ def train_one_epoch(
     `log_every` batches counted from the epoch's start, at the steps an unbroken run closes them, so a
     resumed run's points continue its curve (the first one averages the steps since the checkpoint).
     `graphed_step(images, targets) -> loss` (training.graphs.CudaGraphStep), when given, replaces
-    normalisation and train_step: the step replayed from a CUDA graph."""
+    normalisation and train_step: the step replayed from a CUDA graph. `carried`: the per-step losses of the
+    window an interrupted run left open (EpochStats.open_window), which the first window closed here includes."""
     model.train()
     step = start_step
     epoch_loss = torch.zeros((), device=device)
@@ -163,29 +168,40 @@ def train_one_epoch(
             epoch_samples += len(targets)
         on_step(step)  # a step boundary: the runner may save a checkpoint here (trainer.checkpoint_every)
         if (batches_done + epoch_steps) % log_every == 0:
-            window_started = _close_window(step, window_losses, window_samples, window_wait, window_started, device,
-                                           on_window)
-            window_losses = []
+            window_started = _close_window(step, carried, window_losses, window_samples, window_wait, window_started,
+                                           device, on_window)
+            carried, window_losses = (), []
             window_samples = 0
             window_wait = 0.0
-    if window_losses:
-        _close_window(step, window_losses, window_samples, window_wait, window_started, device, on_window)
+    open_window = []
+    if interrupted:  # no partial point: the resumed run closes this window at the step an unbroken run closes it
+        open_window = [*carried, *(_mean_over_ranks(window_losses) if window_losses else [])]
+    elif window_losses or carried:
+        _close_window(step, carried, window_losses, window_samples, window_wait, window_started, device, on_window)
     seconds = _clock(device) - epoch_started if epoch_started is not None else 0.0
     # Under DDP every rank took the same steps: the epoch's loss is the ranks' mean, its samples their sum.
     totals = distributed.sum_(torch.stack([epoch_loss / max(epoch_steps, 1), torch.tensor(float(epoch_samples),
                                                                                               device=device)]))
     return EpochStats(loss=totals[0].item() / distributed.world_size(), steps=epoch_steps, samples=int(totals[1]),
-                      seconds=seconds, interrupted=interrupted)
+                      seconds=seconds, interrupted=interrupted, open_window=open_window)
 
 
-def _close_window(step, losses, samples, wait, started, device, on_window) -> float | None:
-    """Check and report a window; returns the clock the next window starts from (None while in warm-up).
-    Under DDP all ranks close windows at the same steps, so losses are averaged and samples summed here."""
+def _mean_over_ranks(losses: list[torch.Tensor]) -> list[float]:
+    """Each step's loss averaged over the DDP ranks (every rank calls this at the same step)."""
+    return [v / distributed.world_size() for v in distributed.sum_(torch.stack(losses).float()).tolist()]
+
+
+def _close_window(step, carried, losses, samples, wait, started, device, on_window) -> float | None:
+    """Check and report a window, whose first losses may be `carried` from an interrupted run; returns the clock
+    the next window starts from (None while in warm-up). Under DDP all ranks close windows at the same steps, so
+    losses are averaged and samples summed here."""
     ranks = distributed.world_size()
-    packed = distributed.sum_(torch.cat([torch.stack(losses).float(),
-                                         torch.tensor([samples, wait], device=losses[0].device)]))
+    # One all-reduce for the losses, samples and wait; each element is summed on its own, so the losses come out
+    # as _mean_over_ranks gives them.
+    packed = distributed.sum_(torch.cat([torch.stack(losses).float() if losses else torch.zeros(0, device=device),
+                                         torch.tensor([samples, wait], device=device)]))
     *values, samples, wait = packed.tolist()
-    values = [v / ranks for v in values]
+    values = [*carried, *(v / ranks for v in values)]
     samples, wait = int(samples), wait / ranks
     for offset, value in enumerate(values):
         if not math.isfinite(value):

@@ -1,11 +1,12 @@
-"""A run never writes into another run's folder: the check, and the Hydra callback that makes it before Hydra
-itself writes there; and the run folder's own files, written whole or not at all.
+"""A run never writes into another run's folder: the check, and the Hydra callback that makes it (and locks the
+folder, training/folder_lock.py) before Hydra itself writes there; and the run folder's own files, written whole
+or not at all.
 
 train.py's Hydra saves .hydra/config.yaml, hydra.yaml, overrides.yaml and opens train.log in the run folder
 before the task (and the callbacks' on_job_start) runs, so a check in the runner alone comes too late:
 `hydra.run.dir=outputs/OLD` would be refused only after OLD's files were rewritten. Hydra calls
 on_run_start before any of that; the runner keeps the same check for callers without Hydra's run mode
-(tests, sweeps, other scripts).
+(tests, sweeps, other scripts). A sweep folder is locked by the same callback before Hydra writes there.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from errors import UserError
+from training import distributed, folder_lock
 
 CHECKPOINT_DIR = "checkpoints"
 # What a finished or checkpointed run leaves in its folder.
@@ -26,7 +28,11 @@ RUN_MARKERS = ("metrics.json", CHECKPOINT_DIR)
 
 
 def refuse_used(run_dir: Path, resume: str | None) -> None:
-    """UserError when run_dir already holds a run, unless `resume` continues that very run."""
+    """UserError when run_dir already holds a run, unless `resume` continues that very run (resume=auto: when
+    run_dir has a checkpoints/last.pt to continue)."""
+    if resume == "auto":
+        last = run_dir / CHECKPOINT_DIR / "last.pt"
+        resume = str(last) if last.is_file() else None
     if resume and Path(resume).resolve().parent == (run_dir / CHECKPOINT_DIR).resolve():
         return
     if any((run_dir / name).exists() for name in RUN_MARKERS):
@@ -58,17 +64,46 @@ def write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def take(run_dir: Path, resume: str | None, key: str) -> bool:
+    """Refuse a used run_dir (read only: a refused run leaves it as it was), then create and lock it (see
+    folder_lock.claim, whose value this returns)."""
+    refuse_used(run_dir, resume)
+    create(run_dir)
+    took = folder_lock.claim(run_dir, key)
+    refuse_used(run_dir, resume)  # a run that finished between the check and the lock
+    return took
+
+
 class RefuseUsedRunDir(Callback):
-    """configs/train.yaml's hydra.callbacks: refuse a used hydra.run.dir before Hydra writes anything there."""
+    """configs/train.yaml's hydra.callbacks: refuse a used hydra.run.dir, or one another run holds, before Hydra
+    writes anything there, then hold its lock until this process ends; the same for a sweep's hydra.sweep.dir."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in hydra.run.dir, as run_job does next
-        try:
-            refuse_used(Path(str(OmegaConf.select(config, "hydra.run.dir"))), OmegaConf.select(config, "resume"))
-        except UserError as e:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            # One line, as train.py reports a UserError; Hydra's logging is not set up yet, and a callback's
-            # exception would print Hydra's own multi-line report.
-            print(f"Error: {e}", file=sys.stderr)
-            sys.exit(1)
+        if not distributed.from_environment().is_main:  # torchrun's other ranks write nothing there (train.py)
+            return
+        _one_line(lambda: take(Path(str(OmegaConf.select(config, "hydra.run.dir"))),
+                               OmegaConf.select(config, "resume"), "hydra.run.dir"))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """Each job's own folder is taken by the runner as the job starts."""
+        HydraConfig.instance().set_config(config)
+
+        def take_sweep() -> None:
+            sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+            create(sweep_dir)
+            folder_lock.claim(sweep_dir, "hydra.sweep.dir")
+
+        _one_line(take_sweep)
+
+
+def _one_line(work) -> None:
+    try:
+        work()
+    except UserError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # One line, as train.py reports a UserError; Hydra's logging is not set up yet, and a callback's
+        # exception would print Hydra's own multi-line report.
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import copy
 import random
-import signal
-import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from datasets.base import DataBundle, labels_of, limit_image_pixels
 from errors import UserError
 from models.size import cost as model_cost
 from training import checkpoint as checkpoints
-from training import distributed, metrics, run_folder, saved_config
+from training import distributed, folder_lock, metrics, resume, run_folder, saved_config, stop
 from training import speed as speeds
 from training.augment import Augment
 from training.build import (Data, build_augment, build_data, build_model, build_optimizer, require_keys,
@@ -42,51 +41,13 @@ from training.graphs import CudaGraphStep
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = run_folder.CHECKPOINT_DIR
-# What a resumed run takes from its own command line; everything else comes from the checkpoint.
-FROM_COMMAND_LINE = ("resume", "trainer.epochs", "trainer.device", "trainer.progress", "max_image_pixels")
+FROM_COMMAND_LINE = resume.FROM_COMMAND_LINE
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) asks the loop to stop at the next step boundary, so the run can save a consistent
-    last.pt and close TensorBoard; a second Ctrl-C interrupts at once, as usual.
-
-    Under DDP the ranks must stop at the same step, or their collectives mismatch and hang: they agree
-    every `every` steps with one small all-reduce (any rank asked -> all stop)."""
-
-    def __init__(self, device: torch.device, every: int):
-        self.requested = False
-        self.device, self.every, self.calls = device, every, 0
-
-    def __call__(self) -> bool:
-        if distributed.world_size() == 1:
-            return self.requested
-        self.calls += 1
-        if self.calls % self.every:
-            return False
-        return distributed.max_(float(self.requested), self.device) > 0
-
-    @contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield self
-            return
-
-        def on_sigint(signum, frame):
-            self.requested = True
-            signal.signal(signal.SIGINT, previous)
-            log.warning("Ctrl-C: stopping after this step and saving checkpoints/last.pt (Ctrl-C again to abort)")
-
-        previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager
@@ -105,13 +66,18 @@ def torch_threads(workers: int):
 
 def run(cfg: DictConfig) -> dict:
     check_ranges(cfg)  # the command's own values (a resumed run keeps its checkpoint's, checked when it started)
-    checkpoint = checkpoints.load(cfg.resume, "resume") if cfg.resume else None
-    if checkpoint is not None:
-        cfg = _resumed_config(checkpoint, cfg, epochs_given=_given_on_command_line("trainer.epochs"))
-    require_keys(cfg)
-    limit_image_pixels(cfg.max_image_pixels)
-    _check_schedule_length(cfg)
     process = distributed.from_environment()
+    # From here to the end Ctrl-C and trainer.stop_signals stop the run cleanly (training/stop.py).
+    signals = stop.StopSignals(stop.parse(cfg.trainer.stop_signals))
+    with signals.installed(), stop.watch_launcher(process.launched):
+        return _run_process(cfg, process, signals)
+
+
+def _run_process(cfg: DictConfig, process: distributed.Process, signals: stop.StopSignals) -> dict:
+    checkpoint = None
+    if cfg.resume and cfg.resume != resume.AUTO:
+        checkpoint = checkpoints.load(cfg.resume, "resume")
+        cfg = _resumed(checkpoint, cfg)
     device = resolve_device(cfg.trainer.device)
     if process.distributed and device.type == "cuda":
         device = distributed.process_device(process, device, torch.cuda.device_count())  # one GPU per process
@@ -120,15 +86,35 @@ def run(cfg: DictConfig) -> dict:
     distributed.init(process, device, cfg.trainer.dist_timeout_minutes)
     try:
         run_dir = Path(distributed.from_main(str(cfg.run_dir)))  # every rank's Hydra made its own; rank 0's wins
-        if not process.is_main:
-            return _run(cfg, run_dir, checkpoint, process, device)
-        # train.py's Hydra callback checked before Hydra wrote there; tests and sweeps come here directly.
-        run_folder.refuse_used(run_dir, cfg.resume if checkpoint is not None else None)
-        run_folder.create(run_dir)
-        with run_log(run_dir):
-            return _run(cfg, run_dir, checkpoint, process, device)
+        with ExitStack() as held:
+            if process.is_main:
+                # train.py's Hydra callback took it before Hydra wrote there; tests and sweeps come here directly.
+                if run_folder.take(run_dir, cfg.resume if checkpoint is not None or cfg.resume == resume.AUTO else None,
+                                   "hydra.run.dir (or run_dir)"):
+                    held.callback(folder_lock.release, run_dir)
+            if cfg.resume == resume.AUTO:  # only now: under torchrun the other ranks learn the folder from rank 0
+                found = resume.auto_checkpoint(run_dir)
+                cfg = copy.deepcopy(cfg)
+                cfg.resume = found
+                if found is not None:
+                    checkpoint = checkpoints.load(found, "resume=auto")
+                    cfg = _resumed(checkpoint, cfg)
+                log.info("resume=auto: %s", f"continuing {found}" if found else f"no checkpoint in {run_dir}, starting")
+            require_keys(cfg)
+            limit_image_pixels(cfg.max_image_pixels)
+            _check_schedule_length(cfg)
+            if not process.is_main:
+                return _run(cfg, run_dir, checkpoint, process, device, signals)
+            with run_log(run_dir):
+                return _run(cfg, run_dir, checkpoint, process, device, signals)
     finally:
         distributed.shutdown()
+
+
+def _resumed(checkpoint: dict, command: DictConfig) -> DictConfig:
+    resumed = _resumed_config(checkpoint, command, epochs_given=_given_on_command_line("trainer.epochs"))
+    resume.warn_ignored(command, resumed, command.resume)
+    return resumed
 
 
 def _given_on_command_line(key: str) -> bool:
@@ -187,7 +173,7 @@ def _check_input_size(cfg: DictConfig) -> None:
 
 
 def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distributed.Process,
-         device: torch.device) -> dict:
+         device: torch.device, signals: stop.StopSignals) -> dict:
     trainer = cfg.trainer
     main = process.is_main  # rank 0 alone writes files and TensorBoard
     _check_input_size(cfg)  # before seeding: its throwaway model must not shift the real one's initial weights
@@ -251,12 +237,13 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
                                      device, prep_seconds))
         loop = EpochLoop(cfg=cfg, run_dir=run_dir, data=data, state=state, schedule_per_step=per_step,
                          augment=augment, normalize=normalize, logger=logger, process=process, device=device,
-                         graphed_step=graphed_step)
+                         graphed_step=graphed_step, signals=signals)
         last_val = loop.run(position, best_acc, last_val)
         logger.hparams(config)
         outcome = "finished"
-    except KeyboardInterrupt:
-        outcome = f"interrupted: continue with resume={run_dir / CHECKPOINT_DIR / 'last.pt'}"
+    except KeyboardInterrupt as e:
+        by = f"preempted ({e.args[0]})" if isinstance(e, stop.Stopped) and e.preempted else "interrupted"
+        outcome = f"{by}: continue with resume={run_dir / CHECKPOINT_DIR / 'last.pt'} (or resume=auto)"
         raise
     finally:
         try:
@@ -327,15 +314,18 @@ class EpochLoop:
     process: distributed.Process
     device: torch.device
     graphed_step: CudaGraphStep | None = None  # trainer.cuda_graphs: the whole step replayed as one CUDA graph
+    signals: stop.StopSignals | None = None  # Ctrl-C and trainer.stop_signals: stop at the next step boundary
 
     def run(self, position: checkpoints.Position, best_acc: float, last_val: dict) -> dict:
         """Train from `position`; returns the last validation metrics."""
         trainer, bundle, loader = self.cfg.trainer, self.data.bundle, self.data.train_loader
         # Warm-up is per process (a resumed run warms up again), and never a whole epoch: every epoch is timed.
         warmup_until = position.step + min(trainer.warmup_steps, max(len(loader) - 1, 0))
-        stop = StopRequest(self.device, trainer.log_every)
+        signals = self.signals or stop.StopSignals(())
+        signals.at_step_boundaries()
+        should_stop = signals.agreed(self.device, trainer.log_every)
         every = trainer.checkpoint_every  # optimizer steps between mid-epoch saves of last.pt; None: epoch ends only
-        with torch_threads(loader.num_workers), stop.installed():
+        with torch_threads(loader.num_workers):
             self._first_batch(position)
             for epoch in range(position.epoch, trainer.epochs):
                 skip = position.batches_done if epoch == position.epoch else 0
@@ -359,17 +349,21 @@ class EpochLoop:
                         self.state.model, self.state.optimizer, loader, self.normalize, self.device,
                         start_step=position.step, warmup_steps=warmup_until, log_every=trainer.log_every,
                         on_window=self.logger.window, on_step=step_done,
-                        clip_grad_norm=self.cfg.optim.get("clip_grad_norm"), should_stop=stop, amp=self.state.amp,
-                        augment=self._augment(epoch, skip), label_smoothing=trainer.get("label_smoothing", 0.0),
-                        graphed_step=self.graphed_step, batches_done=skip)
+                        clip_grad_norm=self.cfg.optim.get("clip_grad_norm"), should_stop=should_stop,
+                        amp=self.state.amp, augment=self._augment(epoch, skip),
+                        label_smoothing=trainer.get("label_smoothing", 0.0), graphed_step=self.graphed_step,
+                        batches_done=skip, carried=position.window if epoch == position.epoch else ())
                 epoch_seconds = time.perf_counter() - epoch_started
-                position = checkpoints.Position(epoch, skip + stats.steps, position.step + stats.steps)
+                position = checkpoints.Position(epoch, skip + stats.steps, position.step + stats.steps,
+                                                tuple(stats.open_window))
                 if stats.interrupted:
-                    self._save(position, last_val, best=False)
-                    log.warning("interrupted at step %d (epoch %d, batch %d): saved %s; continue with resume=%s",
-                                position.step, epoch + 1, position.batches_done, self._path("last.pt"),
-                                self._path("last.pt"))
-                    raise KeyboardInterrupt
+                    self.logger.reached(position.step)
+                    with signals.saving():
+                        self._save(position, last_val, best=False)
+                    log.warning("interrupted at step %d (epoch %d, batch %d): saved %s; continue with resume=%s "
+                                "(or resume=auto)", position.step, epoch + 1, position.batches_done,
+                                self._path("last.pt"), self._path("last.pt"))
+                    raise signals.stopped()
                 val = self._validate(epoch, position.step)
                 improved = val["acc"] > best_acc
                 best_acc = max(best_acc, val["acc"])

@@ -230,6 +230,7 @@ class TrainerSchema:
     deterministic: bool
     dist_timeout_minutes: float
     checkpoint_every: Optional[int] = ranged(at_least=1)
+    stop_signals: List[str]  # names checked by training/stop.py
 
 
 @dataclass
