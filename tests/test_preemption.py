@@ -1,27 +1,23 @@
 """Cluster life: a stop signal saves and exits, resume=auto finishes the run bit for bit, one run per folder."""
 
 import fcntl
-import multiprocessing
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import training
 from errors import UserError
-from tests import files, shared_runs
-from tests.conftest import CONFIGS
-from tests.test_distributed import TORCHRUN, launch_env, process_tree
+from tests import files, helpers, shared_runs
+from tests.conftest import compose_train, torch_threads
+from tests.helpers import TORCHRUN, TRAIN_PY, run_python, start_python
+from tests.test_distributed import process_tree
 from training import folder_lock, resume, stop
-
-ROOT = Path(__file__).resolve().parent.parent
 # 192 training crops of 512x512 noise PNGs decoded per item (cache=none): a 96-step epoch at batch 2 lasts ~1 s,
 # long enough to stop inside; checkpoint_every=4 saves a first last.pt that says training is under way.
 NOISE = dict(sources=4, size=512, boxes=60)
@@ -32,28 +28,18 @@ RUN = ["dataset.cache=none", "loader.mode=dataloader", "loader.num_workers=0", "
 TIMING_TAGS = {"train/throughput", "train/data_wait", "train/epoch_seconds"}  # wall-clock figures, never equal
 
 
-def env() -> dict:
-    # One torch thread, as the in-process reference run has (tests/conftest.py): sums depend on the thread count.
-    return {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
-            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-
-
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
-            if tag not in TIMING_TAGS}
+    return {tag: points for tag, points in helpers.scalars(run_dir).items() if tag not in TIMING_TAGS}
+
+
+def last(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
 
 
 def assert_same_training(got: Path, expected: Path) -> None:
     """Weights, optimizer state and every TensorBoard point but wall-clock ones, bit for bit."""
-    a = torch.load(got / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(expected / "checkpoints" / "last.pt", weights_only=True)
-    assert a["step"] == b["step"]
-    for name, tensor in b["model"].items():
-        assert torch.equal(a["model"][name], tensor), name
-    for index, state in b["optimizer"]["state"].items():
-        assert torch.equal(a["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert last(got)["step"] == last(expected)["step"]
+    helpers.assert_same_state(last(got), last(expected))
     assert scalars(got) == scalars(expected)
 
 
@@ -75,14 +61,9 @@ def unbroken(tmp_path_factory, noise_csv) -> Path:
     """The run a stopped and resumed one must equal, trained in-process without a stop."""
 
     def make(folder: Path) -> None:
-        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[f"dataset.csv={noise_csv}", *RUN, f"run_dir={folder}/run"])
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            training.run(cfg)
-        finally:
-            torch.set_num_threads(before)
+        # One torch thread, as program_env's programs train: a session fixture is set up before the per-test one.
+        with torch_threads(1):
+            training.run(compose_train(folder / "run", f"dataset.csv={noise_csv}", *RUN, "trainer.warmup_steps=5"))
 
     return shared_runs.once(tmp_path_factory, "unbroken-cpu", make) / "run"
 
@@ -92,10 +73,8 @@ def test_sigterm_mid_epoch_saves_and_the_same_command_finishes_bitwise_like_an_u
                                                                                             tmp_path):
     """A requeued job runs its command again: the same `resume=auto` command first starts the run, is stopped by
     SIGTERM mid-epoch, then continues it. An override typed beside it is named as ignored, and is."""
-    command = [sys.executable, str(ROOT / "train.py"), f"dataset.csv={noise_csv}", *RUN, "hydra.run.dir=run",
-               "resume=auto"]
-    first = subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    command = [TRAIN_PY, f"dataset.csv={noise_csv}", *RUN, "hydra.run.dir=run", "resume=auto"]
+    first = start_python(*command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(tmp_path / "run" / "checkpoints" / "last.pt", first)
     first.send_signal(signal.SIGTERM)
     sent = time.monotonic()
@@ -103,15 +82,14 @@ def test_sigterm_mid_epoch_saves_and_the_same_command_finishes_bitwise_like_an_u
     assert time.monotonic() - sent < 10, output
     assert first.returncode == 128 + signal.SIGTERM, output
     assert "resume=auto: no checkpoint" in output and "Traceback" not in output
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    saved = last(tmp_path / "run")
     assert f"interrupted at step {saved['step']} (epoch 1, batch {saved['step']})" in output
     assert saved["epoch"] == 0 and 4 <= saved["step"] < STEPS
     summary = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0})
     summary.Reload()
     assert b"preempted (SIGTERM)" in summary.Tensors("run/summary/text_summary")[-1].tensor_proto.string_val[0]
 
-    again = subprocess.run([*command, "optim.lr=0.5"], cwd=tmp_path, env=env(), capture_output=True, text=True,
-                           timeout=120)
+    again = run_python(*command, "optim.lr=0.5", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     warnings = [line for line in again.stdout.splitlines() if "ignores" in line]
     assert len(warnings) == 1 and warnings[0].endswith(
@@ -127,10 +105,9 @@ def test_sigusr1_during_a_disk_cache_build_leaves_no_temp_file(tmp_path):
     """Before training a stop signal ends the run at once, through the cleanups: the cache build's temp file goes."""
     csv_path = files.write_noise_crops(tmp_path / "big", sources=8, size=1024, boxes=100)  # ~12 ms a decode
     cache = tmp_path / "cache"
-    run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"dataset.csv={csv_path}", "dataset.cache=disk",
-                            f"dataset.cache_dir={cache}", "trainer.device=cpu", "trainer.progress=false",
-                            "hydra.run.dir=run"], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    run = start_python(TRAIN_PY, f"dataset.csv={csv_path}", "dataset.cache=disk", f"dataset.cache_dir={cache}",
+                       "trainer.device=cpu", "trainer.progress=false", "hydra.run.dir=run", cwd=tmp_path,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 90
     while not list(cache.glob("*.tmp-*")) and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -144,12 +121,11 @@ def test_sigusr1_during_a_disk_cache_build_leaves_no_temp_file(tmp_path):
 
 @pytest.mark.slow
 def test_two_runs_started_together_in_one_folder_one_runs_the_other_is_refused(crop_csv, tmp_path):
-    command = [sys.executable, str(ROOT / "train.py"), f"dataset.csv={crop_csv}", "trainer.device=cpu",
-               "trainer.epochs=1", "trainer.progress=false", "hydra.run.dir=run"]
+    command = [TRAIN_PY, f"dataset.csv={crop_csv}", "trainer.device=cpu", "trainer.epochs=1", "trainer.progress=false",
+               "hydra.run.dir=run"]
     runs = []
     for _ in range(2):
-        runs.append(subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True))
+        runs.append(start_python(*command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         time.sleep(0.2)
     results = [(run.wait(timeout=120), *run.communicate()) for run in runs]
     assert sorted(code for code, _, _ in results) == [0, 1], results
@@ -167,13 +143,13 @@ def test_two_runs_started_together_in_one_folder_one_runs_the_other_is_refused(c
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process holding `folder`'s lock as a run does (flock on .lock with its pid), until its stdin closes."""
     folder.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen([sys.executable, "-c", (
+    holder = start_python("-c", (
         "import fcntl, os, sys\n"
         f"fd = os.open({str(folder / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
         "os.write(fd, f'{os.getpid()}\\n'.encode())\n"
         "print('locked', flush=True)\n"
-        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        "sys.stdin.read()\n"), cwd=folder, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
     return holder
 
@@ -204,9 +180,8 @@ def test_a_second_sweep_in_a_held_sweep_folder_is_refused_before_hydra_writes_th
     sweep = tmp_path / "sweep"
     holder = hold_lock(sweep)
     try:
-        result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", f"dataset.csv={crop_csv}",
-                                 "trainer.device=cpu", f"hydra.sweep.dir={sweep}", "optim.lr=0.01,0.02"],
-                                cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+        result = run_python(TRAIN_PY, "-m", f"dataset.csv={crop_csv}", "trainer.device=cpu", f"hydra.sweep.dir={sweep}",
+                            "optim.lr=0.01,0.02", cwd=tmp_path)
     finally:
         holder.communicate("", timeout=10)
     assert result.returncode == 1
@@ -223,41 +198,27 @@ def test_stop_signals_are_named_and_checked():
             stop.parse([bad])
 
 
-def _signals_during_a_save(report) -> None:
-    """In a forked child: signal handlers are process-wide."""
-    seen = []
-    with stop.StopSignals([signal.SIGTERM, signal.SIGUSR1]).installed():
-        try:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        except stop.Stopped as e:  # before the loop: at once
-            seen.append(("before the loop", e.signum))
-    signals = stop.StopSignals([signal.SIGTERM, signal.SIGUSR1])
-    with signals.installed():
-        signals.at_step_boundaries()
-        os.kill(os.getpid(), signal.SIGTERM)  # in the loop: noted for the next step boundary
-        seen.append(("noted", signals.requested))
-        with signals.saving():
-            os.kill(os.getpid(), signal.SIGTERM)  # during the save: dropped, a Ctrl-C too
-            os.kill(os.getpid(), signal.SIGINT)
-            seen.append(("saved whole", signals.requested))
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-        except stop.Stopped as e:  # Ctrl-C again outside the save: at once
-            seen.append(("ctrl-c again", e.signum))
-        seen.append(("exit code", signals.stopped().exit_code))
-    report.send(seen)
-
-
-@pytest.mark.slow
 def test_a_second_signal_during_the_save_is_dropped_and_ctrl_c_again_aborts_outside_it():
-    context = multiprocessing.get_context("fork")  # torch is loaded already: a forked child starts in milliseconds
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_signals_during_a_save, args=(send,))
-    child.start()
-    assert receive.recv() == [("before the loop", signal.SIGUSR1), ("noted", signal.SIGTERM),
-                              ("saved whole", signal.SIGTERM), ("ctrl-c again", signal.SIGINT), ("exit code", 143)]
-    child.join(10)
-    assert child.exitcode == 0
+    def body() -> None:  # signal handlers are process-wide: in a forked child
+        with stop.StopSignals([signal.SIGTERM, signal.SIGUSR1]).installed():
+            with pytest.raises(stop.Stopped) as before_the_loop:  # before the loop: at once
+                os.kill(os.getpid(), signal.SIGUSR1)
+        assert before_the_loop.value.signum == signal.SIGUSR1
+        signals = stop.StopSignals([signal.SIGTERM, signal.SIGUSR1])
+        with signals.installed():
+            signals.at_step_boundaries()
+            os.kill(os.getpid(), signal.SIGTERM)  # in the loop: noted for the next step boundary
+            assert signals.requested == signal.SIGTERM
+            with signals.saving():  # during the save: a second signal is dropped, a Ctrl-C too
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+            assert signals.requested == signal.SIGTERM
+            with pytest.raises(stop.Stopped) as ctrl_c_again:  # Ctrl-C again outside the save: at once
+                os.kill(os.getpid(), signal.SIGINT)
+            assert ctrl_c_again.value.signum == signal.SIGINT
+            assert signals.stopped().exit_code == 143
+
+    helpers.in_child(body)
 
 
 def test_overrides_a_resumed_run_ignores_are_the_ones_that_differ_from_its_checkpoint(make_cfg):
@@ -278,8 +239,7 @@ def unbroken_torchrun(tmp_path_factory, noise_csv) -> Path:
     """The 2-process run the stopped, killed and resumed torchrun runs must equal."""
 
     def make(folder: Path) -> None:
-        result = subprocess.run([*TORCHRUN, f"dataset.csv={noise_csv}", *RUN, "hydra.run.dir=run"], cwd=folder,
-                                env=launch_env(), capture_output=True, text=True, timeout=150)
+        result = run_python(*TORCHRUN, f"dataset.csv={noise_csv}", *RUN, "hydra.run.dir=run", cwd=folder)
         assert result.returncode == 0, result.stderr[-3000:]
 
     return shared_runs.once(tmp_path_factory, "unbroken-torchrun", make) / "run"
@@ -327,7 +287,7 @@ def test_sigterm_to_torchrun_saves_where_the_ranks_agree_and_resume_auto_finishe
     command again continues the run to the unbroken one's weights, optimizer and TensorBoard points."""
     command = [*TORCHRUN, f"dataset.csv={noise_csv}", *RUN, "hydra.run.dir=run", "resume=auto"]
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, cwd=tmp_path, env=launch_env(), stdout=log, stderr=subprocess.STDOUT)
+        first = start_python(*command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
         wait_for(tmp_path / "run" / "checkpoints" / "last.pt", first)
         tree = process_tree(first.pid)
         first.send_signal(signal.SIGTERM)
@@ -336,11 +296,11 @@ def test_sigterm_to_torchrun_saves_where_the_ranks_agree_and_resume_auto_finishe
     assert time.monotonic() - sent < 10
     assert wait_until_gone(tree, 5) == []
     output = (tmp_path / "first.log").read_text()
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    saved = last(tmp_path / "run")
     assert saved["epoch"] == 0 and 4 <= saved["step"] < RANK_STEPS, output[-3000:]
     assert f"interrupted at step {saved['step']} " in output
 
-    again = subprocess.run(command, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=150)
+    again = run_python(*command, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_training(tmp_path / "run", unbroken_torchrun)
 
@@ -351,7 +311,7 @@ def test_workers_of_a_killed_torchrun_save_and_exit_and_the_run_resumes_bitwise(
     the ranks stop at one step, rank 0 saves last.pt there, and no process is left; resume=auto then finishes."""
     command = [*TORCHRUN, f"dataset.csv={noise_csv}", *RUN, "hydra.run.dir=run", "resume=auto"]
     with open(tmp_path / "killed.log", "w") as log:
-        killed = subprocess.Popen(command, cwd=tmp_path, env=launch_env(), stdout=log, stderr=subprocess.STDOUT)
+        killed = start_python(*command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
         wait_for(tmp_path / "run" / "checkpoints" / "last.pt", killed)
         tree = process_tree(killed.pid)
         assert len(tree) >= 3  # torchrun and its two workers
@@ -360,11 +320,11 @@ def test_workers_of_a_killed_torchrun_save_and_exit_and_the_run_resumes_bitwise(
         assert wait_until_gone(tree, 15) == []
     output = (tmp_path / "killed.log").read_text()
     assert "torchrun (process" in output and "is gone: stopping this worker" in output
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    saved = last(tmp_path / "run")
     assert f"interrupted at step {saved['step']} " in output
     assert saved["epoch"] == 0 and 4 <= saved["step"] < RANK_STEPS
 
-    again = subprocess.run(command, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=150)
+    again = run_python(*command, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_training(tmp_path / "run", unbroken_torchrun)
 
@@ -376,27 +336,22 @@ def test_a_torchrun_killed_after_a_mid_epoch_save_resumes_bitwise_equal_to_an_un
     (trainer.checkpoint_every); a resume ends with the unbroken run's weights, and its TensorBoard points but the
     first after the checkpoint, which averages only the steps since it (a kill leaves no open window behind)."""
     with open(tmp_path / "killed.log", "w") as log:
-        killed = subprocess.Popen([*TORCHRUN, f"dataset.csv={noise_csv}", *RUN, "hydra.run.dir=killed"], cwd=tmp_path,
-                                  env=launch_env(), stdout=log, stderr=subprocess.STDOUT)
-        last = tmp_path / "killed" / "checkpoints" / "last.pt"
-        wait_for(last, killed)
+        killed = start_python(*TORCHRUN, f"dataset.csv={noise_csv}", *RUN, "hydra.run.dir=killed", cwd=tmp_path,
+                              stdout=log, stderr=subprocess.STDOUT)
+        last_pt = tmp_path / "killed" / "checkpoints" / "last.pt"
+        wait_for(last_pt, killed)
         for pid in reversed(process_tree(killed.pid)):  # the workers first: they write the checkpoints
             os.kill(pid, signal.SIGKILL)
         assert killed.wait(timeout=60) == -signal.SIGKILL
-    saved = torch.load(last, weights_only=True)
+    saved = torch.load(last_pt, weights_only=True)
     assert saved["epoch"] == 0 and 0 < saved["batches_done"] < RANK_STEPS and saved["step"] % 4 == 0
 
-    resumed = subprocess.run([*TORCHRUN, f"resume={last}", "trainer.epochs=1", "trainer.progress=false",
-                              "trainer.device=cpu", "hydra.run.dir=again"], cwd=tmp_path, env=launch_env(),
-                             capture_output=True, text=True, timeout=150)
+    resumed = run_python(*TORCHRUN, f"resume={last_pt}", "trainer.epochs=1", "trainer.progress=false",
+                         "trainer.device=cpu", "hydra.run.dir=again", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = torch.load(unbroken_torchrun / "checkpoints" / "last.pt", weights_only=True)
-    got = torch.load(last, weights_only=True)
+    expected, got = last(unbroken_torchrun), last(tmp_path / "killed")
     assert got["step"] == expected["step"] == RANK_STEPS
-    for name, tensor in expected["model"].items():
-        assert torch.equal(got["model"][name], tensor), name
-    for index, state in expected["optimizer"]["state"].items():
-        assert torch.equal(got["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    helpers.assert_same_state(got, expected)
     assert got["metrics"]["val/loss"] == expected["metrics"]["val/loss"]
     points, reference = scalars(tmp_path / "killed")["train/loss"], scalars(unbroken_torchrun)["train/loss"]
     assert [step for step, _ in points] == [step for step, _ in reference] == list(range(3, RANK_STEPS + 1, 3))
