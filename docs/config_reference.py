@@ -67,6 +67,7 @@ class YamlFile:
     keys: list[Key]  # top-level keys, in file order; nested ones (an experiment's loader.batch_size) dotted
     schema: type | None  # the dataclass the file extends, None for an experiment
     target: str | None
+    chosen: frozenset[str] = frozenset()  # the groups among `keys` whose choice it overrides (`override /g: c`)
 
 
 def _comment(text: str) -> tuple[str, str]:
@@ -118,7 +119,8 @@ def read_yaml(path: Path) -> YamlFile:
     chosen = [Key(group.removeprefix("override /"), str(choice), "")
               for entry in loaded.get("defaults") or [] if not isinstance(entry, str)
               for group, choice in entry.items() if group.startswith("override /")]
-    return YamlFile(" ".join(header), chosen + keys, _schema_of(loaded), loaded.get("_target_"))
+    return YamlFile(" ".join(header), chosen + keys, _schema_of(loaded), loaded.get("_target_"),
+                    frozenset(key.name for key in chosen))
 
 
 def _prose(text: str) -> str:
@@ -215,10 +217,10 @@ def render() -> str:
             lines += [f"### `{group}={path.stem}`{mark}", "", f"{yaml.header}{builds}".strip(), ""]
             if not yaml.keys:
                 lines += ["No keys of its own.", ""]
-            elif yaml.schema is None:  # an experiment: overrides of other groups' keys
+            elif yaml.schema is None:  # an experiment or a preset: overrides of other groups' keys and choices
                 lines += ["| sets | to |", "| --- | --- |"]
-                lines += [f"| `{key.name}` | `{_cell(key.default)}` |" if "." in key.name
-                          else f"| `{key.name}` (choice) | `{key.default}` |" for key in yaml.keys] + [""]
+                lines += [f"| `{key.name}` (choice) | `{key.default}` |" if key.name in yaml.chosen
+                          else f"| `{key.name}` | `{_cell(key.default)}` |" for key in yaml.keys] + [""]
             else:
                 lines += [*key_table(f"{group}.", yaml), ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -19,6 +19,8 @@ PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted(DOCS.glob("*.md")
 CONFIGS = ROOT / "configs"
 ENTRY_CONFIGS = list(config_reference.ENTRY_POINTS)
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir())
+# Groups of `# @package _global_` files: they set keys of other groups (experiment recipes, the cluster preset).
+GLOBAL_GROUPS = ("experiment", "cluster")
 # UserErrors whose message is not written at the call: each names where its text comes from instead.
 MESSAGES_MADE_ELSEWHERE = {
     ("training/schema.py", "check_ranges"): "one 'KEY must be RANGE, got VALUE' line per key (Range.describe)",
@@ -69,11 +71,12 @@ def test_every_config_key_is_documented_and_no_documented_key_is_gone():
             cfg = compose(config_name=name)
             expected[f"{name}.py"] = {k for k in _keys(cfg) if k.split(".")[0] not in GROUPS}
         choices = {group: sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")) for group in GROUPS}
-        for choice in choices.pop("experiment", []):  # its keys are the settings it overrides in other groups
-            own = OmegaConf.load(CONFIGS / "experiment" / f"{choice}.yaml")
-            chosen = {f"{g.removeprefix('override /')} (choice)" for entry in own.get("defaults", [])
-                      if not isinstance(entry, str) for g in entry}
-            expected[f"experiment={choice}"] = _keys(own) | chosen
+        for group in GLOBAL_GROUPS:  # their keys are the settings they override in other groups
+            for choice in choices.pop(group, []):
+                own = OmegaConf.load(CONFIGS / group / f"{choice}.yaml")
+                chosen = {f"{g.removeprefix('override /')} (choice)" for entry in own.get("defaults", [])
+                          if not isinstance(entry, str) for g in entry}
+                expected[f"{group}={choice}"] = _keys(own) | chosen
         # One composition per round takes the next choice of every group (each compose costs ~0.15 s).
         for round_ in range(max(map(len, choices.values()))):
             picked = {group: names[round_] for group, names in choices.items() if round_ < len(names)}
@@ -91,7 +94,7 @@ def test_every_config_key_is_documented_and_no_documented_key_is_gone():
 def test_every_config_key_has_a_comment():
     """The reference's "what" column comes from the YAML comments: a key without one would be documented blank."""
     blank = [f"{path.relative_to(ROOT)}: {key.name}" for path in sorted(CONFIGS.rglob("*.yaml"))
-             if path.parent.name != "experiment" for key in config_reference.read_yaml(path).keys
+             if path.parent.name not in GLOBAL_GROUPS for key in config_reference.read_yaml(path).keys
              if not key.comment]
     assert not blank, "keys without a comment in their YAML file (add `# what it does, with units`): " \
         + ", ".join(blank)
