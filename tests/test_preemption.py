@@ -16,7 +16,6 @@ from errors import UserError
 from tests import files, helpers, shared_runs
 from tests.conftest import compose_train, torch_threads
 from tests.helpers import TORCHRUN, TRAIN_PY, run_python, start_python
-from tests.test_distributed import process_tree
 from training import folder_lock, resume, stop
 # 192 training crops of 512x512 noise PNGs decoded per item (cache=none): a 96-step epoch at batch 2 lasts ~1 s,
 # long enough to stop inside; checkpoint_every=4 saves a first last.pt that says training is under way.
