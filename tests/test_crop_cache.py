@@ -15,8 +15,7 @@ from omegaconf import OmegaConf
 from datasets import crops
 from datasets.crop_csv import write_crops
 from errors import UserError
-from tests import files
-from tests.helpers import ROOT, run_python
+from tests import files, helpers
 
 
 def all_images(bundle) -> torch.Tensor:
@@ -171,37 +170,6 @@ def test_a_csv_edited_while_a_run_waits_on_the_cache_lock_never_pairs_its_old_ke
     assert any("changed while this run waited" in message for message in said)
 
 
-# One interpreter imports the crop code (~2.6 s of CPU, torch and torchvision: most of what a builder costs) and
-# forks the builders, which start building together when the launcher closes the pipe they block on. Each is a
-# process of its own with its own open file for the lock, as separate runs are; each logs to builder<i>.log.
-LAUNCHER = """
-import hashlib, logging, os, sys
-from datasets import crops
-csv_path, cache_dir, out, builders = sys.argv[1:]
-start_r, start_w = os.pipe()
-children = []
-for i in range(int(builders)):
-    pid = os.fork()
-    if pid == 0:
-        os.close(start_w)
-        logging.basicConfig(filename=f"{out}/builder{i}.log", level=logging.INFO, format="%(message)s")
-        os.read(start_r, 1)  # returns once every builder is forked and the launcher closed its end
-        try:
-            bundle = crops.build(csv=csv_path, root=None, width=32, height=32, channels=3, cache="disk",
-                                 cache_dir=cache_dir, val_fraction=0.2, mean=[0.5], std=[0.5], seed=0)
-            logging.info("digest %s", hashlib.sha256(bundle.train.store.images.numpy().tobytes()).hexdigest())
-        except BaseException:
-            logging.exception("failed")
-            os._exit(1)
-        logging.shutdown()
-        os._exit(0)
-    children.append(pid)
-os.close(start_w)
-codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
-sys.exit(1 if any(codes) else 0)
-"""
-
-
 @pytest.mark.slow
 def test_runs_started_together_build_the_cache_once(tmp_path):
     """Three processes on one cache folder at once: one builds, the two others wait for it and map its array.
@@ -209,8 +177,8 @@ def test_runs_started_together_build_the_cache_once(tmp_path):
     others reach the lock within milliseconds."""
     csv_path = files.write_noise_crops(tmp_path / "noise", sources=4, size=512, boxes=20)
     cache = tmp_path / "cache"
-    launched = run_python("-c", LAUNCHER, csv_path, cache, tmp_path, "3", cwd=ROOT)
-    logs = [(tmp_path / f"builder{i}.log").read_text() for i in range(3)]
+    launched, logs = helpers.build_together("datasets.crops:build", dict(csv=str(csv_path), root=None),
+                                            cache, tmp_path)
     assert launched.returncode == 0, (launched.stderr, logs)
     built = [log for log in logs if "crop cache: writing" in log]
     waited = [log for log in logs if "another run is building" in log and "crop cache: reusing" in log]

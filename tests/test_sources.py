@@ -4,8 +4,6 @@ build it once."""
 
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +12,8 @@ import torch
 
 from datasets import cifar, crops, folders, listed
 from errors import UserError
-from tests import files
+from tests import files, helpers
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEC = dict(width=12, height=10, channels=3, val_fraction=0.25, mean=[0.5], std=[0.5], seed=0)
 
 
@@ -128,35 +125,6 @@ def test_a_new_file_in_a_folder_makes_a_new_cache(tmp_path, cifar_root):
     assert len(second.train) + len(second.val) == len(first.train) + len(first.val) + 1
 
 
-# As test_crop_cache's launcher: one interpreter imports the code, then forks the builders, which start together.
-LAUNCHER = """
-import hashlib, logging, os, sys
-from datasets import folders
-root, cache_dir, out, builders = sys.argv[1:]
-start_r, start_w = os.pipe()
-children = []
-for i in range(int(builders)):
-    pid = os.fork()
-    if pid == 0:
-        os.close(start_w)
-        logging.basicConfig(filename=f"{out}/builder{i}.log", level=logging.INFO, format="%(message)s")
-        os.read(start_r, 1)  # returns once every builder is forked and the launcher closed its end
-        try:
-            bundle = folders.build_imagefolder(root, width=32, height=32, channels=3, cache="disk",
-                                               cache_dir=cache_dir, val_fraction=0.2, mean=[0.5], std=[0.5], seed=0)
-            logging.info("digest %s", hashlib.sha256(bundle.train.store.images.numpy().tobytes()).hexdigest())
-        except BaseException:
-            logging.exception("failed")
-            os._exit(1)
-        logging.shutdown()
-        os._exit(0)
-    children.append(pid)
-os.close(start_w)
-codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
-sys.exit(1 if any(codes) else 0)
-"""
-
-
 @pytest.mark.slow
 def test_three_runs_sharing_an_imagefolder_cache_build_it_once(tmp_path):
     rng = np.random.default_rng(3)
@@ -164,9 +132,8 @@ def test_three_runs_sharing_an_imagefolder_cache_build_it_once(tmp_path):
         for i in range(40):
             files.write_png(tmp_path / "images" / cls / f"{i}.png", files.random_image(rng, 256, 256))
     cache = tmp_path / "cache"
-    launched = subprocess.run([sys.executable, "-c", LAUNCHER, str(tmp_path / "images"), str(cache), str(tmp_path),
-                               "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    logs = [(tmp_path / f"builder{i}.log").read_text() for i in range(3)]
+    launched, logs = helpers.build_together("datasets.folders:build_imagefolder", dict(root=str(tmp_path / "images")),
+                                            cache, tmp_path)
     assert launched.returncode == 0, (launched.stderr, logs)
     built = [log for log in logs if "imagefolder cache: writing" in log]
     waited = [log for log in logs if "another run is building" in log and "imagefolder cache: reusing" in log]
