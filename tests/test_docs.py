@@ -20,7 +20,8 @@ CONFIGS = ROOT / "configs"
 ENTRY_CONFIGS = list(config_reference.ENTRY_POINTS)
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir())
 # Groups of `# @package _global_` files: they set keys of other groups (experiment recipes, the cluster preset).
-GLOBAL_GROUPS = ("experiment", "cluster")
+GLOBAL_GROUPS = tuple(group for group in GROUPS
+                      if any("@package _global_" in p.read_text() for p in (CONFIGS / group).glob("*.yaml")))
 # UserErrors whose message is not written at the call: each names where its text comes from instead.
 MESSAGES_MADE_ELSEWHERE = {
     ("training/schema.py", "check_ranges"): "one 'KEY must be RANGE, got VALUE' line per key (Range.describe)",
