@@ -305,9 +305,10 @@ def test_sigterm_to_torchrun_saves_where_the_ranks_agree_and_resume_auto_finishe
 
 
 @pytest.mark.slow
-def test_workers_of_a_killed_torchrun_save_and_exit_and_the_run_resumes_bitwise(noise_csv, unbroken_torchrun, tmp_path):
+def test_workers_of_a_killed_torchrun_save_where_they_agree_and_exit(noise_csv, tmp_path):
     """SIGKILL to torchrun alone (its workers run in sessions of their own): each worker sees its launcher gone,
-    the ranks stop at one step, rank 0 saves last.pt there, and no process is left; resume=auto then finishes."""
+    the ranks stop at one step, rank 0 saves last.pt there (with the open logging window, as a SIGTERM stop
+    does: resuming from it is the SIGTERM test's), and no process is left within 15 s."""
     command = [*TORCHRUN, f"dataset.csv={noise_csv}", *RUN, "hydra.run.dir=run", "resume=auto"]
     with open(tmp_path / "killed.log", "w") as log:
         killed = start_python(*command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
@@ -322,10 +323,7 @@ def test_workers_of_a_killed_torchrun_save_and_exit_and_the_run_resumes_bitwise(
     saved = last(tmp_path / "run")
     assert f"interrupted at step {saved['step']} " in output
     assert saved["epoch"] == 0 and 4 <= saved["step"] < RANK_STEPS
-
-    again = run_python(*command, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert_same_training(tmp_path / "run", unbroken_torchrun)
+    assert saved["batches_done"] == saved["step"] and len(saved["window"]) == saved["step"] % 3  # log_every=3
 
 
 @pytest.mark.slow
