@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets import guards
 from datasets.base import decode_problem, problem_list
 from datasets.transforms import DECODE_ERRORS, image_header
 from errors import UserError
@@ -203,6 +204,8 @@ def _parse_row(record: dict[str, str], form: tuple[str, ...], line: int, paths: 
         raise ValueError("path is blank")
     if not text["label"] or text["label"].lower() == "nan":
         raise ValueError("label is blank")
+    if (problem := guards.label_problem(text["label"])) is not None:
+        raise ValueError(problem)
     split = text["split"].lower() or None
     if split is not None and split not in SPLITS:
         raise ValueError(f"split={text['split']!r} must be train or val (or empty)")
@@ -303,7 +306,8 @@ def _parse_rows(header: list[str], rows: list[list[str]], lines: list[int], form
         except ValueError:
             resolved[text] = None
     found = list(map(resolved.get, path_text))
-    labels = {text: sys.intern(text) for text in dict.fromkeys(label_text) if text and text.lower() != "nan"}
+    labels = {text: sys.intern(text) for text in dict.fromkeys(label_text)
+              if text and text.lower() != "nan" and guards.label_problem(text) is None}
     split_of = {"": None, "train": "train", "val": "val"}
     split_lower = list(map(str.lower, split_text))
     # A path holding a line break or control character goes to _parse_row, which refuses it: stripped here it
@@ -354,10 +358,7 @@ def _parse_rows(header: list[str], rows: list[list[str]], lines: list[int], form
 
 
 def require_csv(csv_path: str | Path) -> Path:
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise UserError(f"dataset.csv: file not found: {csv_path.resolve()}")
-    return csv_path
+    return guards.require_file(csv_path, "dataset.csv")
 
 
 def _decode(csv_path: Path, data: bytes) -> str:
@@ -401,12 +402,16 @@ def read_crops(
     # newline="": line breaks inside quoted fields reach the csv module as written, as open(newline="") gives them.
     with io.StringIO(_decode(csv_path, data), newline="") as f, _collector_paused():
         reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        form = _form(header, csv_path)
-        problems, paths = {}, _Paths(root, allow_outside_root)  # problems: CSV line -> what is wrong
-        columns = _Columns()
-        for rows, lines in _chunks(reader, ROWS_PER_CHUNK):
-            problems.update(_parse_rows(header, rows, lines, form, paths, columns))
+        try:
+            header = [h.strip() for h in next(reader, [])]
+            form = _form(header, csv_path)
+            problems, paths = {}, _Paths(root, allow_outside_root)  # problems: CSV line -> what is wrong
+            columns = _Columns()
+            for rows, lines in _chunks(reader, ROWS_PER_CHUNK):
+                problems.update(_parse_rows(header, rows, lines, form, paths, columns))
+        except csv.Error as e:  # a field over the csv module's limit (128 KiB): no label or path is that long
+            raise UserError(f"{csv_path}: line {reader.line_num}: {e}; is a quote left open, or a field pasted in "
+                            "by mistake?") from None
     parsed = columns.table()
     outside, bad_files, grey = _check_files(parsed)
     problems.update(bad_files)
@@ -444,11 +449,19 @@ def _check_files(crops: CropTable) -> tuple[np.ndarray, dict[int, str], dict[Pat
     height, width = known[crops.file].T
     y1 = np.where(crops.y1 < 0, height, crops.y1)  # strip form: the full height
     outside = (height < 0) | (crops.x1 > width) | (y1 > height)
+    # An image's region is within its file, which PIL already held to max_image_pixels; a .npy region is read
+    # from a memory-mapped file of any size, so the region itself is held to it.
+    too_large = ~outside & ((y1 - crops.y0) * (crops.x1 - crops.x0) > guards.pixel_limit())
+    outside |= too_large
     problems = {}
     for i in np.flatnonzero(outside).tolist():
         crop = crops[i]
         size = sizes[crop.path]
-        if isinstance(size, str):
+        if too_large[i]:
+            problems[crop.line] = (f"{crop.path}: region x {crop.x0}..{crop.x1}, y {crop.y0}..{y1[i]} has more "
+                                   f"than max_image_pixels={guards.pixel_limit()} pixels: cut it smaller, or raise "
+                                   "max_image_pixels=N on the command line if the file is trusted")
+        elif isinstance(size, str):
             problems[crop.line] = f"{crop.path}: {size}"
         else:
             problems[crop.line] = (

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision import datasets as tv
 
-from datasets import pipeline, values
+from datasets import guards, pipeline, values
 from datasets.base import DataBundle, fill_items, outside_root, problem_list
 from datasets.disk_cache import RowWriter
 from datasets.sources import Items, hint_codes
@@ -34,6 +34,7 @@ class _UserFolderMixin:
         classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
         if not classes:
             raise UserError(f"{directory}: no class subfolders; put each class's files in a folder named after it")
+        guards.check_classes(classes, f"{directory}: its subfolders")  # before torchvision lists their files
         return classes, {name: i for i, name in enumerate(classes)}
 
     def __getitem__(self, index: int):

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from datasets import disk_cache, splits, values
+from datasets import disk_cache, guards, splits, values
 from datasets.base import ArrayStore, DataBundle, InMemoryDataset, check_fits_in_memory, per_channel, release_free_heap
 from datasets.sources import Source
 from datasets.spec import DataSpec
@@ -37,9 +37,11 @@ def build(source: Source, spec: DataSpec) -> DataBundle:
     if spec.cache == "disk":
         cached = _load_or_cache(source, spec, value_range)
         images, items, value_range = cached.images, cached.items, cached.value_range
+        guards.check_classes(items.classes, source.what)
         train, val = splits.by_hint_then_drawn(items.hints, items.labels, spec.val_fraction, spec.seed, source.what)
     else:
         items = source.items()
+        guards.check_classes(items.classes, source.what)  # before anything is scanned or decoded
         value_range = _scan(source, value_range)
         # Split before decoding: items without a training or validation side stop before any is decoded.
         train, val = splits.by_hint_then_drawn(items.hints, items.labels, spec.val_fraction, spec.seed, source.what)

@@ -41,9 +41,10 @@ def by_hint_then_drawn(hints: np.ndarray, labels: np.ndarray, val_fraction: floa
         free_train, free_val = stratified(labels[free], val_fraction, seed)
         train, val = np.sort(np.concatenate([train, free[free_train]])), np.sort(np.concatenate([val, free[free_val]]))
     if not len(train) or not len(val):
+        missing = "training" if not len(train) else "validation"  # an all-val CSV was asked for more val
         raise UserError(
             f"{what} gives {len(train)} training and {len(val)} validation items: "
-            "mark some for validation (and training) in its split column or train/ and val/ folders, or leave "
+            f"mark some for {missing} in its split column or train/ and val/ folders, or leave "
             "them unmarked for a seeded split"
         )
     return train, val

