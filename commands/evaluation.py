@@ -17,12 +17,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from commands import onnx_model
+from datasets import guards
 from datasets.base import decode_problem, limit_image_pixels
 from datasets.transforms import DECODE_ERRORS, LoadItem
 from datasets.values import Scale
 from errors import UserError
 from training import checkpoint as checkpoints
-from training import run_folder, saved_config
+from training import run_folder, saved_config, untrusted
 from training.build import build_data, build_model, require_keys, resolve_device, saved_mapping
 from training import speed as speeds
 from training.loop import FP32, Normalizer, evaluate
@@ -69,11 +70,14 @@ def run_evaluation(cfg: DictConfig) -> dict:
                                              amp)}
             name = "predictions.json"
         else:
-            dataset_cfg = cfg.dataset if cfg.get("dataset") is not None else saved.dataset
+            # Without dataset= the data is the file's, but where to write a cache and whether to download come
+            # from the command, never from a file someone else may have written.
+            dataset_cfg = cfg.dataset if cfg.get("dataset") is not None else untrusted.reading_only(saved.dataset)
             result = score(model, normalize, checkpoint, dataset_cfg, saved, device, amp)
             result["checkpoint"] = str(cfg.checkpoint)
             name = "eval.json"
-        run_folder.write_text(run_dir / name, json.dumps(result, indent=1))
+        # Strict JSON: a value that is not finite (a loss on inputs the model overflows on) is written as null.
+        run_folder.write_text(run_dir / name, json.dumps(untrusted.finite_or_none(result), indent=1, allow_nan=False))
         log.info("wrote %s", run_dir / name)
         return result
 
@@ -124,14 +128,14 @@ def predict(model: nn.Module, normalize: Normalizer, checkpoint: dict, paths: li
     load = LoadItem(height, width, channels, Scale(*value_range) if isinstance(value_range, (list, tuple)) else None)
     predictions = []
     for path in paths:
-        if not path.is_file():
-            raise UserError(f"predict: file not found: {path.resolve()}")
+        guards.require_file(path, "predict")
         try:
             image = load(str(path))
         except DECODE_ERRORS as e:
             raise UserError(f"predict: cannot read {path} as an image or .npy array ({decode_problem(e)})") from None
         with amp.autocast():
             logits = model(normalize(image.unsqueeze(0).to(device))).float()
+        untrusted.check_outputs(logits, len(checkpoint["classes"]), "checkpoint", f" for {path}")
         probabilities = torch.softmax(logits, dim=1)[0].cpu()
         best = int(probabilities.argmax())
         predictions.append({"file": str(path), "class": checkpoint["classes"][best],

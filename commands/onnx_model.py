@@ -21,9 +21,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from datasets import guards
 from errors import UserError
 from training import checkpoint as checkpoints
-from training import run_folder, saved_config
+from training import run_folder, saved_config, untrusted
 from training.build import build_model, require_keys
 from training.logger import run_log
 from training.loop import Normalizer
@@ -170,14 +171,22 @@ class OnnxClassifier(nn.Module):
     """An ONNX Runtime session used where a torch model is: uint8 images (on any device) -> float logits
     on the same device. It has no parameters; `eval()` and `train()` change nothing."""
 
-    def __init__(self, session):
+    def __init__(self, session, classes: int | None = None, source: str = "checkpoint"):
         super().__init__()
-        self.session = session
+        self.session, self.classes, self.source = session, classes, source
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch = np.ascontiguousarray(images.to("cpu", torch.uint8).numpy())
-        (logits,) = self.session.run([OUTPUT], {INPUT: batch})
-        return torch.from_numpy(logits).to(images.device)
+        try:
+            (logits,) = self.session.run([OUTPUT], {INPUT: batch})
+        except Exception as e:  # onnxruntime raises its own unexported types (Fail, RuntimeException, ...)
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise UserError(f"{self.source}: the model failed on a batch of shape {tuple(batch.shape)} ({reason}); "
+                            "export it again from its checkpoint") from None
+        logits = torch.from_numpy(np.asarray(logits))
+        if self.classes is not None:  # a file from elsewhere: its output must be one finite score per class
+            untrusted.check_outputs(logits, self.classes, self.source)
+        return logits.to(images.device)
 
 
 def as_is(images: torch.Tensor) -> torch.Tensor:
@@ -188,9 +197,7 @@ def as_is(images: torch.Tensor) -> torch.Tensor:
 def load(path: str | Path, device: torch.device) -> tuple[OnnxClassifier, dict, DictConfig]:
     """The model, its description in a checkpoint's keys (classes, input_shape, normalization, epoch), and the
     run's config rebuilt from the shipped config groups (a file's config never chooses what code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint: ONNX model not found: {path.resolve()}")
+    path = guards.require_file(path, "checkpoint", "ONNX model")
     session = _session(path, device)
     stored = session.get_modelmeta().custom_metadata_map
     if stored.get("format") != json.dumps(FORMAT) or set(METADATA) - set(stored):
@@ -198,7 +205,38 @@ def load(path: str | Path, device: torch.device) -> tuple[OnnxClassifier, dict, 
                         "export one with python export.py checkpoint=PATH")
     try:
         metadata = {key: json.loads(stored[key]) for key in METADATA}
-    except json.JSONDecodeError as e:
-        raise UserError(f"checkpoint: {path}: its metadata is not valid JSON ({e}); export it again") from None
-    saved = saved_config.rebuild(metadata["config"], metadata["choices"], f"checkpoint={path}")
-    return OnnxClassifier(session), metadata, saved
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; a 10,000-deep list recurses
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"checkpoint: {path}: its metadata is not valid JSON ({reason}); export it again") from None
+    source = f"checkpoint={path}"
+    untrusted.check_description(metadata, source)
+    _check_signature(session, metadata, source)
+    saved = saved_config.rebuild(metadata["config"], metadata["choices"], source)
+    return OnnxClassifier(session, len(metadata["classes"]), source), metadata, saved
+
+
+def _check_signature(session, metadata: dict, source: str) -> None:
+    """The graph's input and output as export() writes them: uint8 (N, C, H, W) of the metadata's input_shape in,
+    (N, classes) out. Sizes the graph leaves symbolic are checked on every batch (OnnxClassifier)."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    expected_in = ["batch", *metadata["input_shape"]]
+    expected_out = ["batch", len(metadata["classes"])]
+    problems = []
+    if len(inputs) != 1 or inputs[0].name != INPUT or inputs[0].type != "tensor(uint8)":
+        problems.append(f"one uint8 input named {INPUT!r}")
+    elif not _fits(inputs[0].shape, expected_in):
+        problems.append(f"input {inputs[0].shape} for its input_shape {metadata['input_shape']}")
+    if not any(o.name == OUTPUT for o in outputs):
+        problems.append(f"an output named {OUTPUT!r}")
+    elif not _fits(next(o for o in outputs if o.name == OUTPUT).shape, expected_out):
+        shape = next(o for o in outputs if o.name == OUTPUT).shape
+        problems.append(f"output {shape} for its {len(metadata['classes'])} classes")
+    if problems:
+        raise UserError(f"{source}: the graph does not match its metadata (expected {'; '.join(problems)}): each "
+                        "output would be labelled wrongly; export the model again")
+
+
+def _fits(shape: list, expected: list) -> bool:
+    """A graph shape matches where its sizes are fixed; symbolic ones (strings, None) match anything."""
+    return len(shape) == len(expected) and all(not isinstance(n, int) or not isinstance(e, int) or n == e
+                                               for n, e in zip(shape, expected))

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from datasets import guards
 from datasets.base import DataBundle
 from errors import UserError
+from training import untrusted
 
 FORMAT = 1  # bump when the keys below change meaning
 KEYS = ("format", "epoch", "batches_done", "step", "model", "optimizer", "scheduler", "scaler", "rng", "loader", "classes", "input_shape",
@@ -100,22 +102,22 @@ def save(checkpoint: dict, path: Path) -> None:
 
 def load(path: str | Path, key: str) -> dict:
     """Read a checkpoint on the CPU without running pickled code; `key` names the config key for messages."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{key}: checkpoint not found: {path.resolve()}")
+    path = guards.require_file(path, key, "checkpoint")
+    untrusted.check_container(path, key)  # before torch.load allocates anything from it
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's own message is seven lines, about trusting the file
         raise UserError(f"{key}: {path} is not a checkpoint this trainer can read: it holds pickled Python objects "
                         "(which could run code), refused unread; point it at checkpoints/last.pt or best.pt of a run"
                         ) from None
-    except (RuntimeError, EOFError, OSError) as e:  # truncated, or not a torch file at all
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, RecursionError) as e:  # truncated, damaged
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(f"{key}: {path} is not a checkpoint this trainer can read ({reason}); "
                         "point it at checkpoints/last.pt or best.pt of a run") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or set(KEYS) - set(checkpoint):
         raise UserError(f"{key}: {path} is not a checkpoint of this trainer (format {FORMAT}); "
                         "point it at checkpoints/last.pt or best.pt of a run")
+    untrusted.check_description(checkpoint, f"{key}={path}")
     return checkpoint
 
 
@@ -196,3 +198,4 @@ def load_weights(model: nn.Module, checkpoint: dict, source: str) -> None:
         raise UserError(f"{source}: its weights do not fit the model for its {len(checkpoint['classes'])} classes "
                         f"and input {tuple(checkpoint['input_shape'])} (C, H, W) ({detail}): the file was edited or "
                         "is damaged; use the checkpoint as the run saved it") from None
+    untrusted.check_weights(model, source)
