@@ -56,7 +56,7 @@ def image(tmp_path):
 
 def _one_line(error) -> str:
     message = str(error.value)
-    assert "\n" not in message and len(message) < 400, message
+    assert "\n" not in message and len(message) < 600, message
     return message
 
 
