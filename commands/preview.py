@@ -34,6 +34,7 @@ from datasets.transforms import DECODE_ERRORS, FileSource
 from errors import UserError
 from training import run_folder
 from training.build import build_dataset, require_keys
+from training.schema import check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,8 @@ def _font(size: int = 16) -> ImageFont.ImageFont:
 def run_preview(cfg: DictConfig) -> dict:
     """Write sources/*.png and classes.png into cfg.run_dir; returns the classes, counts per split, the bad
     rows and the files written."""
+    check_ranges(cfg)  # sources, per_class, max_side, seed (training/schema.py)
     require_keys(cfg)
-    for key in ("sources", "per_class", "max_side"):
-        if cfg[key] < (0 if key == "sources" else 1):
-            raise UserError(f"{key} must be {'0 or more' if key == 'sources' else 'at least 1'}, got {cfg[key]}")
     run_dir = Path(cfg.run_dir)
     run_folder.create(run_dir)
     bundle = build_dataset(_per_item(cfg.dataset), cfg.seed)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 PER_FILE, GLOBAL = "per_file", "global"
 AUTO = "auto"
 CHUNK_VALUES = 1 << 22  # values read per step of a scan: bounds the temporaries to ~32 MiB of float64
+MIN_STD = 1e-6  # the smallest std a normalisation may divide by (a channel that constant has no spread to learn)
 STATS_BATCH = 4096  # items gathered per step of the mean/std pass: bounds the gathered copy's memory
 
 
@@ -159,9 +160,16 @@ def parse_statistic(value, key: str) -> str | list[float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
         raise UserError(f"{key} must be auto or a list of numbers (one, or one per channel), got {value!r}")
     try:
-        return [float(v) for v in value]
+        numbers = [float(v) for v in value]
     except (TypeError, ValueError):
         raise UserError(f"{key} must be auto or a list of numbers (one, or one per channel), got {value!r}") from None
+    if not all(map(math.isfinite, numbers)):
+        raise UserError(f"{key}={numbers} holds NaN or infinity: give finite numbers (in 0..1 units) or auto")
+    if key.endswith("std") and min(numbers) < MIN_STD:
+        # Inputs are divided by std: 0 gave NaN losses, a negative one flipped every input, a tiny one overflows.
+        raise UserError(f"{key}={numbers}: every std must be at least {MIN_STD:g} (pixel values span 0..1): "
+                        "give the data's spread, or auto")
+    return numbers
 
 
 def channel_histograms(train: Dataset, channels: int) -> torch.Tensor:
@@ -197,8 +205,8 @@ def normalization(mean, std, train: Dataset, channels: int) -> tuple[list[float]
     n = counts.sum(dim=1)
     means = (counts @ levels) / n
     stds = ((counts @ levels**2) / n - means**2).clamp_min(0.0).sqrt()
-    if std == AUTO and bool((stds < 1e-6).any()):
-        flat = [c for c in range(channels) if stds[c] < 1e-6]
+    if std == AUTO and bool((stds < MIN_STD).any()):
+        flat = [c for c in range(channels) if stds[c] < MIN_STD]
         raise UserError(f"dataset.std=auto: channel(s) {flat} hold one value over the whole training split, so "
                         "their std is 0; give dataset.std as numbers")
     found_mean, found_std = [round(float(v), 6) for v in means], [round(float(v), 6) for v in stds]

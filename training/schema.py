@@ -11,6 +11,7 @@ uses the values.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -32,11 +33,16 @@ class Range:
     integer: bool = False  # for keys typed Any (num_workers: auto or an int), where the schema cannot say int
     words: tuple = ()
     text: Optional[str] = None  # the range in words, where the bounds alone read badly
+    one_of: tuple = ()  # the only values accepted (dataset.channels: 1 or 3; loader.mode: auto, device, ...)
 
     def accepts(self, value: Any) -> bool:
         if value is None or value in self.words:
             return True
+        if self.one_of:
+            return value in self.one_of and not isinstance(value, bool)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):  # NaN fails every comparison; inf is no setting
             return False
         if self.integer and not isinstance(value, int):
             return False
@@ -47,6 +53,8 @@ class Range:
     def describe(self) -> str:
         if self.text is not None:
             return self.text
+        if self.one_of:
+            return "one of " + ", ".join(map(str, self.one_of))
         low = None if self.low is None else f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
         high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {self.high:g}"
         if low and high:
@@ -64,6 +72,15 @@ def ranged(*, above: Optional[float] = None, at_least: Optional[float] = None, b
     return dataclasses.field(metadata={"range": limits})
 
 
+# Bounds shared by several keys. A side of more pixels than this is no CIFAR-style input (PIL itself stops at
+# 65,500 for some formats), and its product with the batch and channels overflows what a tensor can index.
+SIDE = dict(at_least=1, at_most=65_536)
+SEED = dict(at_least=0, at_most=2**32 - 1, text="between 0 and 2**32 - 1")  # numpy's seeding range
+FRACTION = dict(at_least=0, at_most=1)
+CHANNELS = dict(one_of=(1, 3))  # grey or RGB: what every decoder makes
+PIXELS = dict(at_least=1, at_most=2**40)  # max_image_pixels; PIL's own default is 89,478,485
+
+
 # Field order follows each YAML file, so the composed config prints in the order it always did.
 # typing's List and Optional, not `list[float] | None`: OmegaConf 2.3 reads these annotations at runtime.
 
@@ -73,9 +90,9 @@ class CropsSchema:
     _target_: str
     csv: Optional[str]
     root: Optional[str]
-    width: int = ranged(at_least=1)
-    height: int = ranged(at_least=1)
-    channels: int
+    width: int = ranged(**SIDE)
+    height: int = ranged(**SIDE)
+    channels: int = ranged(**CHANNELS)
     cache: str
     cache_dir: Optional[str]
     val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
@@ -90,9 +107,9 @@ class CropsSchema:
 class ImageFolderSchema:
     _target_: str
     root: str
-    width: int = ranged(at_least=1)
-    height: int = ranged(at_least=1)
-    channels: int
+    width: int = ranged(**SIDE)
+    height: int = ranged(**SIDE)
+    channels: int = ranged(**CHANNELS)
     cache: str
     cache_dir: Optional[str]
     val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
@@ -107,9 +124,9 @@ class DatasetFolderSchema:
     _target_: str
     root: str
     extensions: List[str]
-    width: int = ranged(at_least=1)
-    height: int = ranged(at_least=1)
-    channels: int
+    width: int = ranged(**SIDE)
+    height: int = ranged(**SIDE)
+    channels: int = ranged(**CHANNELS)
     cache: str
     cache_dir: Optional[str]
     val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
@@ -135,11 +152,11 @@ class Cifar10Schema:
 class AugmentSchema:
     _target_: str
     _partial_: bool
-    pad: int = ranged(at_least=0)
+    pad: int = ranged(at_least=0, at_most=SIDE["at_most"])  # below the input's side too: build_augment checks
     hflip: bool
     vflip: bool
     transpose: bool
-    cutout: int = ranged(at_least=0)
+    cutout: int = ranged(at_least=0, at_most=SIDE["at_most"])
 
 
 @dataclass
@@ -152,20 +169,21 @@ class LoaderSchema:
     _target_: str
     _partial_: bool
     mode: str
-    batch_size: int = ranged(at_least=1)  # per process
+    batch_size: int = ranged(at_least=1, at_most=2**20)  # per process
     shuffle: bool
     sampler: str  # uniform or balanced: build_loader checks it
-    num_workers: Any = ranged(at_least=0, integer=True, words=("auto",), text="auto or an integer >= 0")
+    # A process per worker: more than a few hundred is a typo, and each holds prefetch_factor batches.
+    num_workers: Any = ranged(at_least=0, at_most=256, integer=True, words=("auto",), text="auto or an integer 0..256")
     pin_memory: Any  # auto or a bool: checked by build_loader
     persistent_workers: bool
-    prefetch_factor: int = ranged(at_least=1)
+    prefetch_factor: int = ranged(at_least=1, at_most=64)
 
 
 @dataclass
 class SGDSchema:
     _target_: str
     lr: float = ranged(above=0)
-    momentum: float = ranged(at_least=0, at_most=1)
+    momentum: float = ranged(**FRACTION)
     nesterov: bool
     weight_decay: float = ranged(at_least=0)
     clip_grad_norm: Optional[float] = ranged(above=0)
@@ -206,19 +224,19 @@ class OneCycleSchema:
     epochs: int = ranged(at_least=1)
     max_lr: float = ranged(above=0)
     pct_start: float = ranged(above=0, below=1)
-    anneal_strategy: str
-    div_factor: float
-    final_div_factor: float
+    anneal_strategy: str = ranged(one_of=("cos", "linear"))
+    div_factor: float = ranged(above=0)  # the start rate is max_lr / div_factor
+    final_div_factor: float = ranged(above=0)  # the end rate is the start rate / final_div_factor
     cycle_momentum: bool
-    base_momentum: float
-    max_momentum: float
+    base_momentum: float = ranged(**FRACTION)
+    max_momentum: float = ranged(**FRACTION)
 
 
 @dataclass
 class TrainerSchema:
-    epochs: int = ranged(at_least=1)
+    epochs: int = ranged(at_least=1, at_most=1_000_000)
     device: str
-    seed: int = ranged(at_least=0, at_most=2**32 - 1, text="between 0 and 2**32 - 1")  # numpy's seeding range
+    seed: int = ranged(**SEED)
     label_smoothing: float = ranged(at_least=0, below=1)
     log_every: int = ranged(at_least=1)
     warmup_steps: int = ranged(at_least=0)
@@ -228,7 +246,7 @@ class TrainerSchema:
     compile: Any  # likewise
     cuda_graphs: Any  # likewise
     deterministic: bool
-    dist_timeout_minutes: float
+    dist_timeout_minutes: float = ranged(above=0, at_most=10_080)  # a week; timedelta overflows near 1e12
     checkpoint_every: Optional[int] = ranged(at_least=1)
     stop_signals: List[str]  # names checked by training/stop.py
 
@@ -237,7 +255,7 @@ class TrainerSchema:
 class TrainSchema:
     run_dir: str
     resume: Optional[str]
-    max_image_pixels: int
+    max_image_pixels: int = ranged(**PIXELS)
 
 
 @dataclass
@@ -245,7 +263,7 @@ class EvaluateSchema:
     checkpoint: str
     device: str
     predict: List[str]
-    max_image_pixels: int
+    max_image_pixels: int = ranged(**PIXELS)
     run_dir: str
 
 
@@ -258,10 +276,10 @@ class ExportSchema:
 
 @dataclass
 class PreviewSchema:
-    sources: int
-    per_class: int
-    max_side: int
-    seed: int
+    sources: int = ranged(at_least=0, at_most=10_000)  # source files drawn, one PNG each
+    per_class: int = ranged(at_least=1, at_most=1_000)
+    max_side: int = ranged(at_least=1, at_most=16_384)  # pixels of each drawn source
+    seed: int = ranged(**SEED)
     run_dir: str
 
 
@@ -316,6 +334,8 @@ def range_problems(node: DictConfig, prefix: str = "") -> list[str]:
         for field in dataclasses.fields(schema):
             limits = field.metadata.get("range")
             if limits is None or field.name not in node or OmegaConf.is_missing(node, field.name):
+                continue
+            if OmegaConf.is_interpolation(node, field.name):  # max_lr: ${optim.lr} is reported at optim.lr
                 continue
             value = OmegaConf.select(node, field.name)
             if not limits.accepts(value):

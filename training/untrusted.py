@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from datasets import guards
+from datasets import guards, values
 from errors import UserError
 
 CHANNELS = (1, 3)  # what every data family yields (dataset.channels)
@@ -28,8 +28,6 @@ MAX_INPUT_PIXELS = 89_478_485
 # Nesting levels a stored config may have: ours has 3 (root, group, a list such as mean). Deeper ones are
 # refused before anything walks them recursively (a 10,000-deep list printed a 1,996-line RecursionError).
 MAX_DEPTH = 16
-# A std below this divides pixel values (0..1) into millions: auto refuses the same (datasets/values.py).
-MIN_STD = 1e-6
 # torch.save stores its archive's entries uncompressed; a few kB of zip headers and alignment padding aside,
 # what a checkpoint expands to is its size on disk. Compressed entries are not torch's doing.
 ARCHIVE_SLACK_BYTES = 1 << 20
@@ -121,13 +119,13 @@ def check_description(described: dict, source: str, max_pixels: int = MAX_INPUT_
     if not isinstance(normalization, dict):
         raise UserError(f"{source}: its normalization must hold mean and std lists, got {_short(normalization)}")
     for name in ("mean", "std"):
-        values = normalization.get(name)
-        if not (isinstance(values, list) and len(values) in (1, channels) and all(map(_number, values))):
+        numbers = normalization.get(name)
+        if not (isinstance(numbers, list) and len(numbers) in (1, channels) and all(map(_number, numbers))):
             raise UserError(f"{source}: its normalization {name} must be 1 or {channels} finite numbers, got "
-                            f"{_short(values)}")
-    if any(s < MIN_STD for s in normalization["std"]):
-        raise UserError(f"{source}: its normalization std {normalization['std']} holds values below {MIN_STD:g}, "
-                        "which would give infinite or NaN inputs: the file was edited or is damaged")
+                            f"{_short(numbers)}")
+    if any(s < values.MIN_STD for s in normalization["std"]):
+        raise UserError(f"{source}: its normalization std {normalization['std']} holds values below "
+                        f"{values.MIN_STD:g}, which would give infinite or NaN inputs: the file was edited or is damaged")
 
     value_range = described.get("value_range")
     if not (value_range is None or value_range in ("per_file", "global")
