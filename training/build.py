@@ -117,6 +117,9 @@ def build_optimizer(optim_cfg: DictConfig, scheduler_cfg: DictConfig | None, mod
     after every optimizer step (scheduler.interval=step; else once per epoch). optim.clip_grad_norm belongs
     to the training step and scheduler.interval to the runner, not to the constructors: both are left out."""
     constructor_args = OmegaConf.masked_copy(optim_cfg, [k for k in optim_cfg if k != "clip_grad_norm"])
+    if optim_cfg.get("nesterov") and not optim_cfg.get("momentum"):  # torch's ValueError, wrapped by Hydra
+        raise UserError("optim.nesterov=true needs optim.momentum above 0 (Nesterov momentum is a kind of momentum): "
+                        "set optim.momentum=0.9, or optim.nesterov=false")
     optimizer = _instantiate(constructor_args, params=model.parameters())
     if scheduler_cfg is None:
         return optimizer, None, False
@@ -126,4 +129,11 @@ def build_optimizer(optim_cfg: DictConfig, scheduler_cfg: DictConfig | None, mod
     constructor_args.pop("interval", None)
     make_scheduler = _instantiate(OmegaConf.create(constructor_args))
     runtime = {"steps_per_epoch": steps_per_epoch} if per_step else {}  # per-step schedules span epochs x steps
-    return optimizer, make_scheduler(optimizer, **runtime), per_step
+    try:
+        scheduler = make_scheduler(optimizer, **runtime)
+    except ZeroDivisionError:  # OneCycleLR, when pct_start x its steps is exactly one step of rise
+        total = constructor_args.get("epochs", 0) * steps_per_epoch
+        raise UserError(f"scheduler.pct_start={constructor_args.get('pct_start')} of {total} steps is a rise of exactly "
+                        "one step, which OneCycleLR cannot schedule (it divides by zero): choose another "
+                        "scheduler.pct_start") from None
+    return optimizer, scheduler, per_step
