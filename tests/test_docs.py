@@ -225,7 +225,7 @@ def test_the_error_scan_finds_user_errors():
     """The scan below reads what the code raises: it finds the known messages (so it cannot pass by finding none)."""
     found = {part for _, _, _, f in user_errors() if f for part in fixed_parts(f)}
     assert len(found) > 50
-    assert "dataset.csv: file not found" in found
+    assert "dataset.root: folder not found" in found
 
 
 def test_every_user_error_is_explained_in_troubleshooting():

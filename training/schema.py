@@ -55,13 +55,21 @@ class Range:
             return self.text
         if self.one_of:
             return "one of " + ", ".join(map(str, self.one_of))
-        low = None if self.low is None else f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
-        high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {self.high:g}"
+        low_text, high_text = _show(self.low), _show(self.high)
+        low = None if self.low is None else f"{'greater than' if self.low_open else 'at least'} {low_text}"
+        high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {high_text}"
         if low and high:
             if self.low_open == self.high_open:
-                return f"between {self.low:g} and {self.high:g}{' (exclusive)' if self.low_open else ''}"
+                return f"between {low_text} and {high_text}{' (exclusive)' if self.low_open else ''}"
             return f"{low} and {high}"
         return " or ".join([*self.words, low or high])
+
+
+def _show(bound: Optional[float]) -> str:
+    """A bound as a user would type it: whole numbers in full (1000000, not 1e+06)."""
+    if bound is None:
+        return ""
+    return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e15 else f"{bound:g}"
 
 
 def ranged(*, above: Optional[float] = None, at_least: Optional[float] = None, below: Optional[float] = None,
