@@ -49,8 +49,8 @@ def test_every_bad_value_is_one_line_before_any_data_is_read(make_cfg, tmp_path)
     with pytest.raises(UserError) as error:
         training.run(cfg)
     assert str(error.value).splitlines() == [
-        "loader.batch_size must be at least 1, got 0",
-        "loader.num_workers must be auto or an integer >= 0, got -2",
+        "loader.batch_size must be between 1 and 1048576, got 0",
+        "loader.num_workers must be auto or an integer 0..256, got -2",
         "optim.lr must be greater than 0, got -1.0",
         "optim.momentum must be between 0 and 1, got 1.5",
     ]
@@ -64,5 +64,5 @@ def test_evaluate_checks_ranges_before_reading_the_checkpoint(make_eval_cfg, tmp
                         "dataset.val_fraction=2", "dataset.width=0")
     with pytest.raises(UserError) as error:
         run_evaluation(cfg)
-    assert str(error.value).splitlines() == ["dataset.width must be at least 1, got 0",
+    assert str(error.value).splitlines() == ["dataset.width must be between 1 and 65536, got 0",
                                              "dataset.val_fraction must be between 0 and 1 (exclusive), got 2.0"]

@@ -160,11 +160,11 @@ class Cifar10Schema:
 class AugmentSchema:
     _target_: str
     _partial_: bool
-    pad: int = ranged(at_least=0, at_most=SIDE["at_most"])  # below the input's side too: build_augment checks
+    pad: int = ranged(at_least=0)  # and below the input's side: build_augment checks that with the input size
     hflip: bool
     vflip: bool
     transpose: bool
-    cutout: int = ranged(at_least=0, at_most=SIDE["at_most"])
+    cutout: int = ranged(at_least=0)
 
 
 @dataclass
@@ -254,7 +254,8 @@ class TrainerSchema:
     compile: Any  # likewise
     cuda_graphs: Any  # likewise
     deterministic: bool
-    dist_timeout_minutes: float = ranged(above=0, at_most=10_080)  # a week; timedelta overflows near 1e12
+    # At most a week: timedelta overflows near 1e12 minutes. Above 0: distributed.timeout says so in its words.
+    dist_timeout_minutes: float = ranged(at_most=10_080)
     checkpoint_every: Optional[int] = ranged(at_least=1)
     stop_signals: List[str]  # names checked by training/stop.py
 
