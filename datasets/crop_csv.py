@@ -101,6 +101,15 @@ class CropTable:
         codes, first = np.unique(self.file, return_index=True)
         return [self.files[code] for code in codes[np.argsort(first)].tolist()]
 
+    def windows(self) -> dict[Path, np.ndarray]:
+        """{file: its distinct regions as int64 rows (y0, y1, x0, x1)}, y1 -1 for the full height: what the
+        value-range scan of a .npy file reads, instead of the whole file."""
+        boxes = np.stack([self.y0, self.y1, self.x0, self.x1], axis=1).astype(np.int64)
+        order = np.argsort(self.file, kind="stable")
+        codes, starts = np.unique(self.file[order], return_index=True)
+        return {self.files[code]: np.unique(boxes[rows], axis=0)
+                for code, rows in zip(codes.tolist(), np.split(order, starts[1:]))}
+
     def row_labels(self) -> list[str]:
         """Each row's label (the strings are shared, one per class)."""
         return list(map(self.labels.__getitem__, self.label.tolist()))

@@ -195,6 +195,10 @@ class CropSource:
     def files(self) -> list[Path]:
         return self.crops.used_files()
 
+    def windows(self) -> dict[Path, np.ndarray]:
+        """The regions the rows cut from each file: the value-range scan reads these, not whole .npy files."""
+        return self.crops.windows()
+
     def fill(self, out: torch.Tensor | RowWriter, indices: np.ndarray) -> None:
         whole = len(indices) == len(self.crops) and np.array_equal(indices, np.arange(len(indices)))
         # The whole table as it is: take() would copy its columns (33 bytes a row) for nothing.

@@ -82,7 +82,9 @@ def _scan(source: Source, value_range):
     on the source before any item is decoded; None where the family has no value range (images)."""
     if value_range is None:
         return None
-    source.scales, resolved = scan_arrays(source.files(), value_range)
+    # A source that cuts regions (crops) names them: only those windows of a large .npy are read.
+    windows = source.windows() if hasattr(source, "windows") else None
+    source.scales, resolved = scan_arrays(source.files(), value_range, windows)
     return resolved
 
 

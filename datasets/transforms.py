@@ -108,19 +108,34 @@ def array_scale(array: np.ndarray, path, scale: values.Scale | None = None):
     return scale or values.rule_scale([values.array_stats(array, path)])
 
 
-def scan_arrays(paths, setting) -> tuple[dict, str | tuple[float, float]]:
+def scan_arrays(paths, setting, windows: dict | None = None) -> tuple[dict, str | tuple[float, float]]:
     """dataset.value_range resolved over the .npy files among `paths` (memory-mapped, one at a time):
-    {path: Scale} for every array that needs one, and per_file or the (low, high) they all use."""
+    {path: Scale} for every array that needs one, and per_file or the (low, high) they all use.
+    `windows` ({path: regions (y0, y1, x0, x1)}, crops.CropTable.windows): a file listed there is scanned over
+    those regions only, so one 10x10 crop of a 14 GB array reads ~10 rows of it, not 14 GB."""
     problems: list[str] = []
 
     def opened():
         for path in dict.fromkeys(p for p in paths if is_array_file(p)):
             try:
-                yield path, open_array(path)
+                array = open_array(path)
+                yield path, array if windows is None or path not in windows else window_views(array, windows[path])
             except (*DECODE_ERRORS, UserError) as e:
                 problems.append(f"{path}: {e}")
 
     return values.resolve(values.parse_value_range(setting), opened(), problems)
+
+
+def window_views(array: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
+    """Views of a memory-mapped array, one per region (y0, y1, x0, x1; y1 -1 for the full height); nothing is
+    read. Regions covering half the file or more give the whole array instead: one sequential pass then reads
+    less than the overlapping regions would."""
+    height = array.shape[0]
+    y1 = np.where(boxes[:, 1] < 0, height, boxes[:, 1])
+    area = int(((y1 - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).sum())
+    if area * 2 >= array.shape[0] * array.shape[1]:
+        return [array]
+    return [array[y0:y_end, x0:x1] for (y0, _, x0, x1), y_end in zip(boxes.tolist(), y1.tolist())]
 
 
 def to_channels(hwc: np.ndarray, channels: int) -> np.ndarray:

@@ -106,6 +106,14 @@ def array_stats(array: np.ndarray, path, bounds: tuple[float, float] | None = No
     return ArrayStats(low, high, array.dtype.kind == "f", outside, array.size)
 
 
+def _combined(stats: list[ArrayStats]) -> ArrayStats:
+    """One file's statistics from those of its regions."""
+    if len(stats) == 1:
+        return stats[0]
+    return ArrayStats(min(s.low for s in stats), max(s.high for s in stats), stats[0].is_float,
+                      sum(s.outside for s in stats), sum(s.size for s in stats))
+
+
 def rule_scale(stats: Sequence[ArrayStats]) -> Scale:
     """The range the rule picks for these arrays taken together (one file for per_file, all for global)."""
     low, high = min(s.low for s in stats), max(s.high for s in stats)
@@ -128,10 +136,11 @@ def resolve(setting: str | tuple[float, float], arrays: Iterable[tuple[object, n
     bounds = setting if isinstance(setting, tuple) else None
     stats = {}
     for path, array in arrays:
-        if is_pixels(array.dtype):
+        views = array if isinstance(array, list) else [array]  # regions of one file (its crops' windows)
+        if is_pixels(views[0].dtype):
             continue
         try:
-            stats[path] = array_stats(array, path, bounds)
+            stats[path] = _combined([array_stats(view, path, bounds) for view in views])
         except UserError as e:
             problems.append(str(e))
     if problems:

@@ -41,6 +41,18 @@ def write_npy(path: Path, array: np.ndarray) -> Path:
     return path
 
 
+def write_sparse_npy(path: Path, shape: tuple[int, ...], dtype=np.float32) -> Path:
+    """A large .npy whose values are a hole in the file system: no disk space, read as zeros, in np.save's
+    layout (header, then C-order values, so np.load can memory-map it); one value is 1, so the range is not a
+    constant's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    array[0, 0] = 1
+    array.flush()
+    del array
+    return path
+
+
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 

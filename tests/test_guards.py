@@ -4,6 +4,7 @@ fit, and .npy regions over max_image_pixels."""
 
 import csv
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import ImageFont
 
-from datasets import guards
+from datasets import guards, transforms, values
 from errors import UserError
 from tests import files
+from tests.helpers import in_child
 from training.board import fit_text
 
 
@@ -133,3 +135,51 @@ def test_caption_fitting_is_not_quadratic_in_the_label():
     assert time.perf_counter() - started < 0.1
     assert font.getlength(fitted) <= 96 < font.getlength(label[:len(fitted) + 1])
     assert fit_text("cat", font, 96) == "cat" and fit_text("W" * 50, font, 1) == "W"
+
+
+def _peak_growth(work) -> int:
+    """Bytes the process's resident peak (VmHWM, file pages a memory map touched included) rose by during
+    `work()`; the peak is reset to the current size first (/proc/self/clear_refs), so call it in a child."""
+    def status(key: str) -> int:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS")
+    work()
+    return status("VmHWM") - before
+
+
+def test_a_crop_of_a_large_npy_reads_its_window_not_the_file(build_crops, tmp_path):
+    """Two 10x10 crops of a 64 MiB array (a sparse file): the value-range scan and the cut touch the rows the
+    crops cover, ~1 MiB, where the scan read every value before. Measured beside a whole-file scan, in a
+    forked child (resetting the peak is process-wide)."""
+    source = files.write_sparse_npy(tmp_path / "big.npy", (2048, 8192))
+    rng = np.random.default_rng(0)
+    files.write_png(tmp_path / "a.png", files.random_image(rng, 32, 32))
+    (tmp_path / "crops.csv").write_text("path,x0,y0,x1,y1,label,split\n"
+                                        "big.npy,0,0,10,10,cat,train\nbig.npy,100,100,110,110,dog,train\n"
+                                        "a.png,0,0,10,10,cat,val\na.png,10,10,20,20,dog,val\n")
+
+    def measure():
+        build = lambda: build_crops(f"dataset.csv={tmp_path / 'crops.csv'}", "dataset.width=16", "dataset.height=16")
+        build()  # warm: imports and first-use allocations are not the data's
+        windowed = _peak_growth(build)
+        whole = _peak_growth(lambda: values.array_stats(transforms.open_array(source), source))
+        assert whole > 48 * 2**20 and windowed < 8 * 2**20, (windowed, whole)
+
+    in_child(measure)
+
+
+def test_values_outside_every_crop_window_do_not_count(build_crops, tmp_path):
+    """What the window scan means: NaN and an outlier where no crop reads neither refuse the file nor stretch
+    dataset.value_range=global (the whole-file scan refused this file)."""
+    array = np.zeros((64, 64), dtype=np.float32)
+    array[:16, :16] = np.linspace(0, 1, 256).reshape(16, 16)
+    array[40, 40], array[50, 50] = np.nan, 1e6  # outside both crops
+    files.write_npy(tmp_path / "a.npy", array)
+    (tmp_path / "crops.csv").write_text("path,x0,y0,x1,y1,label,split\na.npy,0,0,8,8,cat,train\n"
+                                        "a.npy,8,8,16,16,dog,train\na.npy,0,8,8,16,cat,val\na.npy,8,0,16,8,dog,val\n")
+    bundle = build_crops(f"dataset.csv={tmp_path / 'crops.csv'}", "dataset.width=16", "dataset.height=16")
+    assert bundle.value_range == (0.0, 1.0)
+
+

@@ -4,6 +4,7 @@ field refused in one line before anything is allocated from it, and never a sile
 import json
 import os
 import pickle
+import resource
 import threading
 import zipfile
 from argparse import Namespace
@@ -301,3 +302,14 @@ def test_non_finite_results_are_written_as_null_in_strict_json():
     text = json.dumps(untrusted.finite_or_none({"loss": float("nan"), "f1": {"a": float("inf"), "b": 0.5}}),
                       allow_nan=False)
     assert json.loads(text) == {"loss": None, "f1": {"a": None, "b": 0.5}}
+
+
+def test_predict_of_an_npy_over_max_image_pixels_is_refused_before_reading(make_checkpoint, make_eval_cfg, tmp_path):
+    """A 10,000 x 10,000 array (100 M pixels, over the default 89,478,485) would be read whole and mapped
+    through float64 (800 MB): refused from its header, as an image of that size is."""
+    big = files.write_sparse_npy(tmp_path / "big.npy", (10_000, 10_000), np.uint8)
+    cfg = make_eval_cfg(f"checkpoint={make_checkpoint('ok.pt')}", f"predict=[{big}]")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with pytest.raises(UserError, match=r"predict: cannot read .*big.npy .*more than max_image_pixels=89478485"):
+        run_evaluation(cfg)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 5_000  # the 100 MB of values (24k pages) were never touched
