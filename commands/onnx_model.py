@@ -82,6 +82,7 @@ def run_export(cfg: DictConfig) -> Path:
         raise UserError(f"output={output} must end in {SUFFIX}: evaluate.py tells an ONNX model by it")
     if output.exists():
         raise UserError(f"output={output} already exists: export never overwrites a file; choose another output")
+    run_folder.require_writable(output.parent, "output")  # before minutes of tracing, not after
     run_folder.create(run_dir)
     with run_log(run_dir):
         checkpoint = checkpoints.load(cfg.checkpoint, "checkpoint")
@@ -123,14 +124,40 @@ def export(checkpoint: dict, output: Path, source: str) -> None:
         "choices": choices,  # the shipped config group of each part, which evaluate.py rebuilds the data from
     }
     program.model.metadata_props.update({key: json.dumps(value) for key, value in metadata.items()})
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    _remove_stale_temps(output)
     try:
         program.save(str(tmp))
         _check(tmp, wrapped, shape)
-        os.replace(tmp, output)
+        # A hard link fails where `output` exists: of two exports to one output, the second is refused instead
+        # of replacing the first while both report success.
+        os.link(tmp, output)
+    except FileExistsError:
+        raise UserError(f"output={output} was written by another export meanwhile: export never overwrites a "
+                        "file; choose another output") from None
+    except OSError as e:  # a full disk, a folder made read-only since the check
+        raise UserError(f"output={output} cannot be written ({e.strerror or e}); nothing was left there: free "
+                        "space or choose another output") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temps(output: Path) -> None:
+    """The temp files a killed export of `output` left (SIGKILL runs no cleanup): those whose process is gone."""
+    for stale in output.parent.glob(f".{output.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @torch.no_grad()

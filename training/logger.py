@@ -57,10 +57,13 @@ def _write_errors_once(handler: logging.FileHandler) -> None:
 
 @contextmanager
 def run_log(run_dir: Path):
-    """Log to run_dir/train.log: Hydra already does under train.py; tests and other callers get it here."""
+    """Log to run_dir/train.log: Hydra already does under train.py (and to evaluate.log, export.log, preview.log
+    under the other entry points: that file is the run folder's log then, not a second copy); tests and other
+    callers get train.log here."""
     path = (run_dir / "train.log").resolve()
     root = logging.getLogger()
-    existing = [h for h in root.handlers if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path]
+    existing = [h for h in root.handlers
+                if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == path.parent]
     if existing:
         _write_errors_once(existing[0])
         yield

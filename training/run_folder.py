@@ -74,6 +74,35 @@ def take(run_dir: Path, resume: str | None, key: str) -> bool:
     return took
 
 
+def require_writable(folder: Path, key: str) -> None:
+    """Make `folder` and write a file in it, or say in one line why not (a read-only file system, a file in the
+    way, no space left), before anything else is written there."""
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)  # a page: a full disk fails here, where an empty file might still be made
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"{key}={folder} cannot be written ({e.strerror or e}): point it at a writable folder "
+                        "with free space") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+class WritableRunDir(Callback):
+    """Every entry point's hydra.callbacks: a hydra.run.dir that cannot be made or written (read-only, full, a
+    file in the way) is one line before Hydra writes its .hydra/ files there, which would raise inside Hydra."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        HydraConfig.instance().set_config(config)  # for ${hydra:...} in hydra.run.dir, as run_job does next
+        _one_line(lambda: require_writable(Path(str(OmegaConf.select(config, "hydra.run.dir"))), "hydra.run.dir"))
+
+
 class RefuseUsedRunDir(Callback):
     """configs/train.yaml's hydra.callbacks: refuse a used hydra.run.dir, or one another run holds, before Hydra
     writes anything there, then hold its lock until this process ends; the same for a sweep's hydra.sweep.dir."""
