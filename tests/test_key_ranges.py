@@ -159,7 +159,7 @@ def test_nesterov_without_momentum_is_one_line(make_cfg):
 
 
 def test_preview_seed_is_ranged(make_preview_cfg):
-    from training.preview import run_preview
+    from commands.preview import run_preview
 
     with pytest.raises(UserError, match=r"seed must be between 0 and 2\*\*32 - 1, got -1"):
         run_preview(make_preview_cfg("seed=-1"))

@@ -10,7 +10,7 @@ import torch
 from errors import UserError
 from tests.helpers import run_python
 from training import run_folder
-from training.onnx_model import export, run_export
+from commands.onnx_model import export, run_export
 from tests.test_onnx import _compose
 
 ROOT = Path(__file__).resolve().parent.parent
