@@ -112,7 +112,7 @@ def test_train_py_wrong_type_fails_before_anything_runs(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("override, error", [
-    ("trainer.epochs=0", "trainer.epochs must be at least 1, got 0"),
+    ("trainer.epochs=0", "trainer.epochs must be between 1 and 1000000, got 0"),
     ("trainer.device=cuda", "trainer.device=cuda but CUDA is not available here: use trainer.device=cpu or auto"),
 ])
 def test_train_py_range_checks_stay_one_line(override, error, tmp_path):
