@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -143,3 +144,24 @@ def build_together(target: str, source_keys: dict, cache: Path, out: Path,
                 mean=[0.5], std=[0.5], seed=0)
     launched = run_python("-c", BUILDERS, target, json.dumps(keys), str(out), str(builders), cwd=ROOT, timeout=120)
     return launched, [(out / f"builder{i}.log").read_text() for i in range(builders)]
+
+
+def returns_within(seconds: float, work: Callable[[], object]):
+    """`work()` on a thread, its result or its exception; fails the test, rather than hanging the suite, when
+    it has not returned in time (a read blocked on a FIFO). The thread, if stuck, is a daemon: it dies with
+    pytest."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = work()
+        except Exception as e:  # handed back to the test's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s (blocked opening a FIFO?)"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -5,7 +5,6 @@ fit, and .npy regions over max_image_pixels."""
 import csv
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -16,27 +15,8 @@ from PIL import ImageFont
 from datasets import guards, transforms, values
 from errors import UserError
 from tests import files
-from tests.helpers import in_child
+from tests.helpers import in_child, returns_within
 from training.board import fit_text
-
-
-def _returns_within(seconds: float, work):
-    """`work()` on a thread; fails (rather than hanging the suite) if it has not returned in time."""
-    outcome = {}
-
-    def run():
-        try:
-            outcome["value"] = work()
-        except Exception as e:  # handed back to the test's thread
-            outcome["error"] = e
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still running after {seconds} s (blocked opening a FIFO?)"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def _scene_csv(folder: Path, rows: list[list]) -> Path:
@@ -57,27 +37,32 @@ def test_a_fifo_named_by_a_csv_row_is_a_bad_row_not_a_hang(build_crops, tmp_path
     csv_path = _scene_csv(tmp_path, [["pipe.png", 0, 0, 8, 8, "cat", "train"]])
     os.mkfifo(tmp_path / "pipe.png")
     with pytest.raises(UserError, match=r"line 6: .*pipe.png is a FIFO \(named pipe\)"):
-        _returns_within(20, lambda: build_crops(f"dataset.csv={csv_path}"))
+        returns_within(20, lambda: build_crops(f"dataset.csv={csv_path}"))
+
+
+def _image_folder(root: Path, classes: tuple[str, ...]) -> Path:
+    """An ImageFolder root: four noise PNGs per class folder."""
+    rng = np.random.default_rng(0)
+    for label in classes:
+        for i in range(4):
+            files.write_png(root / label / f"{i}.png", files.random_image(rng, 32, 32))
+    return root
 
 
 def test_a_fifo_in_an_image_folder_is_named_not_a_hang(make_cfg, tmp_path):
     import training
 
-    root = tmp_path / "folder"
-    rng = np.random.default_rng(0)
-    for label in ("cat", "dog"):
-        for i in range(4):
-            files.write_png(root / label / f"{i}.png", files.random_image(rng, 32, 32))
+    root = _image_folder(tmp_path / "folder", ("cat", "dog"))
     os.mkfifo(root / "dog" / "pipe.png")
     cfg = make_cfg("dataset=imagefolder", f"dataset.root={root}")
     with pytest.raises(UserError, match=r"pipe.png is a FIFO"):
-        _returns_within(30, lambda: training.run(cfg))
+        returns_within(30, lambda: training.run(cfg))
 
 
 def test_the_csv_itself_as_a_fifo_is_named(build_crops, tmp_path):
     os.mkfifo(tmp_path / "crops.csv")
     with pytest.raises(UserError, match=r"dataset.csv: .*crops.csv is a FIFO"):
-        _returns_within(10, lambda: build_crops(f"dataset.csv={tmp_path / 'crops.csv'}"))
+        returns_within(10, lambda: build_crops(f"dataset.csv={tmp_path / 'crops.csv'}"))
 
 
 def test_a_megabyte_field_is_one_line_naming_its_line(build_crops, tmp_path):
@@ -107,11 +92,7 @@ def test_more_classes_than_the_limit_stop_before_any_crop_is_cut(build_crops, tm
 def test_a_class_folder_whose_name_holds_a_line_break_is_refused(make_cfg, tmp_path):
     import training
 
-    root = tmp_path / "folder"
-    rng = np.random.default_rng(0)
-    for label in ("cat", "do\ng"):
-        for i in range(4):
-            files.write_png(root / label / f"{i}.png", files.random_image(rng, 32, 32))
+    root = _image_folder(tmp_path / "folder", ("cat", "do\ng"))
     with pytest.raises(UserError, match=r"class label .* holds a line break"):
         training.run(make_cfg("dataset=imagefolder", f"dataset.root={root}"))
 

@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 import resource
-import threading
 import zipfile
 from argparse import Namespace
 from pathlib import Path
@@ -19,6 +18,7 @@ from omegaconf import OmegaConf
 
 from errors import UserError
 from tests import files
+from tests.helpers import returns_within
 from training import checkpoint as checkpoints
 from training import saved_config, untrusted
 from training.build import build_model
@@ -161,25 +161,6 @@ def _blocking_kinds(tmp_path: Path) -> dict[str, Path]:
     return {"FIFO": fifo, "folder": folder, "device": Path("/dev/null")}
 
 
-def _returns_within(seconds: float, work) -> None:
-    """Run `work` on a thread and fail (rather than hang the suite) if it has not returned in time."""
-    outcome = []
-    thread = threading.Thread(target=lambda: outcome.append(_raised(work)), daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still running after {seconds} s (blocked opening a FIFO?)"
-    if outcome[0] is not None:
-        raise outcome[0]
-
-
-def _raised(work):
-    try:
-        work()
-    except Exception as e:  # handed back to the test's thread
-        return e
-    return None
-
-
 def test_a_fifo_folder_or_device_as_checkpoint_or_predict_is_named_not_opened(make_checkpoint, make_eval_cfg,
                                                                               tmp_path):
     ok = make_checkpoint("ok.pt")
@@ -193,7 +174,7 @@ def test_a_fifo_folder_or_device_as_checkpoint_or_predict_is_named_not_opened(ma
             elif "onnx" in overrides[0]:
                 continue
             with pytest.raises(UserError) as error:
-                _returns_within(10, lambda: run_evaluation(make_eval_cfg(*overrides)))
+                returns_within(10, lambda: run_evaluation(make_eval_cfg(*overrides)))
             assert kind in _one_line(error) and "not found" not in str(error.value), (kind, overrides)
 
 
