@@ -50,14 +50,12 @@ class Setup(throughput.App):
         super().__init__(mean, std, device, throughput.train_speed(device, **overrides))
         self.fused = fused
 
-    def model(self, batch: int):
-        model, optimizer, graphed = super().model(batch)
-        if self.fused:  # the same SGD on the same parameters; graphed steps must see this optimizer
-            optimizer = torch.optim.SGD(model.parameters(), lr=throughput.TUTORIAL["lr"],
-                                        momentum=throughput.TUTORIAL["momentum"], fused=True)
-            if graphed is not None:
-                graphed.optimizer = optimizer
-        return model, optimizer, graphed
+    def step(self, batch: int):
+        step = super().step(batch)
+        if self.fused:  # the same SGD on the same parameters, used by the step (eager or graphed)
+            step.optimizer = torch.optim.SGD(step.model.parameters(), lr=throughput.TUTORIAL["lr"],
+                                             momentum=throughput.TUTORIAL["momentum"], fused=True)
+        return step
 
 
 def main(argv=None) -> dict:

@@ -55,10 +55,12 @@ from datasets.base import ArrayStore, InMemoryDataset
 from training import schema
 from training import speed as speeds
 from training.build import resolve_device
-from training.graphs import WARMUP_STEPS as GRAPH_WARMUP_STEPS, CudaGraphStep
+from training.graphs import WARMUP_STEPS as GRAPH_WARMUP_STEPS, make_step
 from cores import available_cores
 from training.loaders import build_loader
-from training.loop import Normalizer, train_one_epoch, train_step
+from training.loop import Normalizer, train_one_epoch
+from training.position import EpochPlan
+from training.step import StepOptions, TrainStep
 from training.runner import torch_threads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,8 +81,7 @@ LOADER_DEFAULTS, TRAINER_DEFAULTS = _train_defaults()
 def train_speed(device: torch.device, **overrides) -> speeds.Speed:
     """What train.py would use on this device (its trainer defaults), with `overrides` (precision=...)."""
     t = {**TRAINER_DEFAULTS, **overrides}
-    return speeds.resolve(t["precision"], t["channels_last"], t["compile"], t["deterministic"], device,
-                          cuda_graphs=t["cuda_graphs"])
+    return speeds.resolve(speeds.SpeedSettings.of(t), device)
 SETTINGS = {
     "quick": {"rows": 10_000, "memory_rows": 20_000, "seconds": 0.75, "repeats": 3, "warmup_batches": 3,
               "worker_sweep": True, "epoch_samples": 50_000},
@@ -178,12 +179,17 @@ class App:
         self.amp = speeds.MixedPrecision(speed.precision, device)
         self.normalize = Normalizer(mean, std, device, speeds.memory_format(speed))
 
-    def model(self, batch: int):
-        """A fresh model and optimizer, and the captured step when the speed settings ask for CUDA graphs."""
+    def step(self, batch: int) -> TrainStep:
+        """The training step on a fresh model and optimizer, captured as a CUDA graph when the speed settings ask."""
         model, optimizer = new_model(self.device, self.speed)
-        graphed = (CudaGraphStep(model, optimizer, self.normalize, self.amp, None, batch, self.device)
-                   if self.speed.cuda_graphs else None)
-        return model, optimizer, graphed
+        options = StepOptions(self.amp, cuda_graphs=self.speed.cuda_graphs)
+        return make_step(model, optimizer, self.normalize, options, self.device, batch)
+
+
+def no_windows(warmup_until: int) -> EpochPlan:
+    """An epoch plan for a benchmark: from step 0, timed from `warmup_until`, no logging window before its end."""
+    return EpochPlan(epoch=0, first_batch=0, start_step=0, batches_per_epoch=0, warmup_until=warmup_until,
+                     log_every=10**9)
 
 
 def app_loader_only(loader, app: App, seconds: float, warmup: int) -> float:
@@ -194,40 +200,37 @@ def app_loader_only(loader, app: App, seconds: float, warmup: int) -> float:
 
 
 def app_train(loader, app: App, seconds: float, warmup: int) -> float:
-    model, optimizer, graphed = app.model(loader.batch_size)
-    if graphed is not None:  # the graph's own warm-up steps and its capture stay out of the timed part
+    step = app.step(loader.batch_size)
+    if app.speed.cuda_graphs:  # the graph's own warm-up steps and its capture stay out of the timed part
         warmup += GRAPH_WARMUP_STEPS + 1
-    stats = train_one_epoch(model, optimizer, Timed(loader, seconds, warmup), app.normalize, app.device, start_step=0,
-                            warmup_steps=warmup, log_every=10**9, on_window=lambda window: None, amp=app.amp,
-                            graphed_step=graphed)
+    stats = train_one_epoch(step, Timed(loader, seconds, warmup), no_windows(warmup), on_window=lambda window: None)
     return stats.throughput
 
 
 def epoch_seconds(loader, app: App) -> float:
     """Wall seconds of one whole epoch, after a first epoch that warms up (cuDNN autotuning, graph capture)."""
-    model, optimizer, graphed = app.model(loader.batch_size)
+    step = app.step(loader.batch_size)
     for epoch in range(2):
         loader.set_epoch(epoch)
-        stats = train_one_epoch(model, optimizer, loader, app.normalize, app.device, start_step=0, warmup_steps=0,
-                                log_every=10**9, on_window=lambda window: None, amp=app.amp, graphed_step=graphed)
+        stats = train_one_epoch(step, loader, no_windows(0), on_window=lambda window: None)
     return stats.seconds
 
 
 def compute_only(images: torch.Tensor, labels: torch.Tensor, app: App, batch: int, seconds: float,
                  warmup: int) -> float:
-    """The ceiling: train_step on batches that are already normalised floats on the device; with CUDA graphs
+    """The ceiling: the training step on batches that are already normalised floats on the device; with CUDA graphs
     (train.py's default on CUDA), the captured step replayed on uint8 batches already on the device."""
     if app.speed.cuda_graphs:
         return graphed_compute_only(images, labels, app, batch, seconds, warmup)
-    model, optimizer = new_model(app.device, app.speed)
+    step = app.step(batch)
     batches = [(app.normalize(images[i : i + batch].to(app.device)), labels[i : i + batch].to(app.device))
                for i in range(0, 8 * batch, batch)]
     for inputs, targets in batches[:warmup]:
-        train_step(model, optimizer, inputs, targets, amp=app.amp)
+        step.on_inputs(inputs, targets)
     steps, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         inputs, targets = batches[steps % len(batches)]
-        loss = train_step(model, optimizer, inputs, targets, amp=app.amp)
+        loss = step.on_inputs(inputs, targets)
         steps += 1
     loss.item()  # waits for queued device work before the clock is read
     return steps * batch / (time.perf_counter() - started)
@@ -235,7 +238,7 @@ def compute_only(images: torch.Tensor, labels: torch.Tensor, app: App, batch: in
 
 def graphed_compute_only(images: torch.Tensor, labels: torch.Tensor, app: App, batch: int, seconds: float,
                          warmup: int) -> float:
-    _, _, graphed = app.model(batch)
+    graphed = app.step(batch)
     batches = [(images[i : i + batch].to(app.device), labels[i : i + batch].to(app.device))
                for i in range(0, 8 * batch, batch)]
     for step in range(warmup + GRAPH_WARMUP_STEPS + 1):  # the graph's own warm-up and its capture too

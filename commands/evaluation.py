@@ -55,8 +55,8 @@ def run_evaluation(cfg: DictConfig) -> dict:
             checkpoints.load_weights(model, checkpoint, f"checkpoint={cfg.checkpoint}")
             # Scored as the run validated: its precision and layout settings, resolved for this device (a run
             # that trained with auto on a GPU scores in the same precision on that GPU; fp32 on the CPU).
-            speed = speeds.resolve(saved.trainer.precision, saved.trainer.channels_last, False,
-                                   saved.trainer.deterministic, device)
+            speed = speeds.resolve(speeds.SpeedSettings(saved.trainer.precision, saved.trainer.channels_last, False,
+                                                        saved.trainer.deterministic), device)
             model = speeds.prepare(speed, model)
             amp = speeds.MixedPrecision(speed.precision, device)
             log.info("precision %s (%s)", speed.precision, speed.precision_reason)

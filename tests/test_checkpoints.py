@@ -21,6 +21,8 @@ from tests.helpers import TRAIN_PY, assert_same_state, run_python, scalars, star
 from training import checkpoint as checkpoints
 from training.runner import _resumed_config
 from training.loop import NonFiniteLoss, Normalizer, train_one_epoch
+from training.position import EpochPlan
+from training.step import StepOptions, TrainStep
 
 # 64 crops, 20% of each class held out: 52 train = 7 batches of 8 per epoch.
 STEPS_PER_EPOCH = 7
@@ -229,8 +231,10 @@ def test_a_resumed_epoch_closes_its_windows_at_the_steps_of_an_unbroken_one():
 
     def train(model, optimizer, part, batches_done):
         windows = []
-        train_one_epoch(model, optimizer, part, normalize, torch.device("cpu"), start_step=batches_done,
-                        warmup_steps=0, log_every=4, on_window=windows.append, batches_done=batches_done)
+        step = TrainStep(model, optimizer, normalize, StepOptions(), torch.device("cpu"))
+        plan = EpochPlan(epoch=0, first_batch=batches_done, start_step=batches_done, batches_per_epoch=len(batches),
+                         warmup_until=0, log_every=4)
+        train_one_epoch(step, part, plan, on_window=windows.append)
         return [(w.step, w.loss) for w in windows]
 
     model = copy.deepcopy(start)

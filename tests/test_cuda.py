@@ -19,7 +19,8 @@ from training import checkpoint as checkpoints
 from commands.evaluation import run_evaluation
 from training.graphs import WARMUP_STEPS, CudaGraphStep
 from training.loaders import DeviceLoader, EpochSeededDataLoader, build_loader, free_memory
-from training.loop import Normalizer, evaluate, train_step
+from training.loop import Normalizer, evaluate
+from training.step import StepOptions, TrainStep
 from training.speed import MixedPrecision
 
 pytestmark = pytest.mark.cuda
@@ -94,15 +95,14 @@ def test_graphed_step_equals_eager_steps_through_a_short_batch_and_a_new_learnin
         torch.manual_seed(0)
         model = TutorialCNN(3, 32, 32, 10).to(CUDA)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        step = CudaGraphStep(model, optimizer, normalize, amp, 1.0, 16, CUDA) if graphed else None
+        options = StepOptions(amp, clip_grad_norm=1.0)
+        step = (CudaGraphStep(model, optimizer, normalize, options, CUDA, 16) if graphed
+                else TrainStep(model, optimizer, normalize, options, CUDA))
         losses = []
         for i, (images, targets) in enumerate(batches):
             if i == len(batches) - 2:
                 optimizer.param_groups[0]["lr"] = 0.005  # a scheduler's epoch step
-            if step is None:
-                losses.append(train_step(model, optimizer, normalize(images), targets, 1.0, amp))
-            else:
-                losses.append(step(images, targets))
+            losses.append(step(images, targets))
         models.append((model, torch.stack(losses).cpu(), step))
     (eager, eager_losses, _), (graphed, graphed_losses, step) = models
     assert step.captures == 2  # once, and again for the new learning rate; the short batch ran eagerly
@@ -114,8 +114,8 @@ def test_graphed_step_equals_eager_steps_through_a_short_batch_and_a_new_learnin
 def test_replayed_steps_never_wait_for_the_gpu():
     model = TutorialCNN(3, 32, 32, 10).to(CUDA)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    step = CudaGraphStep(model, optimizer, Normalizer([0.5] * 3, [0.5] * 3, CUDA), MixedPrecision("bf16", CUDA),
-                         None, 16, CUDA)
+    step = CudaGraphStep(model, optimizer, Normalizer([0.5] * 3, [0.5] * 3, CUDA),
+                         StepOptions(MixedPrecision("bf16", CUDA)), CUDA, 16)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, device=CUDA)
     targets = torch.randint(0, 10, (16,), device=CUDA)
     for _ in range(WARMUP_STEPS + 1):

@@ -16,7 +16,8 @@ from tests.helpers import TRAIN_PY, events, run_python, start_python
 from training import checkpoint as checkpoints
 from training.build import build_optimizer
 from training.loaders import build_loader
-from training.loop import NonFiniteLoss, train_step
+from training.loop import NonFiniteLoss
+from training.step import StepOptions, TrainStep
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(make_cfg, crop_csv, tmp_path):
@@ -46,7 +47,7 @@ def test_clip_grad_norm_bounds_each_step(make_cfg):
     def step_size(clip):
         for p, b in zip(model.parameters(), before):
             p.data.copy_(b)
-        train_step(model, optimizer, inputs, targets, clip)
+        TrainStep(model, optimizer, None, StepOptions(clip_grad_norm=clip), inputs.device).on_inputs(inputs, targets)
         return torch.sqrt(sum(((p - b).double() ** 2).sum() for p, b in zip(model.parameters(), before)))
 
     # SGD without momentum moves by lr * gradient, whose norm the clip caps at 0.001 (1% for float32 rounding).

@@ -9,7 +9,7 @@ from training import speed
 
 
 def test_auto_is_plain_fp32_on_cpu():
-    resolved = speed.resolve("auto", "auto", False, False, torch.device("cpu"))
+    resolved = speed.resolve(speed.SpeedSettings("auto", "auto", False, False), torch.device("cpu"))
     assert (resolved.precision, resolved.channels_last, resolved.compile, resolved.cudnn_benchmark,
             resolved.deterministic, resolved.cuda_graphs) == ("fp32", False, False, False, False, False)
 
@@ -18,7 +18,8 @@ def test_auto_is_plain_fp32_on_cpu():
                                                    ((7, 0), "fp16"), ((6, 1), "fp32")])
 def test_auto_precision_follows_the_training_gpus_compute_capability(capability, precision):
     """bf16 only with bf16 tensor cores (8.0+): torch.cuda.is_bf16_supported() says yes to emulated bf16 too."""
-    resolved = speed.resolve("auto", "auto", False, False, torch.device("cuda", 1), capability=capability)
+    resolved = speed.resolve(speed.SpeedSettings("auto", "auto", False, False), torch.device("cuda", 1),
+                             capability=capability)
     assert resolved.precision == precision
     assert f"{capability[0]}.{capability[1]}" in resolved.precision_reason  # the run's log says why
     assert resolved.channels_last and resolved.cudnn_benchmark
@@ -36,8 +37,10 @@ def test_cuda_graphs_refuse_what_a_captured_step_cannot_do_and_auto_turns_them_o
             "per_step_scheduler": False, **overrides}
     settings = {"capability": (8, 0), "distributed": args["distributed"], "per_step_scheduler": args["per_step_scheduler"]}
     with pytest.raises(UserError, match=f"trainer.cuda_graphs=true cannot be used: .*{message}"):
-        speed.resolve(args["precision"], "auto", args["compile"], False, args["device"], cuda_graphs=True, **settings)
-    resolved = speed.resolve(args["precision"], "auto", args["compile"], False, args["device"], **settings)
+        speed.resolve(speed.SpeedSettings(args["precision"], "auto", args["compile"], False, cuda_graphs=True),
+                      args["device"], **settings)
+    resolved = speed.resolve(speed.SpeedSettings(args["precision"], "auto", args["compile"], False), args["device"],
+                             **settings)
     assert not resolved.cuda_graphs and resolved.cuda_graphs_reason.startswith("auto: off")
     assert message in resolved.cuda_graphs_reason  # the run's log says why auto left them off
 
@@ -45,10 +48,11 @@ def test_cuda_graphs_refuse_what_a_captured_step_cannot_do_and_auto_turns_them_o
 @pytest.mark.parametrize("precision", ["auto", "bf16", "fp32"])
 def test_auto_captures_cuda_graphs_wherever_a_step_can_be_captured(precision):
     """Measured faster on a GPU (docs/performance.md): auto turns them on for CUDA unless something above rules them out."""
-    resolved = speed.resolve(precision, "auto", False, False, torch.device("cuda"), capability=(9, 0))
+    resolved = speed.resolve(speed.SpeedSettings(precision, "auto", False, False), torch.device("cuda"),
+                             capability=(9, 0))
     assert resolved.cuda_graphs and resolved.cuda_graphs_reason.startswith("auto: on")
-    assert not speed.resolve(precision, "auto", False, False, torch.device("cuda"), capability=(9, 0),
-                             cuda_graphs=False).cuda_graphs
+    assert not speed.resolve(speed.SpeedSettings(precision, "auto", False, False, cuda_graphs=False),
+                             torch.device("cuda"), capability=(9, 0)).cuda_graphs
 
 
 def test_cuda_graphs_on_cpu_fail_before_any_data_is_read(make_cfg, tmp_path):
@@ -58,7 +62,7 @@ def test_cuda_graphs_on_cpu_fail_before_any_data_is_read(make_cfg, tmp_path):
 
 def test_unknown_precision_is_one_line():
     with pytest.raises(UserError, match="trainer.precision must be auto, fp32, bf16 or fp16"):
-        speed.resolve("fp8", "auto", False, False, torch.device("cpu"))
+        speed.resolve(speed.SpeedSettings("fp8", "auto", False, False), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -23,6 +23,7 @@ from datasets import guards
 from datasets.base import DataBundle
 from errors import UserError
 from training import untrusted
+from training.position import Position
 
 FORMAT = 1  # bump when the keys below change meaning
 KEYS = ("format", "epoch", "batches_done", "step", "model", "optimizer", "scheduler", "scaler", "rng", "loader", "classes", "input_shape",
@@ -119,18 +120,6 @@ def load(path: str | Path, key: str) -> dict:
                         "point it at checkpoints/last.pt or best.pt of a run")
     untrusted.check_description(checkpoint, f"{key}={path}")
     return checkpoint
-
-
-@dataclass
-class Position:
-    """Where training stands: `epoch` epochs done, then `batches_done` batches of the next one (non-zero after
-    a Ctrl-C or a trainer.checkpoint_every save mid-epoch); `step` counts optimizer steps over the whole run.
-    `window`: after a stop, the per-step losses of the logging window it left open (loop.EpochStats.open_window)."""
-
-    epoch: int = 0
-    batches_done: int = 0
-    step: int = 0
-    window: tuple[float, ...] = ()
 
 
 @dataclass

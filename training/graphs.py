@@ -22,26 +22,28 @@ gradients and optimizer state, eagerly, so nothing is captured twice for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from training.loop import forward_backward_step
-from training.speed import MixedPrecision
+from training.step import StepOptions, TrainStep
 
 WARMUP_STEPS = 3  # eager steps on a side stream before the first capture, as torch's examples do
 
 
-class CudaGraphStep:
+class CudaGraphStep(TrainStep):
     """`step(images, targets) -> loss`: a training step on a uint8 batch, replayed from a CUDA graph for
-    batches of `batch_size` items; the returned loss is a detached device tensor of its own."""
+    batches of `batch_size` items; the returned loss is a detached device tensor of its own. The step is
+    TrainStep's own forward/loss/backward/step, recorded."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, normalize, amp: MixedPrecision,
-                 clip_grad_norm: float | None, batch_size: int, device: torch.device, label_smoothing: float = 0.0):
-        if amp.scaler is not None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 normalize: Callable[[torch.Tensor], torch.Tensor], options: StepOptions, device: torch.device,
+                 batch_size: int):
+        if options.amp.scaler is not None:
             raise ValueError("a GradScaler step syncs with the host and cannot be captured")
-        self.model, self.optimizer, self.normalize, self.amp = model, optimizer, normalize, amp
-        self.clip_grad_norm, self.batch_size, self.device = clip_grad_norm, batch_size, device
-        self.label_smoothing = label_smoothing
+        super().__init__(model, optimizer, normalize, options, device)
+        self.batch_size = batch_size
         self.warmup_left = WARMUP_STEPS
         self.side = torch.cuda.Stream(device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -50,9 +52,9 @@ class CudaGraphStep:
         self.captures = 0  # how many times a step was captured (1, plus 1 per learning-rate change)
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Forward, loss, backward and optimizer step, without zeroing gradients (the caller decides how)."""
-        return forward_backward_step(self.model, self.optimizer, self.normalize(images), targets, self.clip_grad_norm,
-                                     self.amp, self.label_smoothing, cache_enabled=False)
+        """Normalisation, then forward, loss, backward and optimizer step, without zeroing gradients (the caller
+        decides how) and without autocast's weight cache (capture requires it off)."""
+        return self.forward_backward(self.normalize(images), targets, cache_enabled=False)
 
     def _settings(self) -> list[dict]:
         """Every value of the optimizer's groups but the parameters: lr, momentum, ... as the graph saw them."""
@@ -97,3 +99,12 @@ class CudaGraphStep:
             self.static_loss = self._step(self.static_images, self.static_targets)
         self.graph, self.captured_settings = graph, self._settings()
         self.captures += 1
+
+
+def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, normalize: Callable[[torch.Tensor], torch.Tensor],
+              options: StepOptions, device: torch.device, batch_size: int) -> TrainStep:
+    """The step a run trains with: replayed from a CUDA graph for batches of `batch_size` items when
+    `options.cuda_graphs`, else eager."""
+    if options.cuda_graphs:
+        return CudaGraphStep(model, optimizer, normalize, options, device, batch_size)
+    return TrainStep(model, optimizer, normalize, options, device)

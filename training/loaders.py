@@ -22,6 +22,7 @@ Random augmentation is not done here but on whole batches after the loader, on t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Callable
 
 import torch
@@ -38,6 +39,36 @@ DEVICE_MEMORY_SHARE = 0.8  # of a GPU's free memory the data may take: the rest 
 # activations, cuDNN workspaces and the allocator's rounding
 _WORKER_ERROR = "Caught UserError in DataLoader worker"
 _WORKER_DIED = "DataLoader worker (pid"  # torch's words for a worker killed by a signal or exited
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of each epoch's order under DDP: every `world_size`-th item from `rank` on. `pad`
+    repeats items so that every rank gets as many (training: all ranks take the same number of steps)."""
+
+    rank: int = 0
+    world_size: int = 1
+    pad: bool = False
+
+    def of(self, order: torch.Tensor) -> torch.Tensor:
+        return shard(order, self.rank, self.world_size, self.pad)
+
+    def size(self, n: int) -> int:
+        return shard_size(n, self.rank, self.world_size, self.pad)
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """The keys of configs/loader/, as build_loader gets them (checked there)."""
+
+    mode: str  # auto | device | dataloader
+    batch_size: int
+    shuffle: bool
+    num_workers: int | str  # auto or a count
+    pin_memory: bool | str  # auto or a bool
+    persistent_workers: bool
+    prefetch_factor: int
+    sampler: str = "uniform"  # the default for checkpoints saved before the key existed
 
 
 def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,14 +132,14 @@ def free_memory(device: torch.device) -> int | None:
 
 
 class DeviceLoader:
-    """Whole batches sliced from uint8 data that lives on the training device."""
+    """Whole batches sliced from uint8 data that lives on the training device. `len()` is what the next
+    iteration yields: `batches_left` of the epoch set last."""
 
     num_workers = 0
     notice = None  # see EpochSeededDataLoader.notice
 
     def __init__(self, dataset: InMemoryDataset, batch_size: int, shuffle: bool, device: torch.device, seed: int,
-                 rank: int = 0, world_size: int = 1, pad: bool = False, train: bool = True,
-                 balance: torch.Tensor | None = None):
+                 part: Shard = Shard(), train: bool = True, balance: torch.Tensor | None = None):
         if train or dataset.store.is_on(device):
             self.images, self.labels = dataset.store.on(device)
             self.indices = dataset.indices.to(device)
@@ -118,8 +149,7 @@ class DeviceLoader:
             self.indices = torch.arange(len(dataset), device=device)
         self.expand = dataset.store.expand  # the stored channels to the model's, a view
         self.balance = balance  # the split's labels (CPU) when loader.sampler=balanced
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.batch_size, self.shuffle, self.seed, self.part = batch_size, shuffle, seed, part
         self.epoch = self.skip_batches = 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -133,13 +163,22 @@ class DeviceLoader:
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.epoch = state["seed"], state["epoch"]
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """This process's batches in a whole epoch, whatever the epoch set last skips."""
+        return math.ceil(self.part.size(len(self.indices)) / self.batch_size)
+
+    @property
+    def batches_left(self) -> int:
+        """The batches the next iteration yields: the epoch's, less the ones skipped."""
+        return max(self.batches_per_epoch - self.skip_batches, 0)
+
     def __len__(self) -> int:
-        items = shard_size(len(self.indices), self.rank, self.world_size, self.pad)
-        return math.ceil(items / self.batch_size) - self.skip_batches
+        return self.batches_left
 
     def __iter__(self):
         order = epoch_order(len(self.indices), self.shuffle, self.seed, self.epoch, self.balance)
-        order = self.indices[shard(order, self.rank, self.world_size, self.pad).to(self.indices.device)]
+        order = self.indices[self.part.of(order).to(self.indices.device)]
         for start in range(self.skip_batches * self.batch_size, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             yield self.expand(self.images[batch]), self.labels[batch]
@@ -148,36 +187,39 @@ class DeviceLoader:
 class EpochSampler(Sampler[int]):
     """Yields `epoch_order` for the epoch set last."""
 
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, pad: bool = False,
-                 balance: torch.Tensor | None = None):
+    def __init__(self, n: int, shuffle: bool, seed: int, part: Shard = Shard(), balance: torch.Tensor | None = None):
         self.n, self.shuffle, self.seed, self.epoch, self.skip = n, shuffle, seed, 0, 0
-        self.rank, self.world_size, self.pad, self.balance = rank, world_size, pad, balance
+        self.part, self.balance = part, balance
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
+    @property
+    def items_per_epoch(self) -> int:
+        return self.part.size(self.n)
+
     def __len__(self) -> int:
-        return shard_size(self.n, self.rank, self.world_size, self.pad) - self.skip
+        return self.items_per_epoch - self.skip
 
     def __iter__(self):
-        order = epoch_order(self.n, self.shuffle, self.seed, self.epoch, self.balance)
-        order = shard(order, self.rank, self.world_size, self.pad)
+        order = self.part.of(epoch_order(self.n, self.shuffle, self.seed, self.epoch, self.balance))
         return iter(order[self.skip :].tolist())
 
 
 class EpochSeededDataLoader(DataLoader):
     """torch's DataLoader whose order and worker seeds depend only on (seed, epoch). Each batch is copied to
     `device` (non-blocking: from pinned memory when pin_memory is on) and then given to `expand`, which turns
-    the channels as stored into the model's (ArrayStore.expand for in-memory data; nothing else by default)."""
+    the channels as stored into the model's (ArrayStore.expand for in-memory data; nothing else by default).
+    `len()` is what the next iteration yields: `batches_left` of the epoch set last."""
 
-    def __init__(self, dataset: Dataset, seed: int, shuffle: bool, rank: int = 0,
-                 world_size: int = 1, pad: bool = False, balance: torch.Tensor | None = None,
-                 notice: str | None = None, device: torch.device = torch.device("cpu"),
+    notice = None  # why loader.mode=auto chose this loader over the DeviceLoader, for the run's log
+
+    def __init__(self, dataset: Dataset, seed: int, shuffle: bool, part: Shard = Shard(),
+                 balance: torch.Tensor | None = None, device: torch.device = torch.device("cpu"),
                  expand: Callable[[torch.Tensor], torch.Tensor] | None = None, **kwargs):
-        self.seed, self.epoch, self.skip_batches, self.rank = seed, 0, 0, rank
+        self.seed, self.epoch, self.skip_batches = seed, 0, 0
         self.device, self.expand = device, expand
-        self.notice = notice  # why loader.mode=auto chose this loader over the DeviceLoader, for the run's log
-        sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size, pad, balance)
+        sampler = EpochSampler(len(dataset), shuffle, seed, part, balance)
         super().__init__(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -186,6 +228,20 @@ class EpochSeededDataLoader(DataLoader):
         self.sampler.set_epoch(epoch, skip_batches * self.batch_size)
         # Workers' base seed is drawn from this generator when the epoch's iterator starts.
         self.generator.manual_seed(self.seed + epoch)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """As DeviceLoader.batches_per_epoch."""
+        items = self.sampler.items_per_epoch
+        return items // self.batch_size if self.drop_last else math.ceil(items / self.batch_size)
+
+    @property
+    def batches_left(self) -> int:
+        """As DeviceLoader.batches_left."""
+        return max(self.batches_per_epoch - self.skip_batches, 0)
+
+    def __len__(self) -> int:
+        return self.batches_left
 
     def state_dict(self) -> dict:
         # The generator needs no saving: set_epoch reseeds it from (seed, epoch), as the order is drawn.
@@ -250,27 +306,15 @@ def resolve_workers(num_workers: int | str, dataset: Dataset) -> int:
     return cores_per_process()
 
 
-def build_loader(
-    dataset: Dataset,
-    *,
-    device: torch.device,
-    seed: int,
-    train: bool,
-    rank: int = 0,
-    world_size: int = 1,
-    mode: str,
-    batch_size: int,
-    shuffle: bool,
-    num_workers: int | str,
-    pin_memory: bool | str,
-    persistent_workers: bool,
-    prefetch_factor: int,
-    sampler: str = "uniform",  # the default for checkpoints saved before the key existed
-) -> DeviceLoader | EpochSeededDataLoader:
+def build_loader(dataset: Dataset, *, device: torch.device, seed: int, train: bool, rank: int = 0, world_size: int = 1,
+                 **settings) -> DeviceLoader | EpochSeededDataLoader:
     """The loader for one split; `train=False` never shuffles nor balances. Config: configs/loader/.
 
     Under DDP each rank loads every world_size-th item of the epoch's order; training pads the order so
-    all ranks take the same number of steps, validation does not, so every item is scored exactly once."""
+    all ranks take the same number of steps, validation does not, so every item is scored exactly once.
+    `settings`: the keys of configs/loader/ one by one, as the config's partial passes them (LoaderSettings)."""
+    settings = LoaderSettings(**settings)
+    mode, batch_size, shuffle, sampler = settings.mode, settings.batch_size, settings.shuffle, settings.sampler
     if mode not in MODES:
         raise UserError(f"loader.mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
@@ -293,18 +337,21 @@ def build_loader(
         on_device, notice = choose_device_loader(mode, device_bytes(dataset, device, train), free_memory(device),
                                                  device)
         if on_device:
-            return DeviceLoader(dataset, batch_size, shuffle, device, seed, rank, world_size, pad=train,
+            return DeviceLoader(dataset, batch_size, shuffle, device, seed, Shard(rank, world_size, pad=train),
                                 train=train, balance=balance)
-    workers = resolve_workers(num_workers, dataset)
+    workers = resolve_workers(settings.num_workers, dataset)
     expand = None
     if in_memory:  # batched as stored (one channel for grey data), expanded on the device after the copy
         dataset, expand = dataset.stored(), dataset.store.expand
+    pin_memory = settings.pin_memory
     if pin_memory == "auto":
         pin_memory = device.type == "cuda"
     if not isinstance(pin_memory, bool):
         raise UserError(f"loader.pin_memory must be auto, true or false, got {pin_memory!r}")
-    extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
-    return EpochSeededDataLoader(
-        dataset, seed, shuffle, rank, world_size, train, balance, notice, device=device, expand=expand,
-        batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, **extra
-    )
+    extra = ({"persistent_workers": settings.persistent_workers, "prefetch_factor": settings.prefetch_factor}
+             if workers else {})
+    loader = EpochSeededDataLoader(dataset, seed, shuffle, Shard(rank, world_size, pad=train), balance, device=device,
+                                   expand=expand, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                                   **extra)
+    loader.notice = notice
+    return loader

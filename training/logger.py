@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -316,10 +317,21 @@ def _class_counts(counts: list[int], classes: list[str]) -> str:
     return f"{sum(counts)} items: " + ", ".join(f"{name} {n}" for name, n in zip(classes, counts))
 
 
-def describe_run(config: dict, bundle: DataBundle, counts: dict[str, list[int]], parameters: int, speed, loader,
-                 world_size: int, device: torch.device, prep_seconds: float) -> dict[str, dict[str, str]]:
+@dataclass(frozen=True)
+class Where:
+    """Where a run trains, for its summary."""
+
+    device: torch.device
+    precision: str  # as resolved (training/speed.py)
+    processes: int  # DDP world size
+    loader: object  # the training loader: its kind and workers
+
+
+def describe_run(config: dict, bundle: DataBundle, counts: dict[str, list[int]], parameters: int, prep_seconds: float,
+                 where: Where) -> dict[str, dict[str, str]]:
     """The run summary's sections other than its results, from the resolved config and what was built;
     `counts`: items per class of each split."""
+    world_size, loader = where.processes, where.loader
     dataset, optim, trainer = config["dataset"], config["optim"], config["trainer"]
     source = dataset.get("csv") or dataset.get("root") or "the bundled demo"
     augment = {f"augment.{k}": v for k, v in config.get("augment", {}).items()}
@@ -347,8 +359,8 @@ def describe_run(config: dict, bundle: DataBundle, counts: dict[str, list[int]],
             "seed": str(trainer["seed"]),
         },
         "Where": {
-            "device": str(device),
-            "precision": str(speed.precision),
+            "device": str(where.device),
+            "precision": str(where.precision),
             "processes": str(world_size),
             "loader": f"{type(loader).__name__}, {loader.num_workers} workers",
         },

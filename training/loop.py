@@ -1,6 +1,8 @@
-"""One training epoch and one evaluation pass. No files, no logging: the runner does that.
+"""One training epoch and one evaluation pass. No files, no logging: the runner does that. The epoch gets its
+step (training/step.py: model, optimizer, precision, clipping, ...) and its plan (training/position.py: which
+epoch, from which batch, at which global step) as two values.
 
-Timing is honest: the first `warmup_steps` optimizer steps of a run are left out of throughput and
+Timing is honest: the first trainer.warmup_steps optimizer steps of a run are left out of throughput and
 data-wait figures (allocator, cuDNN autotuning, worker start-up), CUDA is synchronised before every
 clock read that closes a window, and `.item()` runs only when a window closes.
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,9 +19,9 @@ from torch import nn
 
 from errors import UserError
 from training import distributed, metrics
+from training.position import EpochPlan
 from training.speed import MixedPrecision
-
-FP32 = MixedPrecision("fp32", torch.device("cpu"))  # plain float32 steps: no autocast, no scaler
+from training.step import FP32, TrainStep
 
 
 @dataclass
@@ -75,57 +77,26 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-               clip_grad_norm: float | None = None, amp: MixedPrecision = FP32, label_smoothing: float = 0.0):
-    """One optimizer step; returns the detached loss tensor (no host sync). `label_smoothing` spreads that
-    share of each target over all classes (training only: validation scores the plain loss)."""
-    optimizer.zero_grad(set_to_none=True)
-    return forward_backward_step(model, optimizer, inputs, targets, clip_grad_norm, amp, label_smoothing)
-
-
-def forward_backward_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-                          targets: torch.Tensor, clip_grad_norm: float | None, amp: MixedPrecision,
-                          label_smoothing: float, cache_enabled: bool = True) -> torch.Tensor:
-    """train_step without zeroing the gradients, which its callers do each in their own way (a captured CUDA
-    graph's step, training/graphs.py, also turns off autocast's weight cache, as capture requires)."""
-    with amp.autocast(cache_enabled=cache_enabled):
-        logits = model(inputs)
-    # The loss in fp32 whatever the forward ran in.
-    loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-    amp.backward_and_step(loss, optimizer, model, clip_grad_norm)
-    return loss.detach()
-
-
 def train_one_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    step: TrainStep,
     loader,
-    normalize: Normalizer,
-    device: torch.device,
-    start_step: int,
-    warmup_steps: int,
-    log_every: int,
+    plan: EpochPlan,
     on_window: Callable[[Window], None],
     on_step: Callable[[int], None] = lambda step: None,
-    clip_grad_norm: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    amp: MixedPrecision = FP32,
     augment: Callable[[torch.Tensor], torch.Tensor] = lambda images: images,
-    label_smoothing: float = 0.0,
-    graphed_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    batches_done: int = 0,
-    carried: Sequence[float] = (),
 ) -> EpochStats:
-    """`augment` takes each uint8 batch on the device, before normalisation, and returns the one to train on;
-    `on_step` runs after every optimizer step (progress bar, per-step learning-rate schedules).
-    `batches_done`: batches of this epoch trained before this call (a resumed epoch): windows close every
-    `log_every` batches counted from the epoch's start, at the steps an unbroken run closes them, so a
-    resumed run's points continue its curve (the first one averages the steps since the checkpoint).
-    `graphed_step(images, targets) -> loss` (training.graphs.CudaGraphStep), when given, replaces
-    normalisation and train_step: the step replayed from a CUDA graph. `carried`: the per-step losses of the
-    window an interrupted run left open (EpochStats.open_window), which the first window closed here includes."""
-    model.train()
-    step = start_step
+    """Train `loader`'s batches, set by the caller to `plan`'s epoch from `plan.first_batch` on, with `step`
+    (training.step.TrainStep, or its CUDA-graph form). `augment` takes each uint8 batch on the device, before
+    normalisation, and returns the one to train on; `on_step(global_step)` runs after every optimizer step
+    (progress bar, per-step learning-rate schedules, mid-epoch checkpoints). Windows close every
+    `plan.log_every` batches counted from the epoch's start, at the steps an unbroken run closes them, so a
+    resumed run's points continue its curve; the first one closed here includes `plan.carried`, the per-step
+    losses of the window an interrupted run left open (EpochStats.open_window)."""
+    device = step.device
+    step.model.train()
+    global_step = plan.start_step
+    carried = plan.carried
     epoch_loss = torch.zeros((), device=device)
     epoch_steps = epoch_samples = 0
     epoch_started = None
@@ -139,7 +110,7 @@ def train_one_epoch(
         if should_stop():
             interrupted = True
             break
-        timed = step >= warmup_steps
+        timed = global_step >= plan.warmup_until
         if timed and window_started is None:
             window_started = _clock(device)
             epoch_started = epoch_started or window_started
@@ -153,12 +124,8 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         waited = time.perf_counter() - fetch_started
 
-        images = augment(images)
-        if graphed_step is not None:
-            loss = graphed_step(images, targets)
-        else:
-            loss = train_step(model, optimizer, normalize(images), targets, clip_grad_norm, amp, label_smoothing)
-        step += 1
+        loss = step(augment(images), targets)
+        global_step += 1
         window_losses.append(loss)
         epoch_loss += loss
         epoch_steps += 1
@@ -166,10 +133,10 @@ def train_one_epoch(
             window_wait += waited
             window_samples += len(targets)
             epoch_samples += len(targets)
-        on_step(step)  # a step boundary: the runner may save a checkpoint here (trainer.checkpoint_every)
-        if (batches_done + epoch_steps) % log_every == 0:
-            window_started = _close_window(step, carried, window_losses, window_samples, window_wait, window_started,
-                                           device, on_window)
+        on_step(global_step)  # a step boundary: the runner may save a checkpoint here (trainer.checkpoint_every)
+        if (plan.first_batch + epoch_steps) % plan.log_every == 0:
+            window_started = _close_window(global_step, carried, window_losses, window_samples, window_wait,
+                                           window_started, device, on_window)
             carried, window_losses = (), []
             window_samples = 0
             window_wait = 0.0
@@ -177,7 +144,8 @@ def train_one_epoch(
     if interrupted:  # no partial point: the resumed run closes this window at the step an unbroken run closes it
         open_window = [*carried, *(_mean_over_ranks(window_losses) if window_losses else [])]
     elif window_losses or carried:
-        _close_window(step, carried, window_losses, window_samples, window_wait, window_started, device, on_window)
+        _close_window(global_step, carried, window_losses, window_samples, window_wait, window_started, device,
+                      on_window)
     seconds = _clock(device) - epoch_started if epoch_started is not None else 0.0
     # Under DDP every rank took the same steps: the epoch's loss is the ranks' mean, its samples their sum.
     totals = distributed.sum_(torch.stack([epoch_loss / max(epoch_steps, 1), torch.tensor(float(epoch_samples),

@@ -33,10 +33,12 @@ from training import speed as speeds
 from training.augment import Augment
 from training.build import (Data, build_augment, build_data, build_model, build_optimizer, require_keys,
                             resolve_device, saved_mapping)
-from training.logger import RunLogger, describe_run, run_log
+from training.logger import RunLogger, Where, describe_run, run_log
 from training.schema import check_ranges
 from training.loop import NonFiniteLoss, Normalizer, evaluate, train_one_epoch
-from training.graphs import CudaGraphStep
+from training.graphs import make_step
+from training.position import EpochPlan, Position, warmup_end
+from training.step import StepOptions, TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +182,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     seed_everything(trainer.seed)  # the same on every rank: identical initial weights, one shared epoch order
 
     # Before any data is read: a setting this device cannot run fails in a second.
-    speed = speeds.resolve(trainer.precision, trainer.channels_last, trainer.compile, trainer.deterministic, device,
-                           cuda_graphs=trainer.cuda_graphs, distributed=process.distributed,
+    speed = speeds.resolve(speeds.SpeedSettings.of(trainer), device, distributed=process.distributed,
                            per_step_scheduler=OmegaConf.select(cfg, "scheduler.interval") == "step")
     # A resumed run maps values and normalises as it did before (mean/std=auto is not recomputed).
     fixed = saved_mapping(checkpoint, cfg.dataset) if checkpoint is not None else None
@@ -193,13 +194,14 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     parameters, flops = model_cost(model, bundle.input_shape)
     log.info("model: %s, %.3gM parameters, %.3g MFLOPs per sample (forward)", type(model).__name__, parameters / 1e6,
              flops / 1e6)
+    # The whole epoch's batches, whether or not a resumed epoch skips some: a per-step schedule spans epochs x these.
     optimizer, scheduler, per_step = build_optimizer(cfg.optim, cfg.get("scheduler"), model,
-                                                     steps_per_epoch=len(data.train_loader))
+                                                     steps_per_epoch=data.train_loader.batches_per_epoch)
     amp = speeds.MixedPrecision(speed.precision, device)
     config = OmegaConf.to_container(cfg, resolve=True)
     state = checkpoints.TrainingState(model, optimizer, scheduler, amp, data.train_loader, bundle, config,
                                       choices=saved_config.choices(cfg))
-    position, best_acc = checkpoints.Position(), -1.0
+    position, best_acc = Position(), -1.0
     if checkpoint is not None:
         _check_classes(checkpoint, cfg, bundle)
         position = state.restore(checkpoint, f"resume={cfg.resume}")
@@ -209,9 +211,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
                  ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in FROM_COMMAND_LINE))
     state.model = _wrap(speeds.prepare(speed, model), speed, process, device)
     normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
-    graphed_step = (CudaGraphStep(state.model, optimizer, normalize, amp, cfg.optim.get("clip_grad_norm"),
-                                  cfg.loader.batch_size, device, trainer.get("label_smoothing", 0.0))
-                    if speed.cuda_graphs else None)
+    options = StepOptions(amp, cfg.optim.get("clip_grad_norm"), trainer.get("label_smoothing", 0.0), speed.cuda_graphs)
+    step = make_step(state.model, optimizer, normalize, options, device, cfg.loader.batch_size)
     log.info("speed: %s", ", ".join(f"{k}={v}" for k, v in vars(speed).items()))
 
     if main:
@@ -233,11 +234,10 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
             logger.class_counts(bundle.classes, counts, cfg.loader.get("sampler", "uniform"),
                                 step=0 if checkpoint is None else None)
         last_val = checkpoint["metrics"] if checkpoint is not None else {"val/acc_best": best_acc}
-        logger.describe(describe_run(config, bundle, counts, parameters, speed, data.train_loader, process.world_size,
-                                     device, prep_seconds))
+        where = Where(device, speed.precision, process.world_size, data.train_loader)
+        logger.describe(describe_run(config, bundle, counts, parameters, prep_seconds, where))
         loop = EpochLoop(cfg=cfg, run_dir=run_dir, data=data, state=state, schedule_per_step=per_step,
-                         augment=augment, normalize=normalize, logger=logger, process=process, device=device,
-                         graphed_step=graphed_step, signals=signals)
+                         augment=augment, step=step, logger=logger, process=process, signals=signals)
         last_val = loop.run(position, best_acc, last_val)
         logger.hparams(config)
         outcome = "finished"
@@ -309,53 +309,31 @@ class EpochLoop:
     state: checkpoints.TrainingState
     schedule_per_step: bool  # the scheduler steps after every optimizer step, not once per epoch
     augment: Augment  # applied to training batches on the device, before normalisation
-    normalize: Normalizer
+    step: TrainStep  # normalisation and the optimizer step (replayed as one CUDA graph under trainer.cuda_graphs)
     logger: RunLogger
     process: distributed.Process
-    device: torch.device
-    graphed_step: CudaGraphStep | None = None  # trainer.cuda_graphs: the whole step replayed as one CUDA graph
     signals: stop.StopSignals | None = None  # Ctrl-C and trainer.stop_signals: stop at the next step boundary
 
-    def run(self, position: checkpoints.Position, best_acc: float, last_val: dict) -> dict:
+    def run(self, position: Position, best_acc: float, last_val: dict) -> dict:
         """Train from `position`; returns the last validation metrics."""
         trainer, bundle, loader = self.cfg.trainer, self.data.bundle, self.data.train_loader
-        # Warm-up is per process (a resumed run warms up again), and never a whole epoch: every epoch is timed.
-        warmup_until = position.step + min(trainer.warmup_steps, max(len(loader) - 1, 0))
+        warmup_until = warmup_end(position, trainer.warmup_steps, loader.batches_per_epoch)
         signals = self.signals or stop.StopSignals(())
         signals.at_step_boundaries()
-        should_stop = signals.agreed(self.device, trainer.log_every)
-        every = trainer.checkpoint_every  # optimizer steps between mid-epoch saves of last.pt; None: epoch ends only
+        should_stop = signals.agreed(self.step.device, trainer.log_every)
         with torch_threads(loader.num_workers):
-            self._first_batch(position)
+            self._first_batch(self._plan(position, warmup_until))
             for epoch in range(position.epoch, trainer.epochs):
-                skip = position.batches_done if epoch == position.epoch else 0
-                loader.set_epoch(epoch, skip)
+                plan = self._plan(position, warmup_until)
+                loader.set_epoch(plan.epoch, plan.first_batch)
                 lr = self.state.optimizer.param_groups[0]["lr"]
                 epoch_started = time.perf_counter()
-                start = position.step
-
-                def step_done(step: int) -> None:
-                    self._after_step()  # first: a mid-epoch checkpoint holds the per-step schedule's new state
-                    batches_done = skip + step - start
-                    # Every rank counts the same steps, so all agree on when; only rank 0 writes. An epoch's last
-                    # step is left to the end-of-epoch save that follows its validation (len(loader) counts the
-                    # batches left after the `skip` a resumed epoch starts with).
-                    if every and step % every == 0 and batches_done < skip + len(loader):
-                        self._require_finite_weights(step)  # losses are checked per window; weights now
-                        self._save(checkpoints.Position(epoch, batches_done, step), last_val, best=False)
-
-                with self.logger.epoch_bar(len(loader), f"epoch {epoch + 1}/{trainer.epochs}"):
-                    stats = train_one_epoch(
-                        self.state.model, self.state.optimizer, loader, self.normalize, self.device,
-                        start_step=position.step, warmup_steps=warmup_until, log_every=trainer.log_every,
-                        on_window=self.logger.window, on_step=step_done,
-                        clip_grad_norm=self.cfg.optim.get("clip_grad_norm"), should_stop=should_stop,
-                        amp=self.state.amp, augment=self._augment(epoch, skip),
-                        label_smoothing=trainer.get("label_smoothing", 0.0), graphed_step=self.graphed_step,
-                        batches_done=skip, carried=position.window if epoch == position.epoch else ())
+                with self.logger.epoch_bar(plan.batches_left, f"epoch {epoch + 1}/{trainer.epochs}"):
+                    stats = train_one_epoch(self.step, loader, plan, on_window=self.logger.window,
+                                            on_step=lambda step: self._after_step(plan, step, last_val),
+                                            should_stop=should_stop, augment=self._augment(plan))
                 epoch_seconds = time.perf_counter() - epoch_started
-                position = checkpoints.Position(epoch, skip + stats.steps, position.step + stats.steps,
-                                                tuple(stats.open_window))
+                position = plan.position_after(stats.steps, tuple(stats.open_window))
                 if stats.interrupted:
                     self.logger.reached(position.step)
                     with signals.saving():
@@ -372,7 +350,7 @@ class EpochLoop:
                 self.logger.epoch_throughput(stats.throughput)
                 if self.state.scheduler is not None and not self.schedule_per_step:
                     self.state.scheduler.step()
-                position = checkpoints.Position(epoch + 1, 0, position.step)
+                position = position.next_epoch()
                 self._save(position, last_val, best=improved)
                 log.info(
                     "epoch %d/%d: train loss %.4f, %s samples/s, %.1f s | val loss %.4f, acc %.2f%%%s",
@@ -381,30 +359,43 @@ class EpochLoop:
                 )
         return last_val
 
-    def _after_step(self) -> None:
+    def _plan(self, position: Position, warmup_until: int) -> EpochPlan:
+        loader = self.data.train_loader
+        return EpochPlan.at(position, loader.batches_per_epoch, warmup_until, self.cfg.trainer.log_every)
+
+    def _after_step(self, plan: EpochPlan, step: int, last_val: dict) -> None:
+        """After every optimizer step: the progress bar, a per-step schedule, and every trainer.checkpoint_every
+        steps a mid-epoch save of last.pt."""
         self.logger.step()
         if self.schedule_per_step and self.state.scheduler is not None:
-            self.state.scheduler.step()
+            self.state.scheduler.step()  # first: a mid-epoch checkpoint holds the per-step schedule's new state
+        every = self.cfg.trainer.checkpoint_every  # optimizer steps between mid-epoch saves; None: epoch ends only
+        position = plan.position_after(step - plan.start_step)
+        # Every rank counts the same steps, so all agree on when; only rank 0 writes. An epoch's last step is left
+        # to the end-of-epoch save that follows its validation.
+        if every and step % every == 0 and position.batches_done < plan.batches_per_epoch:
+            self._require_finite_weights(step)  # losses are checked per window; weights now
+            self._save(position, last_val, best=False)
 
-    def _augment(self, epoch: int, first_batch: int):
-        """This rank's augmentation for an epoch, from its batch `first_batch` on (a resumed epoch's next)."""
-        return self.augment.for_epoch(self.cfg.trainer.seed, epoch, self.process.rank, first_batch)
+    def _augment(self, plan: EpochPlan):
+        """This rank's augmentation for an epoch, from its batch `plan.first_batch` on (a resumed epoch's next)."""
+        return self.augment.for_epoch(self.cfg.trainer.seed, plan.epoch, self.process.rank, plan.first_batch)
 
-    def _first_batch(self, position: checkpoints.Position) -> None:
+    def _first_batch(self, plan: EpochPlan) -> None:
         """The first batch the model will see, augmented, logged as an image once per run (by the main process)."""
         loader = self.data.train_loader
-        loader.set_epoch(position.epoch, position.batches_done)
+        loader.set_epoch(plan.epoch, plan.first_batch)
         # None when Ctrl-C came during an epoch's last step: the resumed epoch has no batches left.
         first = next(iter(loader), None) if self.process.is_main else None
         if first is not None:
-            images = self._augment(position.epoch, position.batches_done)(first[0].to(self.device))
-            self.logger.first_batch(self.normalize(images), self.data.bundle.mean, self.data.bundle.std,
-                                    position.step)
+            images = self._augment(plan)(first[0].to(self.step.device))
+            self.logger.first_batch(self.step.normalize(images), self.data.bundle.mean, self.data.bundle.std,
+                                    plan.start_step)
 
     def _validate(self, epoch: int, step: int) -> dict:
         # The bare model: DDP's forward would sync buffers, and ranks hold different numbers of val batches.
-        val = evaluate(checkpoints.unwrap(self.state.model), self.data.val_loader, self.normalize, self.device,
-                       len(self.data.bundle.classes), self.state.amp)
+        val = evaluate(checkpoints.unwrap(self.state.model), self.data.val_loader, self.step.normalize,
+                       self.step.device, len(self.data.bundle.classes), self.state.amp)
         if not math.isfinite(val["loss"]):  # never let a broken model become best.pt or last.pt
             raise NonFiniteLoss(
                 f"the validation loss became {val['loss']} after epoch {epoch + 1} (step {step}): training stopped "
@@ -426,7 +417,7 @@ class EpochLoop:
     def _path(self, name: str) -> Path:
         return self.run_dir / CHECKPOINT_DIR / name
 
-    def _save(self, position: checkpoints.Position, metrics: dict, best: bool) -> None:
+    def _save(self, position: Position, metrics: dict, best: bool) -> None:
         """last.pt (and best.pt when validation improved), written by the main process only."""
         if not self.process.is_main:
             return

@@ -14,7 +14,7 @@ took 0.061 s against 0.216 s.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -37,6 +37,22 @@ class Speed:
     cuda_graphs: bool = False
     precision_reason: str = "set by trainer.precision"  # logged, so a run says why it trains in what it does
     cuda_graphs_reason: str = "set by trainer.cuda_graphs"
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """The trainer's speed keys as configured (auto/true/false); `resolve` turns them into a Speed."""
+
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool | str = "auto"
+    compile: bool | str = False
+    deterministic: bool = False
+    cuda_graphs: bool | str = "auto"
+
+    @classmethod
+    def of(cls, trainer) -> SpeedSettings:
+        """From the trainer config group (or a mapping with its keys)."""
+        return cls(**{field.name: trainer[field.name] for field in fields(cls)})
 
 
 def _switch(value, key: str, when_auto: bool) -> bool:
@@ -66,19 +82,19 @@ def auto_precision(capability: tuple[int, int] | None) -> tuple[str, str]:
     return "fp32", f"auto: fp32 on {name} (no tensor cores before 7.0: half precision would not be faster)"
 
 
-def resolve(precision: str, channels_last, compile, deterministic: bool, device: torch.device, *,
-            capability: tuple[int, int] | None = None, cuda_graphs="auto", distributed: bool = False,
-            per_step_scheduler: bool = False) -> Speed:
+def resolve(settings: SpeedSettings, device: torch.device, *, capability: tuple[int, int] | None = None,
+            distributed: bool = False, per_step_scheduler: bool = False) -> Speed:
     """Turn the trainer's auto/true/false settings into what this device will use. `capability` is the
     device's compute capability (read from the device when None); `distributed`: under torchrun (DDP);
     `per_step_scheduler`: the learning rate changes every optimizer step (scheduler.interval=step)."""
+    precision, cuda_graphs, deterministic = settings.precision, settings.cuda_graphs, settings.deterministic
     cuda = device.type == "cuda"
     reason = f"trainer.precision={precision}"
     if precision == "auto":
         precision, reason = auto_precision((capability or device_capability(device)) if cuda else None)
     if precision not in PRECISIONS:
         raise UserError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    compile = _switch(compile, "trainer.compile", when_auto=False)
+    compile = _switch(settings.compile, "trainer.compile", when_auto=False)
     blocker = _graphs_blocker(cuda, precision, compile, distributed, per_step_scheduler)
     graphs = _switch(cuda_graphs, "trainer.cuda_graphs", when_auto=blocker is None)
     if cuda_graphs == "auto":  # on wherever a step can be captured, measured faster there (module docstring)
@@ -90,7 +106,7 @@ def resolve(precision: str, channels_last, compile, deterministic: bool, device:
         graphs_reason = f"trainer.cuda_graphs={str(graphs).lower()}"
     return Speed(
         precision=precision,
-        channels_last=_switch(channels_last, "trainer.channels_last", when_auto=cuda),
+        channels_last=_switch(settings.channels_last, "trainer.channels_last", when_auto=cuda),
         compile=compile,
         cudnn_benchmark=cuda and not deterministic,  # autotuning picks kernels by timing: not reproducible
         deterministic=deterministic,
