@@ -163,10 +163,12 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(build_crops, m
         limit_image_pixels(89478485)
     run = make_cfg(f"dataset.csv={write_scene_csv(tmp_path / 'small', ['a', 'b'] * 4)}", run_dir=tmp_path / "run")
     training.run(run)
-    with pytest.raises(UserError, match=r"predict: cannot read .*big.png .*more than max_image_pixels=1000000"):
-        run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'run/checkpoints/last.pt'}",
-                                     f"predict=[{tmp_path / 'big.png'}]", "max_image_pixels=1000000"))
-    limit_image_pixels(89478485)
+    try:
+        with pytest.raises(UserError, match=r"predict: cannot read .*big.png .*more than max_image_pixels=1000000"):
+            run_evaluation(make_eval_cfg(f"checkpoint={tmp_path / 'run/checkpoints/last.pt'}",
+                                         f"predict=[{tmp_path / 'big.png'}]", "max_image_pixels=1000000"))
+    finally:  # PIL's limit is process-wide: later tests in this worker get the default back whatever happened
+        limit_image_pixels(89478485)
 
 
 def test_a_run_folder_file_that_cannot_be_written_is_one_line_and_keeps_the_previous(tmp_path):

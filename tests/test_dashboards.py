@@ -25,10 +25,9 @@ def served(logdir: Path):
     return CustomScalarsPlugin(tb), TextPlugin(tb)
 
 
-def test_layout_and_summary_once_per_run_also_after_resume(make_cfg, crop_csv, tmp_path):
+def test_layout_and_summary_once_per_run_also_after_resume(make_cfg, shared_run, shared_crop_csv, crop_csv, tmp_path):
     logs = tmp_path / "outputs"
-    first = logs / "first"
-    training.run(make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=8", run_dir=first))
+    first = shared_run("loader.batch_size=8").copy(logs / "first")
     training.run(make_cfg(f"resume={first / 'checkpoints' / 'last.pt'}", "trainer.epochs=2",
                           run_dir=tmp_path / "elsewhere"))
     training.run(make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=16", "scheduler=cosine",
@@ -55,7 +54,7 @@ def test_layout_and_summary_once_per_run_also_after_resume(make_cfg, crop_csv, t
     assert resumed["step"] == 15  # one past the last step: 7 batches of 8 per epoch, 2 epochs
     text = resumed["text"]
     parameters = sum(p.numel() for p in TutorialCNN(in_channels=3, height=32, width=32, num_classes=2).parameters())
-    for line in ["| family | crops |", f"| source | `{crop_csv}` |", "| train | 52 items: bright 26, dark 26 |",
+    for line in ["| family | crops |", f"| source | `{shared_crop_csv}` |", "| train | 52 items: bright 26, dark 26 |",
                  "| val | 12 items: bright 6, dark 6 |", "| input (C, H, W) | (3, 32, 32) |", "| cache | memory |",
                  "| name | TutorialCNN |", f"| parameters | {parameters:,} |", "| schedule | constant |",
                  "| batch size | 8 per process, 8 in all |", "| epochs | 2 |", "| device | cpu |",

@@ -78,9 +78,11 @@ def test_ctrl_c_saves_last_pt_closes_tensorboard_and_exits_non_zero(crop_csv, tm
                        "trainer.device=cpu", "hydra.run.dir=run", cwd=tmp_path, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 60
-    while not last.exists() and time.monotonic() < deadline:  # at least one epoch done
+    # Start-up and one epoch take ~5 s on a quiet machine and over 60 s on a loaded 2-core one; pytest-timeout
+    # ends the test if the program hangs.
+    while not last.exists() and run.poll() is None:  # at least one epoch done
         time.sleep(0.2)
+    assert run.poll() is None, run.communicate()[0]
     first_epoch = torch.load(last, weights_only=True)
     run.send_signal(signal.SIGINT)
     output, _ = run.communicate(timeout=60)
@@ -117,9 +119,8 @@ def test_checkpoint_with_a_pickle_payload_is_refused_without_running(make_cfg, m
         assert b"touch" in f.read()
 
 
-def test_a_run_never_writes_into_another_runs_dir(make_cfg, crop_csv, tmp_path):
-    run_dir = tmp_path / "run"
-    training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=run_dir))
+def test_a_run_never_writes_into_another_runs_dir(make_cfg, shared_run, crop_csv, tmp_path):
+    run_dir = shared_run().copy(tmp_path / "run")
     before = (run_dir / "metrics.json").read_bytes()
     with pytest.raises(UserError, match="already holds another run.*resume="):
         training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=run_dir))
@@ -127,11 +128,10 @@ def test_a_run_never_writes_into_another_runs_dir(make_cfg, crop_csv, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_py_refuses_a_used_run_dir_before_writing_anything_there(make_cfg, crop_csv, tmp_path):
+def test_train_py_refuses_a_used_run_dir_before_writing_anything_there(shared_run, crop_csv, tmp_path):
     """Hydra writes .hydra/*.yaml and train.log into hydra.run.dir before the task runs: the refusal comes
     from its on_run_start callback, and every byte of the old run stays as it was."""
-    old = tmp_path / "old"
-    training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=old))
+    old = shared_run().copy(tmp_path / "old")
     (old / ".hydra").mkdir()
     (old / ".hydra" / "config.yaml").write_text("the old run's config\n")
 
@@ -147,9 +147,8 @@ def test_train_py_refuses_a_used_run_dir_before_writing_anything_there(make_cfg,
     assert snapshot() == before
 
 
-def test_resume_appends_to_the_log_and_events(make_cfg, crop_csv, tmp_path):
-    run_dir = tmp_path / "run"
-    training.run(make_cfg(f"dataset.csv={crop_csv}", run_dir=run_dir))
+def test_resume_appends_to_the_log_and_events(make_cfg, shared_run, tmp_path):
+    run_dir = shared_run().copy(tmp_path / "run")
     log_before = (run_dir / "train.log").read_text()
     events_before = {p.name: p.read_bytes() for p in run_dir.glob("events.out.tfevents.*")}
     training.run(make_cfg(f"resume={run_dir / 'checkpoints' / 'last.pt'}", "trainer.epochs=2",
@@ -175,11 +174,10 @@ def test_seed_outside_numpys_range_is_one_line(make_cfg, crop_csv, seed):
         training.run(make_cfg(f"dataset.csv={crop_csv}", f"trainer.seed={seed}"))
 
 
-def test_resume_after_ctrl_c_in_an_epochs_last_step(make_cfg, crop_csv, tmp_path):
+def test_resume_after_ctrl_c_in_an_epochs_last_step(make_cfg, shared_run, tmp_path):
     """Ctrl-C during the last step saves epoch e with all its batches done; resuming validates epoch e and
     goes on, instead of fetching from an epoch that has no batches left."""
-    run_dir = tmp_path / "run"
-    training.run(make_cfg(f"dataset.csv={crop_csv}", "loader.batch_size=8", run_dir=run_dir))
+    run_dir = shared_run("loader.batch_size=8").copy(tmp_path / "run")
     last = run_dir / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)
     state.update(epoch=0, batches_done=7)  # what the runner saves when stopped after step 7 of 7
