@@ -149,14 +149,14 @@ def resolve(setting: str | tuple[float, float], arrays: Iterable[tuple[object, n
         return {path: rule_scale([s]) for path, s in stats.items()}, PER_FILE
     scale = Scale(*bounds) if bounds is not None else rule_scale(list(stats.values())) if stats else Scale(0.0, 1.0)
     seconds = time.perf_counter() - started
-    if bounds is not None:
+    if bounds is not None and stats:  # images alone (no array files) have nothing to report
         outside, total = sum(s.outside for s in stats.values()), sum(s.size for s in stats.values())
         clipped_files = sum(1 for s in stats.values() if s.outside)
         (log.warning if outside else log.info)(
             "dataset.value_range=[%g, %g]: %d of %d values (%.3g%%) in %d of %d array file(s) lie outside and are "
             "clipped (scanned in %.2f s)", *bounds, outside, total, 100 * outside / max(total, 1), clipped_files,
             len(stats), seconds)
-    elif stats:  # a data set of images alone has nothing to report
+    elif stats:
         log.info("dataset.value_range=global: [%g, %g] over %d array file(s) (scanned in %.2f s)", scale.low,
                  scale.high, len(stats), seconds)
     return dict.fromkeys(stats, scale), (scale.low, scale.high)

@@ -78,6 +78,14 @@ def test_disk_cache_keys_on_the_value_range_and_keeps_the_global_range(levels, t
     assert again.value_range == first.value_range and torch.equal(again.train.store.images, first.train.store.images)
 
 
+def test_a_given_range_over_images_alone_logs_no_empty_count(tmp_path, caplog):
+    csv = files.write_crop_scenes(tmp_path)  # PNG sources only: no array file for the range to clip
+    with caplog.at_level(logging.INFO, logger="datasets.values"):
+        bundle = files.build_crops(csv, value_range=[0, 1])
+    assert bundle.value_range == (0.0, 1.0)
+    assert not [r.getMessage() for r in caplog.records if r.name == "datasets.values"]
+
+
 def test_given_range_clips_and_reports_the_count_once(tmp_path, caplog):
     values = np.linspace(-1.0, 2.0, 16 * 32, dtype=np.float32).reshape(16, 32)
     files.write_npy(tmp_path / "a.npy", values)
