@@ -1,0 +1,72 @@
+"""Test-time augmentation (commands/tta.py): which views are averaged, and when a mode is refused."""
+
+import itertools
+
+import pytest
+import torch
+
+from commands import tta
+from errors import UserError
+from training.augment import Augment
+
+
+def _images(n=3, channels=2, side=5):
+    return torch.randint(0, 256, (n, channels, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def _seen(mode, images):
+    """Every batch the model was given in `mode`."""
+    seen = []
+
+    def forward(x):
+        seen.append(x.clone())
+        return torch.zeros(len(x), 4)
+
+    tta.probabilities(forward, images, mode)
+    return seen
+
+
+def test_dihedral_views_are_the_orientations_training_augmentation_draws():
+    images = _images()
+    # The 8 combinations of training's three coins (hflip, vflip, transpose), applied by its own code.
+    augment = Augment(hflip=True, vflip=True, transpose=True)
+    trained = []
+    for h, v, t in itertools.product([False, True], repeat=3):
+        coin = lambda on: torch.full((len(images),), on)  # noqa: E731
+        trained.append(augment._geometric(images, None, coin(h), coin(v), coin(t)))
+    seen = _seen("dihedral", images)
+    assert len(seen) == 8
+    key = lambda x: x.numpy().tobytes()  # noqa: E731
+    assert {key(x) for x in seen} == {key(x) for x in trained}
+    assert torch.equal(seen[0], images)  # the batch as it is comes first
+
+
+def test_hflip_averages_the_softmax_of_the_batch_and_its_mirror():
+    images = _images().float()
+    weights = torch.randn(2 * 5 * 5, 4, generator=torch.Generator().manual_seed(1))
+    forward = lambda x: x.flatten(1) @ weights / 100  # noqa: E731  an orientation-sensitive linear model
+    got = tta.probabilities(forward, images, "hflip")
+    expected = (torch.softmax(forward(images), 1) + torch.softmax(forward(images.flip(-1)), 1)) / 2
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(got.sum(1), torch.ones(len(images)))
+    assert torch.allclose(tta.probabilities(forward, images, "none"), torch.softmax(forward(images), 1))
+
+
+def test_modes_need_the_transforms_the_run_trained_with():
+    shape = (3, 8, 8)
+    tta.check("none", {}, shape)
+    tta.check("hflip", {"hflip": True}, shape)
+    tta.check("dihedral", {"hflip": True, "vflip": True, "transpose": True}, shape)
+    with pytest.raises(UserError, match=r"tta=hflip: the run trained without augment.hflip.*tta_force=true"):
+        tta.check("hflip", {"hflip": False}, shape)
+    with pytest.raises(UserError, match=r"without augment.vflip/transpose"):
+        tta.check("dihedral", {"hflip": True}, shape)
+    tta.check("dihedral", {"hflip": False}, shape, force=True)  # forced: the user says orientation is free
+
+
+def test_unknown_modes_and_dihedral_on_non_square_inputs_are_refused():
+    with pytest.raises(UserError, match="tta=vflip is not a test-time augmentation: use one of none, hflip, dihedral"):
+        tta.check("vflip", {}, (3, 8, 8))
+    with pytest.raises(UserError, match=r"tta=dihedral needs square inputs.*16x8"):
+        tta.check("dihedral", {"hflip": True, "vflip": True, "transpose": True}, (1, 8, 16), force=True)
+    assert [tta.views(m) for m in tta.MODES] == [1, 2, 8]
