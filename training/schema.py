@@ -89,71 +89,65 @@ CHANNELS = dict(one_of=(1, 3))  # grey or RGB: what every decoder makes
 PIXELS = dict(at_least=1, at_most=2**40)  # max_image_pixels; PIL's own default is 89,478,485
 
 
-# Field order follows each YAML file, so the composed config prints in the order it always did.
-# typing's List and Optional, not `list[float] | None`: OmegaConf 2.3 reads these annotations at runtime.
+# Field order follows each YAML file, so the composed config prints in that order; the dataset schemas
+# aside. typing's List and Optional, not `list[float] | None`: OmegaConf 2.3 reads these annotations at runtime.
+#
+# The dataset families share most of their keys, so each key is declared once, in the narrowest base that
+# every family taking it extends (a new key shared by crops and the folders is one field in ResizedSchema).
+# A dataclass lists a base's fields before its own, so the composed config (`--cfg job`, the run's
+# config.yaml) shows the shared keys first; the YAML files under configs/dataset/ keep their reading order.
 
 
 @dataclass
-class CropsSchema:
+class DatasetSchema:
+    """The keys every dataset family takes."""
+
     _target_: str
+    root: str
+    cache: str
+    cache_dir: Optional[str]
+    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
+    std: Any
+
+
+@dataclass
+class ResizedSchema(DatasetSchema):
+    """Families whose items are resized to one input size and split by a seeded draw (crops, the folders)."""
+
+    width: int = ranged(**SIDE)
+    height: int = ranged(**SIDE)
+    channels: int = ranged(**CHANNELS)
+    val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
+    allow_outside_root: bool
+
+
+@dataclass
+class ArraySchema(ResizedSchema):
+    """Families that read .npy arrays (crops, DatasetFolder): how their values become 0..255."""
+
+    value_range: Any  # per_file, global or [low, high]: checked by datasets/values.py
+
+
+@dataclass
+class CropsSchema(ArraySchema):
+    root: Optional[str]  # declared again only to take null (the CSV's folder); it keeps its place
     csv: Optional[str]
-    root: Optional[str]
-    width: int = ranged(**SIDE)
-    height: int = ranged(**SIDE)
-    channels: int = ranged(**CHANNELS)
-    cache: str
-    cache_dir: Optional[str]
-    val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
-    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
-    std: Any
     on_bad_rows: str
-    allow_outside_root: bool
-    value_range: Any  # per_file, global or [low, high]: checked by datasets/values.py
 
 
 @dataclass
-class ImageFolderSchema:
-    _target_: str
-    root: str
-    width: int = ranged(**SIDE)
-    height: int = ranged(**SIDE)
-    channels: int = ranged(**CHANNELS)
-    cache: str
-    cache_dir: Optional[str]
-    val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
-    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
-    std: Any
+class ImageFolderSchema(ResizedSchema):
     verify: bool
-    allow_outside_root: bool
 
 
 @dataclass
-class DatasetFolderSchema:
-    _target_: str
-    root: str
+class DatasetFolderSchema(ImageFolderSchema, ArraySchema):
     extensions: List[str]
-    width: int = ranged(**SIDE)
-    height: int = ranged(**SIDE)
-    channels: int = ranged(**CHANNELS)
-    cache: str
-    cache_dir: Optional[str]
-    val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
-    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
-    std: Any
-    verify: bool
-    allow_outside_root: bool
-    value_range: Any  # per_file, global or [low, high]: checked by datasets/values.py
 
 
 @dataclass
-class Cifar10Schema:
-    _target_: str
-    root: str
+class Cifar10Schema(DatasetSchema):
     download: bool
-    cache: str
-    cache_dir: Optional[str]
-    mean: Any  # auto or a list of floats: datasets/values.py checks it, with a message that says so
-    std: Any
 
 
 @dataclass
