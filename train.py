@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> float:
         stop.hand_on(stopped)  # exits 128 + the signal (130 Ctrl-C, 143 SIGTERM); last.pt is saved, events flushed
     except KeyboardInterrupt:
         sys.exit(130)  # the shell's code for Ctrl-C
-    return metrics["val/acc"]  # the value a sweeper would optimise
+    return metrics["val/acc_best"]  # what a sweeper maximises (hparams_search=optuna): the best epoch's accuracy
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Whole runs: through Hydra's compose API (in process) and through `python train.py` (a subprocess)."""
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -106,11 +107,28 @@ def test_train_py_help_lists_groups_and_cfg_prints_config(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_survives_a_failing_job(crop_csv, tmp_path):
-    result = train_py("-m", f"dataset.csv={crop_csv}", "dataset.width=8,24", "loader.batch_size=4",
+    """A job that fails leaves the others running; the sweep folder's summary lists it as failed, with its
+    error, and gives mean and sd over the seeds of the setting that trained."""
+    result = train_py("-m", f"dataset.csv={crop_csv}", "dataset.width=8,24", "trainer.seed=0,1", "loader.batch_size=4",
                       "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu", cwd=tmp_path)
     assert result.returncode == 1  # Hydra reports the failed job at the end
     assert "at least 16" in result.stderr
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     assert not (sweep / "0" / "metrics.json").exists()
-    assert json.loads((sweep / "1" / "metrics.json").read_text())["val/acc"] >= 0
-    assert SCALARS <= set(scalars(sweep / "1"))
+    finished = [json.loads((sweep / job / "metrics.json").read_text()) for job in ("2", "3")]
+    assert all(metrics["val/acc"] >= 0 for metrics in finished)
+    assert SCALARS <= set(scalars(sweep / "2"))
+    assert "job failed: UserError: input 8x32" in (sweep / "0" / "train.log").read_text()
+
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [(job["folder"], job["status"]) for job in summary["jobs"]] == [
+        ("0", "failed"), ("1", "failed"), ("2", "finished"), ("3", "finished")]
+    assert summary["jobs"][0]["error"].startswith("UserError: input 8x32 (width x height) is too small")
+    assert [job.get("metrics") for job in summary["jobs"][2:]] == finished
+    assert summary["varying"] == ["dataset.width", "trainer.seed"]
+    trained = next(group for group in summary["groups"] if group["setting"] == {"dataset.width": "24"})
+    accs = [metrics["val/acc_best"] for metrics in finished]
+    assert trained["stats"]["val/acc_best"] == pytest.approx(
+        {"n": 2, "mean": statistics.fmean(accs), "sd": statistics.stdev(accs), "min": min(accs), "max": max(accs)})
+    table = (sweep / "summary.md").read_text()
+    assert "4 jobs: 2 finished, 2 failed." in table and "| 0 | 8 | 0 | failed: UserError: input 8x32" in table
