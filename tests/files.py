@@ -132,3 +132,21 @@ def build_crops(csv_path: Path, **overrides):
     args = dict(csv=str(csv_path), root=None, width=16, height=16, channels=3, cache="memory", cache_dir=None,
                 val_fraction=0.5, mean=[0.5], std=[0.5], seed=0)
     return crops.build(**{**args, **overrides})
+
+
+def write_tiff(path: Path, array: np.ndarray, tile: tuple[int, int] | None = (16, 16), compression: str | None = "zstd",
+               levels: list[np.ndarray] = (), **options) -> Path:
+    """A TIFF of `array` (H, W) or (H, W, C) written by tifffile: tiled when `tile` is given, else in strips;
+    `levels` are lower-resolution copies stored as SubIFDs (a pyramid, as OME-TIFF writers store it)."""
+    import tifffile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photometric = "rgb" if array.ndim == 3 and array.shape[2] in (3, 4) else "minisblack"
+    common = {"tile": tile, "compression": compression, "photometric": photometric, **options}
+    if tile is None:
+        common["rowsperstrip"] = 8
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(array, subifds=len(levels) or None, **common)
+        for level in levels:
+            tif.write(level, subfiletype=1, **common)
+    return path
