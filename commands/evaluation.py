@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,28 +44,9 @@ def run_evaluation(cfg: DictConfig) -> dict:
     run_folder.create(run_dir)
     with run_log(run_dir):
         device = resolve_device(cfg.device, "device")
-        if onnx_model.is_onnx(cfg.checkpoint):
-            # Scored by the same code below: the session stands in for the model, and its graph normalises.
-            model, checkpoint, saved = onnx_model.load(cfg.checkpoint, device)
-            normalize, amp = onnx_model.as_is, FP32  # ONNX Runtime runs the graph as it was exported
-        else:
-            checkpoint = checkpoints.load(cfg.checkpoint, "checkpoint")
-            # Rebuilt from the shipped config groups: a checkpoint's config may not choose what code runs.
-            saved = saved_config.rebuild(checkpoint["config"], checkpoint.get("choices"),
-                                         f"checkpoint={cfg.checkpoint}")
-            model = build_model(saved.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"]), device)
-            checkpoints.load_weights(model, checkpoint, f"checkpoint={cfg.checkpoint}")
-            # Scored as the run validated: its precision and layout settings, resolved for this device (a run
-            # that trained with auto on a GPU scores in the same precision on that GPU; fp32 on the CPU).
-            speed = speeds.resolve(speeds.SpeedSettings(saved.trainer.precision, saved.trainer.channels_last, False,
-                                                        saved.trainer.deterministic), device)
-            model = speeds.prepare(speed, model)
-            amp = speeds.MixedPrecision(speed.precision, device)
-            log.info("precision %s (%s)", speed.precision, speed.precision_reason)
-            # The model learnt with the checkpoint's normalisation, whatever data it now sees.
-            normalize = Normalizer(checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"], device,
-                                   speeds.memory_format(speed))
-        model.eval()
+        loaded = load_classifier(cfg.checkpoint, device)
+        model, normalize, amp, checkpoint, saved = (loaded.model, loaded.normalize, loaded.amp, loaded.checkpoint,
+                                                    loaded.saved)
         if cfg.predict:
             result = {"checkpoint": str(cfg.checkpoint),
                       "predictions": predict(model, normalize, checkpoint, [Path(p) for p in cfg.predict], device,
@@ -80,6 +63,49 @@ def run_evaluation(cfg: DictConfig) -> dict:
         run_folder.write_text(run_dir / name, json.dumps(untrusted.finite_or_none(result), indent=1, allow_nan=False))
         log.info("wrote %s", run_dir / name)
         return result
+
+
+@dataclass
+class Classifier:
+    """A trained model ready to score uint8 batches: from a checkpoint, or an ONNX file export.py wrote."""
+
+    model: nn.Module  # in eval mode; an OnnxClassifier stands in for an ONNX file
+    normalize: Normalizer | Callable  # uint8 batch -> the model's input (the ONNX graph normalises itself)
+    amp: speeds.MixedPrecision
+    checkpoint: dict  # the description: classes, input_shape, normalization, value_range, box_size, epoch, ...
+    saved: DictConfig  # the run's config, rebuilt from the shipped config groups
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 logits (N, classes) of a uint8 batch (N, C, H, W) on the model's device."""
+        with self.amp.autocast():
+            return self.model(self.normalize(images)).float()
+
+
+def load_classifier(path: str, device: torch.device) -> Classifier:
+    """The model of a checkpoint (.pt) or an ONNX model (.onnx), on `device`, as the run validated it."""
+    if onnx_model.is_onnx(path):
+        # Scored by the same code below: the session stands in for the model, and its graph normalises.
+        model, checkpoint, saved = onnx_model.load(path, device)
+        normalize, amp = onnx_model.as_is, FP32  # ONNX Runtime runs the graph as it was exported
+    else:
+        checkpoint = checkpoints.load(path, "checkpoint")
+        # Rebuilt from the shipped config groups: a checkpoint's config may not choose what code runs.
+        saved = saved_config.rebuild(checkpoint["config"], checkpoint.get("choices"),
+                                     f"checkpoint={path}")
+        model = build_model(saved.model, tuple(checkpoint["input_shape"]), len(checkpoint["classes"]), device)
+        checkpoints.load_weights(model, checkpoint, f"checkpoint={path}")
+        # Scored as the run validated: its precision and layout settings, resolved for this device (a run
+        # that trained with auto on a GPU scores in the same precision on that GPU; fp32 on the CPU).
+        speed = speeds.resolve(speeds.SpeedSettings(saved.trainer.precision, saved.trainer.channels_last, False,
+                                                    saved.trainer.deterministic), device)
+        model = speeds.prepare(speed, model)
+        amp = speeds.MixedPrecision(speed.precision, device)
+        log.info("precision %s (%s)", speed.precision, speed.precision_reason)
+        # The model learnt with the checkpoint's normalisation, whatever data it now sees.
+        normalize = Normalizer(checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"], device,
+                               speeds.memory_format(speed))
+    model.eval()
+    return Classifier(model, normalize, amp, checkpoint, saved)
 
 
 def score(model: nn.Module, normalize: Normalizer, checkpoint: dict, dataset_cfg: DictConfig, saved: DictConfig,

@@ -119,6 +119,7 @@ def export(checkpoint: dict, output: Path, source: str) -> None:
         # evaluate.py and predict= do for a .onnx file.
         "value_range": checkpoint.get("value_range"),
         "epoch": checkpoint["epoch"],
+        "box_size": checkpoint.get("box_size"),  # predict.py's default window (absent from older files)
         "metrics": checkpoint["metrics"],
         "config": stored,  # the run's resolved config
         "choices": choices,  # the shipped config group of each part, which evaluate.py rebuilds the data from
@@ -232,6 +233,8 @@ def load(path: str | Path, device: torch.device) -> tuple[OnnxClassifier, dict, 
                         "export one with python export.py checkpoint=PATH")
     try:
         metadata = {key: json.loads(stored[key]) for key in METADATA}
+        # Optional: models exported before predict.py existed lack it (predict.py then needs window=).
+        metadata["box_size"] = json.loads(stored.get("box_size", "null"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; a 10,000-deep list recurses
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(f"checkpoint: {path}: its metadata is not valid JSON ({reason}); export it again") from None

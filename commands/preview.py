@@ -13,7 +13,6 @@ rows are listed and the good ones still drawn.
 
 from __future__ import annotations
 
-import colorsys
 import logging
 import os
 from collections import defaultdict
@@ -22,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, make_grid
 
+from commands.palette import LINE, colours, font, scale_for, with_legend
 from datasets.base import DataBundle, labels_of
 from datasets.crop_csv import Crop
 from datasets.crops import LazyCrops
@@ -38,26 +38,8 @@ from training.schema import check_ranges
 
 log = logging.getLogger(__name__)
 
-# matplotlib's tab10: ten colours told apart on photos and by most colour-blind readers; more classes get
-# evenly spaced hues.
-TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-         (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 TILE = 64  # pixels: classes.png enlarges smaller crops by whole factors (nearest) to at least this side
-LINE = 22  # pixels per text line in legends and labels
 SPLITS = ("train", "val")
-
-
-def colours(n: int) -> list[tuple[int, int, int]]:
-    if n <= len(TAB10):
-        return TAB10[:n]
-    return [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(i / n, 0.85, 0.95)) for i in range(n)]
-
-
-def _font(size: int = 16) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow before 10.1 has only its fixed bitmap font
-        return ImageFont.load_default()
 
 
 def run_preview(cfg: DictConfig) -> dict:
@@ -107,13 +89,6 @@ def report(result: dict, csv: str | None) -> str:
     return "\n".join(lines)
 
 
-def _scale(height: int, width: int, max_side: int) -> float:
-    """Larger files shrink to max_side; smaller ones grow by the largest whole factor that fits, so their
-    pixels stay sharp squares."""
-    factor = max_side / max(height, width)
-    return factor if factor < 1 else float(int(factor))
-
-
 def _source_name(path: Path, base: str) -> str:
     """sources/ file name: the path under the sources' common folder, folders joined by '__', plus .png."""
     name = Path(os.path.relpath(path, base)).as_posix().replace("/", "__")
@@ -149,7 +124,7 @@ def draw_file(path: Path, crops: list[Crop], labels: dict[str, int], palette: li
         raise UserError(f"{path}: cannot be decoded ({e}); replace it or remove its rows") from None
     height, width = source.array.shape[:2]
     image = source.region(slice(None), slice(None), height, width)
-    factor = _scale(height, width, max_side)
+    factor = scale_for(height, width, max_side)
     size = [max(1, round(height * factor)), max(1, round(width * factor))]
     interpolation = TF.InterpolationMode.BILINEAR if factor < 1 else TF.InterpolationMode.NEAREST
     image = TF.resize(image, size, interpolation=interpolation, antialias=factor < 1)
@@ -169,7 +144,7 @@ def draw_file(path: Path, crops: list[Crop], labels: dict[str, int], palette: li
     if factor != 1:
         title += f", shown at {factor:.3g}x"
     entries = [(palette[labels[name]], f"{name} ({per_class[name]})") for name in sorted(per_class, key=labels.get)]
-    return _with_legend(Image.fromarray(image.permute(1, 2, 0).numpy()), title, entries)
+    return with_legend(Image.fromarray(image.permute(1, 2, 0).numpy()), title, entries)
 
 
 def _pixels(crops: list[Crop], factor: float, height: int) -> torch.Tensor:
@@ -179,28 +154,6 @@ def _pixels(crops: list[Crop], factor: float, height: int) -> torch.Tensor:
                            dtype=torch.float64) * factor
     regions[:, 2:] = torch.maximum(regions[:, 2:] - 1, regions[:, :2])
     return regions
-
-
-def _with_legend(image: Image.Image, title: str, entries: list[tuple[tuple, str]]) -> Image.Image:
-    """The picture with a title line and a colour swatch per class below it, wrapped to the picture's width."""
-    font = _font()
-    width = max(image.width, 320)
-    placed, x, y = [], 8, LINE + 4
-    for colour, text in entries:
-        item = LINE + 6 + int(font.getlength(text)) + 16
-        if x > 8 and x + item > width:
-            x, y = 8, y + LINE
-        placed.append((x, y, colour, text))
-        x += item
-    canvas = Image.new("RGB", (width, image.height + y + LINE + 4), "white")
-    canvas.paste(image, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    top = image.height
-    draw.text((8, top + 4), title, fill="black", font=font)
-    for x, y, colour, text in placed:
-        draw.rectangle([x, top + y + 3, x + LINE - 6, top + y + LINE - 3], fill=colour, outline="black")
-        draw.text((x + LINE, top + y + 2), text, fill="black", font=font)
-    return canvas
 
 
 def class_grid(bundle: DataBundle, splits: dict[str, Dataset], per_class: int) -> np.ndarray:
@@ -224,16 +177,16 @@ def class_grid(bundle: DataBundle, splits: dict[str, Dataset], per_class: int) -
             tiles.append(image.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2))
         tiles += [blank] * (columns - len(picks))
     grid = make_grid(tiles, nrow=columns, padding=2, pad_value=255)
-    font = _font()
+    text_font = font()
     names = [f"{name} ({len(members[i])})" for i, name in enumerate(bundle.classes)]
-    left = 12 + max(int(font.getlength(text)) for text in names)
+    left = 12 + max(int(text_font.getlength(text)) for text in names)
     caption = f"{channels}x{height}x{width} items as the model receives them (before normalisation), shown at {zoom}x"
-    canvas = Image.new("RGB", (max(left + grid.shape[2], 16 + int(font.getlength(caption))), grid.shape[1] + LINE + 4),
+    canvas = Image.new("RGB", (max(left + grid.shape[2], 16 + int(text_font.getlength(caption))), grid.shape[1] + LINE + 4),
                        "white")
     canvas.paste(Image.fromarray(grid.permute(1, 2, 0).numpy()), (left, LINE + 4))
     draw = ImageDraw.Draw(canvas)
-    draw.text((8, 4), caption, fill="black", font=font)
+    draw.text((8, 4), caption, fill="black", font=text_font)
     row = height * zoom + 2
     for i, text in enumerate(names):
-        draw.text((8, LINE + 4 + 2 + i * row + row // 2), text, fill="black", font=font, anchor="lm")
+        draw.text((8, LINE + 4 + 2 + i * row + row // 2), text, fill="black", font=text_font, anchor="lm")
     return np.asarray(canvas)

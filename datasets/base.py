@@ -43,6 +43,9 @@ class DataBundle:
     # How .npy values became uint8 (datasets/values.py): per_file, or the (low, high) mapped to 0..255 for
     # every file; None where no value range applies (images, CIFAR10). Saved in checkpoints.
     value_range: str | tuple[float, float] | None = None
+    # The median (height, width) in source pixels of the training items' regions (height None: the full height,
+    # strip form); None where items are whole files. Saved in checkpoints: predict.py's default window.
+    box_size: tuple[int | None, int] | None = None
 
 
 class ArrayStore:

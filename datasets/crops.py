@@ -190,7 +190,10 @@ class CropSource:
         class_index = {name: i for i, name in enumerate(classes)}
         by_code = np.zeros(len(self.crops.labels), dtype=np.int64)
         by_code[used] = [class_index[self.crops.labels[code]] for code in used.tolist()]
-        return Items(classes, by_code[self.crops.label], self.crops.split.copy(), self.crops.file.copy(), skipped)
+        crops = self.crops
+        sizes = np.stack([np.where(crops.y1 < 0, -1, crops.y1 - crops.y0), crops.x1 - crops.x0], axis=1)
+        return Items(classes, by_code[crops.label], crops.split.copy(), crops.file.copy(), skipped,
+                     sizes.astype(np.int32))
 
     def files(self) -> list[Path]:
         return self.crops.used_files()

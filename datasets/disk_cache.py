@@ -43,8 +43,9 @@ from errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 7  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
-# (6: grey data is stored with one channel, where 5 stored it three times; 7: any source, items as codes)
+FORMAT = 8  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
+# (6: grey data is stored with one channel, where 5 stored it three times; 7: any source, items as codes;
+# 8: the items' region sizes, for predict.py's default window)
 SAMPLES, SAMPLE_BYTES = 64, 2**16  # the array's digest: 64 blocks of 64 KiB, first and last included
 
 
@@ -98,7 +99,10 @@ def _encoded(array: np.ndarray, dtype) -> str:
 def _items(entry: dict) -> Items:
     labels, hints, groups = (np.frombuffer(base64.b64decode(entry[name]), dtype=dtype).copy()
                              for name, dtype in COLUMNS.items())
-    return Items(entry["classes"], labels, hints, groups, entry["skipped"])
+    sizes = entry["sizes"]
+    if sizes is not None:
+        sizes = np.frombuffer(base64.b64decode(sizes), dtype=np.int32).reshape(-1, 2).copy()
+    return Items(entry["classes"], labels, hints, groups, entry["skipped"], sizes)
 
 
 def load(manifest: Path, what: str, report: bool = True) -> Cached | None:
@@ -231,6 +235,7 @@ def write(manifest: Path, what: str, contents: Contents, fill: Callable[[RowWrit
                                    "shape": [len(items), *shape], "digest": _sample_digest(array_path),
                                    "sources": sources, "classes": items.classes,
                                    **{name: _encoded(getattr(items, name), dtype) for name, dtype in COLUMNS.items()},
+                                   "sizes": None if items.sizes is None else _encoded(items.sizes, np.int32),
                                    "skipped": items.skipped, "value_range": contents.value_range}))
 
     previous = _previous_array(manifest)

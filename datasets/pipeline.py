@@ -68,7 +68,18 @@ def build(source: Source, spec: DataSpec) -> DataBundle:
         std=per_channel(std, spec.channels, "dataset.std"),
         skipped=items.skipped,
         value_range=value_range,
+        box_size=median_box(items.sizes, train),
     )
+
+
+def median_box(sizes: np.ndarray | None, train: np.ndarray) -> tuple[int | None, int] | None:
+    """The median (height, width) of the training items' regions in source pixels, each side rounded to whole
+    pixels; height None where items take their source's full height (strip form); None without regions."""
+    if sizes is None or len(train) == 0:
+        return None
+    chosen = sizes[train]
+    height = None if (chosen[:, 0] < 0).any() else max(1, round(float(np.median(chosen[:, 0]))))
+    return height, max(1, round(float(np.median(chosen[:, 1]))))
 
 
 def stored_shape(spec: DataSpec, grey: bool) -> tuple[int, int, int]:

@@ -43,6 +43,10 @@ class Items:
     hints: np.ndarray  # int8 (n,): index into SPLIT_HINTS (no hint, train, val)
     groups: np.ndarray  # int32 (n,): the group an item belongs to (its source file), for a split by group
     skipped: list[str] = field(default_factory=list)  # items left out (dataset.on_bad_rows=skip), one per line
+    # int32 (n, 2): (height, width) in source pixels of the region each item is cut from, height -1 for the
+    # full height (strip form); None where items are whole files. Its median over the training items is the
+    # window predict.py slides by default.
+    sizes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -23,7 +23,8 @@ from training import schema
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 PAGE = ROOT / "docs" / "configuration.md"
-ENTRY_POINTS = {"train": "train.py", "evaluate": "evaluate.py", "export": "export.py", "preview": "preview.py"}
+ENTRY_POINTS = {"train": "train.py", "evaluate": "evaluate.py", "predict": "predict.py", "export": "export.py",
+                "preview": "preview.py"}
 # Groups in the order a newcomer meets them; a group directory not listed here still gets a section, after these.
 GROUP_ORDER = ["dataset", "model", "augment", "loader", "optim", "scheduler", "trainer", "experiment"]
 KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][A-Za-z0-9_]*):(?P<rest>.*)$")
@@ -31,7 +32,7 @@ KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][A-Za-z0-9_]*):(?P<rest>
 INTRO = """\
 # Configuration reference
 
-Every key `train.py`, `evaluate.py`, `export.py` and `preview.py` take, with its default, its type and
+Every key `train.py`, `evaluate.py`, `predict.py`, `export.py` and `preview.py` take, with its default, its type and
 accepted range, and what it does. Generated from `training/schema.py` (types, ranges) and the YAML files
 under `configs/` (defaults, comments) by `python -m docs.config_reference`; do not edit it by hand
 (`python -m docs.config_reference --check` tells whether it is current, and the tests run that check).

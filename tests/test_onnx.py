@@ -17,6 +17,7 @@ from tests import files
 from tests.conftest import CONFIGS
 from training.build import build_dataset, build_model
 from commands.evaluation import run_evaluation
+from commands.prediction import run_prediction
 from training.loop import Normalizer
 from commands.onnx_model import run_export
 
@@ -97,6 +98,19 @@ def test_onnx_and_checkpoint_predict_the_same_on_real_files(exported, make_eval_
         assert a["file"] == b["file"] and a["class"] == b["class"]
         assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
 
+
+
+def test_predict_maps_an_image_with_the_onnx_model_as_with_the_checkpoint(exported, tmp_path):
+    """The ONNX file carries the run's box size: predict.py slides the same windows and gets the same map."""
+    scene = exported["csv"].parent / "scene3.png"
+    results = [run_prediction(_compose("predict", f"checkpoint={exported[kind]}", f"inputs=[{scene}]", "device=cpu",
+                                       f"run_dir={tmp_path / kind}"))
+               for kind in ("checkpoint", "onnx")]
+    assert results[0]["inputs"][0]["window"] == results[1]["inputs"][0]["window"] == [16, 16]
+    pt, onnx_probabilities = (np.load(tmp_path / kind / "scene3.png" / "probabilities.npy").astype(np.float32)
+                              for kind in ("checkpoint", "onnx"))
+    assert pt.shape == (2, 7, 7)  # 64 px, window 16, the default stride 8
+    assert np.allclose(pt, onnx_probabilities, atol=2e-3)  # float16 files: ~1e-3 apart at most
 
 def test_export_refuses_a_checkpoint_that_is_not_ours(tmp_path):
     foreign = tmp_path / "foreign.pt"

@@ -13,7 +13,8 @@ from datasets.transforms import LoadItem
 from errors import UserError
 from tests import files
 from tests.helpers import ROOT, run_python
-from commands.preview import TAB10, report, run_preview
+from commands.palette import TAB10
+from commands.preview import report, run_preview
 
 
 

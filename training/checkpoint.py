@@ -156,6 +156,8 @@ class TrainingState:
             # How array values became 0..255: per_file, or the [low, high] every file was mapped from.
             "value_range": (list(self.bundle.value_range) if isinstance(self.bundle.value_range, tuple)
                             else self.bundle.value_range),
+            # predict.py's default window: (height or None for the full height, width) in source pixels.
+            "box_size": None if self.bundle.box_size is None else list(self.bundle.box_size),
             "metrics": metrics,
             "config": self.config,
             "choices": self.choices,

@@ -271,6 +271,20 @@ class EvaluateSchema:
 
 
 @dataclass
+class PredictSchema:
+    checkpoint: str
+    inputs: List[str]
+    window: Any  # null, N or [height, width] in source pixels: checked by commands/windows.py
+    stride: Any
+    tta: str  # checked by commands/tta.py, with a message naming the choices
+    tta_force: bool
+    batch_size: int = ranged(at_least=1, at_most=65_536)
+    device: str
+    max_image_pixels: int = ranged(**PIXELS)
+    run_dir: str
+
+
+@dataclass
 class ExportSchema:
     checkpoint: str
     output: Optional[str]
@@ -298,7 +312,7 @@ GROUPS = {
     "trainer": {"default_schema": TrainerSchema},
 }
 PRIMARY = {"train_schema": TrainSchema, "evaluate_schema": EvaluateSchema, "export_schema": ExportSchema,
-           "preview_schema": PreviewSchema}
+           "preview_schema": PreviewSchema, "predict_schema": PredictSchema}
 
 
 def _open(schema: type) -> Any:

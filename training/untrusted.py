@@ -94,6 +94,11 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _count(value) -> bool:
+    """A whole number of pixels, at least 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def check_description(described: dict, source: str, max_pixels: int = MAX_INPUT_PIXELS) -> None:
     """The fields a checkpoint and an ONNX model's metadata share: classes, input_shape, normalization,
     value_range, epoch, config and choices. `source` names the file ("checkpoint=PATH")."""
@@ -133,6 +138,12 @@ def check_description(described: dict, source: str, max_pixels: int = MAX_INPUT_
                 and value_range[0] < value_range[1])):
         raise UserError(f"{source}: its value_range must be per_file or [low, high] with low < high, got "
                         f"{_short(value_range)}")
+
+    box_size = described.get("box_size")  # absent from files written before predict.py
+    if not (box_size is None or (isinstance(box_size, list) and len(box_size) == 2
+                                 and all(n is None or _count(n) for n in box_size[:1]) and _count(box_size[1]))):
+        raise UserError(f"{source}: its box_size must be [height or null, width] in pixels, got {_short(box_size)}: "
+                        "the file was edited or is damaged")
 
     epoch = described.get("epoch")
     if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
