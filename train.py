@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 import training
 from training import distributed, stop
 from errors import one_line_or_exit
-from training import cluster, schema
+from training import plugins, schema
 
 log = logging.getLogger("train")
 schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base
@@ -32,5 +32,5 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     # Under torchrun, ranks other than 0 keep Hydra's files out of outputs/: rank 0's run dir is the run's.
     sys.argv += distributed.hydra_overrides(distributed.from_environment())
-    cluster.require_launcher(sys.argv[1:])  # one line, not Hydra's report, when the SLURM preset's plugin is missing
+    plugins.require_plugins(sys.argv[1:])  # one line, not Hydra's report, when a preset's optional plugin is missing
     main()

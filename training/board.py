@@ -12,6 +12,7 @@ import numpy as np
 from omegaconf import OmegaConf
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid
@@ -177,12 +178,19 @@ def tuned_hparams(config: Mapping) -> dict:
     return values
 
 
-def write_hparams(writer: SummaryWriter, config: Mapping, metrics: Mapping[str, float]) -> None:
+def write_hparams(writer: SummaryWriter, config: Mapping, metrics: Mapping[str, float], failed: bool = False) -> None:
     """The hparams view, written into the run's own events file: SummaryWriter.add_hparams would open a
     timestamped subfolder, which TensorBoard lists as a second run. Metric values come from the scalars of
-    the same tags already in this file."""
+    the same tags already in this file. A failed run (an error, a NaN loss) ends its session with status
+    Failure, so a search's failed trials stay in the HPARAMS table beside the others (its Status filter)."""
     file_writer = writer._get_file_writer()
-    for summary in hparams(tuned_hparams(config), dict(metrics)):
+    experiment, start, end = hparams(tuned_hparams(config), dict(metrics))
+    if failed:  # torch writes STATUS_SUCCESS; the same summary with the status changed
+        plugin_data = end.value[0].metadata.plugin_data
+        content = plugin_data_pb2.HParamsPluginData.FromString(plugin_data.content)
+        content.session_end_info.status = api_pb2.STATUS_FAILURE
+        plugin_data.content = content.SerializeToString()
+    for summary in (experiment, start, end):
         file_writer.add_summary(summary)
 
 

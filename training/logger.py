@@ -256,9 +256,10 @@ class RunLogger:
             self.final["train/throughput"] = throughput
 
     @_events_written
-    def hparams(self, config: dict) -> None:
-        if self.writer is not None:
-            write_hparams(self.writer, config, {tag: self.final[tag] for tag in HPARAM_METRICS if tag in self.final})
+    def hparams(self, config: dict, failed: bool = False) -> None:
+        if self.writer is not None and not self.failed:  # after a failed write: the one line already said why
+            write_hparams(self.writer, config, {tag: self.final[tag] for tag in HPARAM_METRICS if tag in self.final},
+                          failed)
 
     def describe(self, about: dict[str, dict[str, str]]) -> None:
         """What the run summary says about the data, model, recipe and machine (see `describe_run`)."""

@@ -245,6 +245,9 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
         by = f"preempted ({e.args[0]})" if isinstance(e, stop.Stopped) and e.preempted else "interrupted"
         outcome = f"{by}: continue with resume={run_dir / CHECKPOINT_DIR / 'last.pt'} (or resume=auto)"
         raise
+    except Exception:
+        logger.hparams(config, failed=True)  # HPARAMS lists it as failed beside the others (a search's NaN trial)
+        raise
     finally:
         try:
             logger.summary(outcome, {name: run_dir / CHECKPOINT_DIR / name for name in ("last.pt", "best.pt")})
