@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,9 @@ from commands.evaluation import Classifier, load_classifier
 from commands.palette import colours, scale_for, with_legend
 from datasets import guards
 from datasets.base import decode_problem, limit_image_pixels
-from datasets.transforms import DECODE_ERRORS, FileSource, to_channels
+from datasets.regions import open_regions
+from datasets.tiff import TileCache, TiledTiff
+from datasets.transforms import DECODE_ERRORS, to_channels
 from datasets.values import Scale
 from errors import UserError
 from progress import progress_bar
@@ -52,30 +55,13 @@ ALPHA = 0.45  # the class colour's share in overlay.png: the source stays readab
 SOURCE_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what training converts to the model's channels
 
 
-class FileRegions:
-    """A source file as boxes of uint8 pixels, by the rules training cuts crops with (datasets/transforms.py):
-    an image decoded once (grey kept as one channel), a .npy memory-mapped and mapped to 0..255."""
-
-    def __init__(self, path: Path, channels: int, scale: Scale | None):
-        self.source = FileSource(path, channels, scale, keep_grey=True)
-        array = self.source.array
-        self.shape = array.shape[:2]
-        self.channels = 1 if array.ndim == 2 else array.shape[2]
-
-    def read(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
-        region = self.source.array[top:bottom, left:right]
-        return region[:, :, None] if region.ndim == 2 else region
-
-    def to_uint8(self, region: np.ndarray) -> np.ndarray:
-        return self.source.scale(region)
-
-
-def open_input(path: Path, channels: int, scale: Scale | None) -> FileRegions:
-    """The reader of one input, or one line when it is missing, does not decode, or has a channel count training
-    could not turn into the model's."""
+def open_input(path: Path, channels: int, scale: Scale | None):
+    """The region reader of one input (datasets/regions.py: a tiled TIFF tile by tile, a .npy memory-mapped,
+    other images decoded once, grey kept as one channel), or one line when it is missing, does not decode, or
+    has a channel count training could not turn into the model's."""
     guards.require_file(path, "inputs")
     try:
-        reader = FileRegions(path, channels, scale)
+        reader = open_regions(path, scale=scale, channels=channels, keep_grey=True)
     except DECODE_ERRORS as e:
         raise UserError(f"inputs: cannot read {path} as an image or .npy array ({decode_problem(e)})") from None
     if reader.channels not in SOURCE_CHANNELS:
@@ -166,7 +152,9 @@ def grid_probabilities(classifier: Classifier, reader, g: windows.Grid, batch_si
     n_classes = len(classifier.checkpoint["classes"])
     out = torch.empty((n_classes, len(g)), dtype=torch.float32, device=device)
     pin = device.type == "cuda"
-    batches = windows.batches(reader, g, tuple(classifier.checkpoint["input_shape"]), batch_size)
+    # A tiled TIFF's blocks share the tiles along their edges: kept, so each tile is decoded once.
+    read = partial(reader.read, tiles=TileCache(windows.BLOCK_BYTES)) if isinstance(reader, TiledTiff) else reader.read
+    batches = windows.batches(reader, g, tuple(classifier.checkpoint["input_shape"]), batch_size, read)
     with progress_bar(total=len(g), desc=Path(what).name, unit="window") as bar:
         for index, images in windows.in_background(batches):
             images = (images.pin_memory() if pin else images).to(device, non_blocking=pin)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,10 +131,12 @@ def _in_channels(region: np.ndarray, channels: int) -> np.ndarray:
     return to_channels(region, channels)
 
 
-def batches(reader, g: Grid, input_shape: tuple[int, int, int], batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+def batches(reader, g: Grid, input_shape: tuple[int, int, int], batch_size: int,
+            read: Callable[[int, int, int, int], np.ndarray] | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """(flat grid indices, uint8 (n, C, H, W) model inputs) for every window, n = batch_size but for the last;
-    C is 1 for a grey source (the caller repeats it). `reader`: datasets/regions.py's interface (shape,
-    channels, read(top, bottom, left, right), to_uint8(region))."""
+    C is 1 for a grey source (the caller repeats it). `reader`: a datasets/regions.py reader (shape, channels,
+    read(top, bottom, left, right), to_uint8(region)); `read` replaces its read (one keeping tiles)."""
+    read = read or reader.read
     channels, height, width = input_shape
     pending_index: list[np.ndarray] = []
     pending: list[torch.Tensor] = []
@@ -143,7 +145,7 @@ def batches(reader, g: Grid, input_shape: tuple[int, int, int], batch_size: int)
         top, left = int(g.tops(np.array(rows.start))), int(g.lefts(np.array(cols.start)))
         bottom = int(g.tops(np.array(rows.stop - 1))) + g.window[0]
         right = int(g.lefts(np.array(cols.stop - 1))) + g.window[1]
-        block = _in_channels(reader.to_uint8(reader.read(top, bottom, left, right)), channels)
+        block = _in_channels(reader.to_uint8(read(top, bottom, left, right)), channels)
         r, c = np.meshgrid(np.arange(rows.start, rows.stop), np.arange(cols.start, cols.stop), indexing="ij")
         r, c = r.reshape(-1), c.reshape(-1)
         for part in range(0, len(r), batch_size):

@@ -37,6 +37,7 @@ class ArrayRegions:
 
     def __init__(self, array: np.ndarray, path: Path, scale: Callable | None = None):
         self.path, self.array, self._scale = path, array if array.ndim == 3 else array[:, :, None], scale
+        self._decided = False
         self.shape = self.array.shape[:2]
         self.levels, self.channels, self.dtype = [self.shape], self.array.shape[2], self.array.dtype
 
@@ -48,8 +49,10 @@ class ArrayRegions:
         return self.array[top:bottom, left:right]
 
     def to_uint8(self, region: np.ndarray) -> np.ndarray:
-        if self._scale is None:  # decided on first use: a .npy without a given range scans itself once
-            self._scale = array_scale(self.array, self.path)
+        if not self._decided:  # on first use: a .npy without a given range scans itself once
+            # uint8 and bool as they are, whatever range was given, as training's crops map them (an image-only
+            # run's checkpoint holds the default [0, 1], which would turn every pixel above 1 into 255).
+            self._scale, self._decided = array_scale(self.array, self.path, self._scale), True
         return self._scale(region)
 
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from commands import windows
 from commands.palette import colours
-from commands.prediction import FileRegions, run_prediction
+from commands.prediction import run_prediction
+from datasets.regions import open_regions
 from datasets.transforms import FileSource
 from errors import UserError
 from tests import files
@@ -61,17 +62,23 @@ def test_a_png_scene_is_mapped_square_by_square(best, make_predict_cfg, shared_c
     assert overlay.width == 1024 and overlay.height > 1024  # the legend below it
 
 
-def test_a_npy_input_gives_the_probabilities_of_the_same_pixels_as_png(best, make_predict_cfg, shared_crop_csv,
-                                                                          tmp_path):
+def test_npy_and_tiled_tiff_inputs_give_the_probabilities_of_the_same_pixels_as_png(best, make_predict_cfg,
+                                                                                   shared_crop_csv, tmp_path):
+    """The region readers (a memory-mapped .npy, a tiled TIFF read tile by tile) give the PNG's windows."""
     scene = shared_crop_csv.parent / "scene0.png"
-    array = files.write_npy(tmp_path / "scene0.npy", np.asarray(Image.open(scene)))
-    result = run_prediction(make_predict_cfg(f"checkpoint={best}", f"inputs=[{scene},{array}]", "window=24",
+    pixels = np.asarray(Image.open(scene))
+    array = files.write_npy(tmp_path / "scene0.npy", pixels)
+    tiled = files.write_tiff(tmp_path / "scene0.tif", pixels, tile=(16, 16), compression="zstd")
+    result = run_prediction(make_predict_cfg(f"checkpoint={best}", f"inputs=[{scene},{array},{tiled}]", "window=24",
                                              "stride=[8,12]"))
-    png, npy = result["inputs"]
+    png = result["inputs"][0]
     # 64 px, window 24, stride 8: 6 rows from row 0 (none left over); stride 12: 4 columns, 4 px shared.
     assert (png["rows"], png["cols"], png["origin"]) == (6, 4, [0, 2])
-    a, b = (np.load(tmp_path / "predict" / name / "probabilities.npy") for name in ("scene0.png", "scene0.npy"))
-    assert np.array_equal(a, b)
+    a, b, c = (np.load(tmp_path / "predict" / name / "probabilities.npy")
+               for name in ("scene0.png", "scene0.npy", "scene0.tif"))
+    assert np.array_equal(a, b) and np.array_equal(a, c)
+    overlays = [np.asarray(Image.open(tmp_path / "predict" / name / "overlay.png")) for name in ("scene0.png", "scene0.tif")]
+    assert np.array_equal(overlays[0][:1024], overlays[1][:1024])  # above the legend, which names the file
 
 
 def test_windows_are_the_crops_training_cuts(monkeypatch, shared_crop_csv):
@@ -81,7 +88,7 @@ def test_windows_are_the_crops_training_cuts(monkeypatch, shared_crop_csv):
     g = windows.grid((64, 64), (20, 13), (7, 5), path)
     got = torch.empty((len(g), 3, 32, 32), dtype=torch.uint8)
     seen = []
-    for index, batch in windows.batches(FileRegions(path, 3, None), g, (3, 32, 32), batch_size=7):
+    for index, batch in windows.batches(open_regions(path, channels=3), g, (3, 32, 32), batch_size=7):
         assert len(batch) == 7 or len(seen) + len(batch) == len(g)
         got[torch.from_numpy(index)] = batch
         seen += index.tolist()
