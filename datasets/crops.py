@@ -23,7 +23,7 @@ from datasets.crop_csv import Crop, CropTable, read_crops, require_csv
 from datasets.disk_cache import RowWriter
 from datasets.sources import Items
 from datasets.spec import DataSpec
-from datasets.transforms import DECODE_ERRORS, FileSource, image_size
+from datasets.transforms import DECODE_ERRORS, FileSource, image_size, is_array_file
 from datasets.values import Scale
 from errors import UserError
 from progress import progress_bar
@@ -192,15 +192,18 @@ class CropSource:
         by_code[used] = [class_index[self.crops.labels[code]] for code in used.tolist()]
         crops = self.crops
         sizes = np.stack([np.where(crops.y1 < 0, -1, crops.y1 - crops.y0), crops.x1 - crops.x0], axis=1)
-        return Items(classes, by_code[crops.label], crops.split.copy(), crops.file.copy(), skipped,
-                     sizes.astype(np.int32))
+        # The table's own split and file columns, not copies: nothing writes to either, and a copy stayed
+        # resident through the fill (5 bytes a row, 0.3 MiB of a 64k-crop build's 62.5 MiB array).
+        return Items(classes, by_code[crops.label], crops.split, crops.file, skipped, sizes.astype(np.int32, copy=False))
 
     def files(self) -> list[Path]:
         return self.crops.used_files()
 
     def windows(self) -> dict[Path, np.ndarray]:
-        """The regions the rows cut from each file: the value-range scan reads these, not whole .npy files."""
-        return self.crops.windows()
+        """The regions the rows cut from each .npy file: the value-range scan reads these, not whole files.
+        Only .npy rows: images are never scanned, and the regions of a 64k-row PNG CSV took ~0.1 s."""
+        arrays = np.fromiter(map(is_array_file, self.crops.files), dtype=bool, count=len(self.crops.files))
+        return self.crops.take(arrays[self.crops.file]).windows()
 
     def fill(self, out: torch.Tensor | RowWriter, indices: np.ndarray) -> None:
         whole = len(indices) == len(self.crops) and np.array_equal(indices, np.arange(len(indices)))
