@@ -206,8 +206,12 @@ class CropSource:
         return self.crops.take(arrays[self.crops.file]).windows()
 
     def fill(self, out: torch.Tensor | RowWriter, indices: np.ndarray) -> None:
-        whole = len(indices) == len(self.crops) and np.array_equal(indices, np.arange(len(indices)))
-        # The whole table as it is: take() would copy its columns (33 bytes a row) for nothing.
+        # The whole table as it is: take() would copy its columns (33 bytes a row) for nothing. n increasing
+        # indices from 0 to n - 1 are every row in order; checked without an arange beside them (8 bytes a
+        # row, allocated after the heap was trimmed, so resident through the fill).
+        n = len(indices)
+        whole = n == len(self.crops) and (n == 0 or (indices[0] == 0 and indices[-1] == n - 1
+                                                     and bool(np.all(indices[1:] > indices[:-1]))))
         extract(self.crops if whole else self.crops.take(indices), out, desc="decoding crops", scales=self.scales)
 
     def per_item(self, indices: np.ndarray, labels: np.ndarray) -> LazyCrops:
