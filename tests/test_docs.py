@@ -287,3 +287,21 @@ def test_monitoring_page_names_every_tag_and_metric_a_run_writes(shared_run):
     listed = set(re.findall(r"`([a-z_]+(?:/[^`]+)?)`", section.split("\n| key |", 1)[1].split("\n\n", 1)[0]))
     assert metrics == listed, f"docs/monitoring.md's metrics.json table: missing {sorted(metrics - listed)}, " \
         f"not written {sorted(listed - metrics)}"
+
+
+def _code_lines(text: str) -> list[str]:
+    """Each line's code without its comment or indentation; blank, comment-only and elided (`...`) lines left
+    out. A `#` inside a string would be cut too: the example and datasets/listed.py hold none."""
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line and line != "..."]
+
+
+def test_contributings_source_example_is_the_real_listed_source():
+    """CONTRIBUTING.md's "Adding a source" shows datasets/listed.py, which test_sources.py runs through every
+    cache mode: each code line of the example must be a line of that module, so the example cannot drift
+    into code that was never run."""
+    section = (ROOT / "CONTRIBUTING.md").read_text().split("## Adding a source", 1)[1]
+    example = _code_lines(section.split("```python", 1)[1].split("```", 1)[0])
+    source = set(_code_lines((ROOT / "datasets" / "listed.py").read_text()))
+    assert len(example) >= 15
+    assert [line for line in example if line not in source] == []
