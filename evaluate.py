@@ -8,7 +8,6 @@ from omegaconf import DictConfig
 
 from errors import one_line_or_exit
 from training import schema
-from commands.evaluation import run_evaluation
 
 log = logging.getLogger("evaluate")
 schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base
@@ -39,6 +38,10 @@ def table(result: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    # Imported here, not above: --help, --cfg and a refused run dir need only Hydra, not torch and the
+    # rest of the command (~2-3 s of CPU at every start).
+    from commands.evaluation import run_evaluation
+
     result = one_line_or_exit(lambda: run_evaluation(cfg), log)
     print(table(result))
 

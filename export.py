@@ -8,7 +8,6 @@ from omegaconf import DictConfig
 
 from errors import one_line_or_exit
 from training import schema
-from commands.onnx_model import run_export
 
 log = logging.getLogger("export")
 schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base
@@ -16,6 +15,10 @@ schema.register()  # before @hydra.main composes: the YAML files name the schema
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="export")
 def main(cfg: DictConfig) -> None:
+    # Imported here, not above: --help, --cfg and a refused run dir need only Hydra, not torch and the
+    # rest of the command (~2-3 s of CPU at every start).
+    from commands.onnx_model import run_export
+
     output = one_line_or_exit(lambda: run_export(cfg), log)
     print(output)
 

@@ -9,9 +9,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import training
-from training import distributed, stop
 from errors import one_line_or_exit
-from training import plugins, schema
+from training import launch, plugins, schema
 
 log = logging.getLogger("train")
 schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base
@@ -19,6 +18,10 @@ schema.register()  # before @hydra.main composes: the YAML files name the schema
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
+    # Imported here, with the runner (training.run), not above: --help, --cfg and a config Hydra refuses never
+    # need torch (training/__init__.py).
+    from training import stop
+
     try:
         # In a sweep, Hydra records the failed job and runs the others; exiting would end the sweep.
         metrics = one_line_or_exit(lambda: training.run(cfg), log, reraise=HydraConfig.get().mode == RunMode.MULTIRUN)
@@ -31,6 +34,6 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     # Under torchrun, ranks other than 0 keep Hydra's files out of outputs/: rank 0's run dir is the run's.
-    sys.argv += distributed.hydra_overrides(distributed.from_environment())
+    sys.argv += launch.hydra_overrides(launch.from_environment())
     plugins.require_plugins(sys.argv[1:])  # one line, not Hydra's report, when a preset's optional plugin is missing
     main()

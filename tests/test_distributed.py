@@ -17,7 +17,8 @@ from errors import UserError
 from tests.helpers import TORCHRUN, events, run_python, scalars
 from tests.scoring import score_checkpoint
 from training.board import mistakes_image
-from training.distributed import Process, from_environment, process_device, shard, shard_size
+from training.distributed import process_device, shard, shard_size
+from training.launch import Process, from_environment
 from commands.evaluation import run_evaluation
 from training.metrics import MISTAKES, PR_THRESHOLDS
 

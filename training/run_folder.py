@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from errors import UserError
-from training import distributed, folder_lock
+from training import folder_lock, launch
 
 CHECKPOINT_DIR = "checkpoints"
 # What a finished or checkpointed run leaves in its folder.
@@ -109,7 +109,7 @@ class RefuseUsedRunDir(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in hydra.run.dir, as run_job does next
-        if not distributed.from_environment().is_main:  # torchrun's other ranks write nothing there (train.py)
+        if not launch.from_environment().is_main:  # torchrun's other ranks write nothing there (train.py)
             return
         _one_line(lambda: take(Path(str(OmegaConf.select(config, "hydra.run.dir"))),
                                OmegaConf.select(config, "resume"), "hydra.run.dir"))

@@ -28,7 +28,7 @@ from datasets.base import DataBundle, labels_of, limit_image_pixels
 from errors import UserError
 from models.size import cost as model_cost
 from training import checkpoint as checkpoints
-from training import distributed, folder_lock, metrics, resume, run_folder, saved_config, stop
+from training import distributed, folder_lock, launch, metrics, resume, run_folder, saved_config, stop
 from training import speed as speeds
 from training.augment import Augment
 from training.build import (Data, build_augment, build_data, build_model, build_optimizer, require_keys,
@@ -68,7 +68,7 @@ def torch_threads(workers: int):
 
 def run(cfg: DictConfig) -> dict:
     check_ranges(cfg)  # the command's own values (a resumed run keeps its checkpoint's, checked when it started)
-    process = distributed.from_environment()
+    process = launch.from_environment()
     # From here to the end Ctrl-C and trainer.stop_signals stop the run cleanly (training/stop.py).
     signals = stop.StopSignals(stop.parse(cfg.trainer.stop_signals))
     with signals.installed(), stop.watch_launcher(process.launched):
