@@ -46,6 +46,9 @@ PHOTOS = {
     "retina.jpg": "retina", "camera.png": "camera", "coins.png": "coins",
 }
 
+# Three grey 512 x 512 photographs of textures the same wheel ships (benchmarks/predict_speed.py's mosaic).
+TEXTURES = ("brick.png", "grass.png", "gravel.png")
+
 
 @dataclass(frozen=True)
 class PhotoCrops:
@@ -56,7 +59,7 @@ class PhotoCrops:
     classes: tuple[str, ...]
 
 
-def _photo_bytes_from_installed() -> dict[str, bytes] | None:
+def _photo_bytes_from_installed(names=PHOTOS) -> dict[str, bytes] | None:
     """The photos from an installed scikit-image, or None when it is not installed (never imported: only its
     data folder is read)."""
     import importlib.util
@@ -65,12 +68,12 @@ def _photo_bytes_from_installed() -> dict[str, bytes] | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     data = Path(list(spec.submodule_search_locations)[0]) / "data"
-    if not all((data / name).is_file() for name in PHOTOS):
+    if not all((data / name).is_file() for name in names):
         return None
-    return {name: (data / name).read_bytes() for name in PHOTOS}
+    return {name: (data / name).read_bytes() for name in names}
 
 
-def _photo_bytes_from_wheel(wheel_cache: Path) -> dict[str, bytes]:
+def _photo_bytes_from_wheel(wheel_cache: Path, names=PHOTOS) -> dict[str, bytes]:
     """The photos read from scikit-image's wheel, downloaded with pip into `wheel_cache` on first use."""
     wheels = sorted(wheel_cache.glob(f"scikit_image-{SKIMAGE_VERSION}-*.whl"))
     if not wheels:
@@ -86,15 +89,16 @@ def _photo_bytes_from_wheel(wheel_cache: Path) -> dict[str, bytes]:
                 f"install scikit-image, or put its wheel (scikit_image-{SKIMAGE_VERSION}-*.whl) in {wheel_cache}")
     try:
         with zipfile.ZipFile(wheels[-1]) as wheel:
-            return {name: wheel.read(f"skimage/data/{name}") for name in PHOTOS}
+            return {name: wheel.read(f"skimage/data/{name}") for name in names}
     except (zipfile.BadZipFile, KeyError) as e:
         raise UserError(f"real photos: {wheels[-1]} is not a scikit-image wheel with its photos ({e}); "
                         "delete it and run again to download it afresh") from None
 
 
-def photo_bytes(wheel_cache: str | Path = DEFAULT_WHEEL_CACHE) -> dict[str, bytes]:
-    """The ten photos' encoded bytes by file name: from an installed scikit-image, else from its wheel."""
-    return _photo_bytes_from_installed() or _photo_bytes_from_wheel(Path(wheel_cache))
+def photo_bytes(wheel_cache: str | Path = DEFAULT_WHEEL_CACHE, names=PHOTOS) -> dict[str, bytes]:
+    """The encoded bytes of the files `names` of skimage/data/ (default: the ten photos) by file name: from an
+    installed scikit-image, else from its wheel."""
+    return _photo_bytes_from_installed(names) or _photo_bytes_from_wheel(Path(wheel_cache), names)
 
 
 def _boxes(rng: np.random.Generator, count: int, x_lo: int, x_hi: int, height: int,

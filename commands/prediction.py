@@ -51,7 +51,7 @@ OVERLAY_SIDE = 2048  # pixels: the longest side of overlay.png at most (larger s
 # of more windows than this keeps one pixel per window)
 DRAWN_SIDE = 1024
 TRACK_HEIGHT = 48  # pixels: a strip-form run's class track is drawn this tall
-ALPHA = 0.45  # the class colour's share in overlay.png: the source stays readable under it
+ALPHA = 0.5  # the class colour's share in overlay.png, over the source in grey: both stay readable
 SOURCE_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what training converts to the model's channels
 
 
@@ -212,15 +212,22 @@ def _cells(size: int, scale: float, origin: int, window: int, stride: int, count
 
 
 def draw_overlay(reader, classmap: np.ndarray, g: windows.Grid, n_classes: int) -> Image.Image:
-    """The source at most OVERLAY_SIDE a side, each pixel tinted with the class of the window centred nearest
-    it; pixels no window covers (the thin margins the centred grid leaves) stay untinted."""
+    """The source at most OVERLAY_SIDE a side, in grey (a colourful source would hide the class colours), each
+    pixel tinted with the class of the window centred nearest it, with black lines where the class changes;
+    pixels no window covers (the thin margins the centred grid leaves) stay untinted."""
     shrink = max(1, math.ceil(max(reader.shape) / OVERLAY_SIDE))
     source = thumbnail(reader, shrink)
     grow = max(1, int(scale_for(*source.shape[:2], DRAWN_SIDE)))  # small sources: whole factors, sharp pixels
     source = source.repeat(grow, axis=0).repeat(grow, axis=1)
     rows, row_covered = _cells(source.shape[0], shrink / grow, g.origin[0], g.window[0], g.stride[0], g.rows)
     cols, col_covered = _cells(source.shape[1], shrink / grow, g.origin[1], g.window[1], g.stride[1], g.cols)
-    tint = _palette(n_classes)[classmap[rows[:, None], cols[None, :]]].astype(np.float32)
+    classes = classmap[rows[:, None], cols[None, :]]
+    tint = _palette(n_classes)[classes].astype(np.float32)
+    grey = to_channels(source, 1).astype(np.float32)  # luma, as training turns colour into grey
     covered = (row_covered[:, None] & col_covered[None, :])[:, :, None]
-    blended = np.where(covered, (1 - ALPHA) * source + ALPHA * tint, source)
+    blended = np.where(covered, (1 - ALPHA) * grey + ALPHA * tint, source)
+    edges = np.zeros(classes.shape, dtype=bool)  # a pixel whose right or lower neighbour is of another class
+    edges[:, :-1] |= classes[:, 1:] != classes[:, :-1]
+    edges[:-1, :] |= classes[1:, :] != classes[:-1, :]
+    blended[edges & covered[:, :, 0]] = 0
     return Image.fromarray(np.rint(blended).astype(np.uint8))

@@ -198,3 +198,48 @@ def test_predict_py_prints_a_line_per_input(best, shared_crop_csv, tmp_path):
                      f"hydra.run.dir={tmp_path / 'bad'}", cwd=ROOT)
     said = bad.stdout + bad.stderr  # Hydra's log goes to stdout
     assert bad.returncode == 1 and "is larger than" in said and "Traceback" not in said
+
+
+def _strip_signal(rng, labels, width=16, height=24):
+    """A float 'spectrogram' (height, len(labels) * width): a loud column band per 1, quiet per 0."""
+    columns = np.repeat(np.array(labels, dtype=np.float32), width) * 4.0
+    return (columns[None, :] + rng.normal(0, 0.5, size=(height, len(columns)))).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def strip_run(tmp_path_factory):
+    """A run trained on strip-form crops (full-height column ranges of float .npy arrays), made once."""
+    def make(folder):
+        rng = np.random.default_rng(0)
+        rows = []
+        for n in range(8):
+            labels = rng.integers(0, 2, size=20)
+            files.write_npy(folder / f"rec{n}.npy", _strip_signal(rng, labels))
+            rows += [dict(path=f"rec{n}.npy", start=16 * i, end=16 * i + 16, label=["quiet", "loud"][k])
+                     for i, k in enumerate(labels.tolist())]
+        from datasets.crop_csv import write_crops
+        csv = write_crops(folder / "strips.csv", rows, strip=True)
+        from tests.conftest import compose_train
+        import training
+        training.run(compose_train(folder / "run", f"dataset.csv={csv}", "dataset.channels=1", "dataset.width=16",
+                                   "dataset.height=24", "trainer.epochs=5", "loader.batch_size=8"))
+    from tests import shared_runs
+    return shared_runs.once(tmp_path_factory, "strip-run", make) / "run"
+
+
+def test_a_strip_form_run_gives_one_class_track(strip_run, make_predict_cfg, tmp_path):
+    assert torch.load(strip_run / "checkpoints" / "best.pt", weights_only=True)["box_size"] == [None, 16]
+    labels = [0] * 6 + [1] * 6 + [0] * 4
+    recording = files.write_npy(tmp_path / "recording.npy", _strip_signal(np.random.default_rng(5), labels))
+    result = run_prediction(make_predict_cfg(f"checkpoint={strip_run / 'checkpoints' / 'best.pt'}",
+                                             f"inputs=[{recording}]", "stride=16"))
+    item = result["inputs"][0]
+    assert result["strip"] and (item["window"], item["stride"], item["rows"], item["cols"]) == ([24, 16], [24, 16],
+                                                                                                 1, 16)
+    track = np.load(tmp_path / "predict" / "recording.npy" / "probabilities.npy").argmax(0)
+    assert track.shape == (1, 16) and (track[0] == [1 - k for k in labels]).mean() >= 0.9  # classes: loud, quiet
+    classmap = Image.open(tmp_path / "predict" / "recording.npy" / "classmap.png")
+    assert classmap.width == 1024  # 16 windows of 16 px, grown by 4 to 1024
+    with pytest.raises(UserError, match=r"window=\[24, 16\]: the run was trained on strip-form crops"):
+        run_prediction(make_predict_cfg(f"checkpoint={strip_run / 'checkpoints' / 'best.pt'}",
+                                        f"inputs=[{recording}]", "window=[24,16]"))
