@@ -9,7 +9,6 @@ from omegaconf import DictConfig
 
 from errors import one_line_or_exit
 from training import schema
-from commands.prediction import run_prediction
 
 log = logging.getLogger("predict")
 schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base
@@ -17,6 +16,10 @@ schema.register()  # before @hydra.main composes: the YAML files name the schema
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
+    # Imported here, not above: --help, --cfg and a refused run dir need only Hydra, not torch and the
+    # rest of the command (~2-3 s of CPU at every start).
+    from commands.prediction import run_prediction
+
     result = one_line_or_exit(lambda: run_prediction(cfg), log)
     for item in result["inputs"]:
         shares = ", ".join(f"{name} {share:.1%}" for name, share in item["fractions"].items())

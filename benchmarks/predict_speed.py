@@ -15,7 +15,9 @@ What it does, all in one process:
    the device, the work predict.py adds nothing to), then predict.py's windows/s on each mosaic (reading,
    resizing, batching and the forward; predictions.json's `seconds`, the window pass), alternating so both
    see the same machine: the ratio is predict.py's over the mean of the forward measurements around it.
-4. Scores the class maps: the share of window centres whose class is the mosaic's class there.
+4. Times the reading alone (read, cut, resize and batch every window, no model), which says whether reading
+   or the model bounds the window pass.
+5. Scores the class maps: the share of window centres whose class is the mosaic's class there.
 
 Targets (issue 24): windows/s >= 0.8x the forward throughput on both inputs; agreement >= 85% for a model
 that scores >= 90% on validation crops. On the CPU, torch computes on one thread (the reading thread takes
@@ -41,9 +43,9 @@ from PIL import Image
 import training
 from benchmarks import report
 from benchmarks.real_photos import DEFAULT_WHEEL_CACHE, TEXTURES, photo_bytes
-from commands import tta
+from commands import tta, windows
 from commands.evaluation import load_classifier
-from commands.prediction import run_prediction
+from commands.prediction import block_reader, open_input, run_prediction
 from datasets.crop_csv import write_crops
 from training import schema
 
@@ -142,6 +144,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reading_rate(path: Path, item: dict, batch_size: int) -> float:
+    """Windows per second of predict.py's reading alone (read, cut, resize, batch; no model): which of the two
+    bounds the window pass."""
+    reader = open_input(path, 1, None)
+    g = windows.grid(reader.shape, tuple(item["window"]), tuple(item["stride"]), path)
+    started = time.perf_counter()
+    done = sum(len(index) for index, _ in windows.batches(reader, g, (1, 32, 32), batch_size, block_reader(reader)))
+    return done / (time.perf_counter() - started)
+
+
 def agreement(item: dict, labels: np.ndarray) -> float:
     """The share of windows whose class is the mosaic's class at the window's centre."""
     probabilities = np.load(Path(item["folder"]) / "probabilities.npy")
@@ -183,11 +195,13 @@ def main(tiff_side: int, png_side: int, batch_size: int, epochs: int, device_nam
         item = predict(checkpoint, path, work / f"predict_{kind}", batch_size, str(device), stride)
         total = time.perf_counter() - started
         forwards.append(forward_rate(checkpoint, batch_size, device))
+        reading = reading_rate(path, item, batch_size)
         rate = item["windows"] / item["seconds"]
         results[kind] = {"side": side, "file_bytes": path.stat().st_size, "write_seconds": written,
                          "windows": item["windows"], "window": item["window"], "stride": item["stride"],
                          "windows_per_second": rate, "forward_windows_per_second": float(np.mean(forwards[-2:])),
                          "ratio": rate / float(np.mean(forwards[-2:])), "window_pass_seconds": item["seconds"],
+                         "reading_alone_windows_per_second": reading,
                          "total_seconds": total, "agreement": agreement(item, labels)}
     return {"device": str(device), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -201,12 +215,13 @@ def _print(result: dict) -> None:
           f"{result['batch_size']}, load average {', '.join(f'{x:.1f}' for x in result['load_average'])}")
     print(f"texture model: {result['val_acc_on_crops']:.1%} on validation crops (trained in "
           f"{result['train_seconds']:.0f} s); window {result['median_box']} (median training box)")
-    print(f"{'input':<22} {'windows':>8} {'predict w/s':>12} {'forward w/s':>12} {'ratio':>6} {'agreement':>10}")
+    print(f"{'input':<22} {'windows':>8} {'predict w/s':>12} {'forward w/s':>12} {'ratio':>6} {'reading w/s':>12} "
+          f"{'agreement':>10}")
     for kind in ("tiff", "png"):
         r = result[kind]
         name = f"{r['side']}^2 {'tiled TIFF' if kind == 'tiff' else 'PNG'}"
         print(f"{name:<22} {r['windows']:>8} {r['windows_per_second']:>12.0f} {r['forward_windows_per_second']:>12.0f} "
-              f"{r['ratio']:>6.2f} {r['agreement']:>10.1%}")
+              f"{r['ratio']:>6.2f} {r['reading_alone_windows_per_second']:>12.0f} {r['agreement']:>10.1%}")
 
 
 if __name__ == "__main__":

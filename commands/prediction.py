@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def open_input(path: Path, channels: int, scale: Scale | None):
         raise UserError(f"inputs: {path} has {reader.channels} channels, the model takes {channels} (grey, RGB and "
                         "RGBA sources are converted as training converts them): give a grey or colour image")
     return reader
+
+
+def block_reader(reader) -> Callable[[int, int, int, int], np.ndarray]:
+    """reader.read, keeping a tiled TIFF's decoded tiles: neighbouring blocks share the tiles along their edges,
+    which are then decoded once."""
+    return partial(reader.read, tiles=TileCache(windows.BLOCK_BYTES)) if isinstance(reader, TiledTiff) else reader.read
 
 
 def run_prediction(cfg: DictConfig) -> dict:
@@ -152,9 +159,7 @@ def grid_probabilities(classifier: Classifier, reader, g: windows.Grid, batch_si
     n_classes = len(classifier.checkpoint["classes"])
     out = torch.empty((n_classes, len(g)), dtype=torch.float32, device=device)
     pin = device.type == "cuda"
-    # A tiled TIFF's blocks share the tiles along their edges: kept, so each tile is decoded once.
-    read = partial(reader.read, tiles=TileCache(windows.BLOCK_BYTES)) if isinstance(reader, TiledTiff) else reader.read
-    batches = windows.batches(reader, g, tuple(classifier.checkpoint["input_shape"]), batch_size, read)
+    batches = windows.batches(reader, g, tuple(classifier.checkpoint["input_shape"]), batch_size, block_reader(reader))
     with progress_bar(total=len(g), desc=Path(what).name, unit="window") as bar:
         for index, images in windows.in_background(batches):
             images = (images.pin_memory() if pin else images).to(device, non_blocking=pin)
