@@ -62,10 +62,16 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def assert_same_state(got: dict, expected: dict) -> None:
     """Two checkpoints hold the same weights and optimizer state, bit for bit (on the CPU, with equal thread
-    counts: float sums depend on both); the failure names the first tensor that differs."""
-    assert got["model"].keys() == expected["model"].keys()
-    for name, tensor in expected["model"].items():
-        assert torch.equal(got["model"][name], tensor), f"model {name}"
+    counts: float sums depend on both), and under trainer.ema the same live weights and update count too; the
+    failure names the first tensor that differs."""
+    for weights in ("model", "training_model"):
+        assert (weights in got) == (weights in expected), weights
+        if weights not in expected:
+            continue
+        assert got[weights].keys() == expected[weights].keys()
+        for name, tensor in expected[weights].items():
+            assert torch.equal(got[weights][name], tensor), f"{weights} {name}"
+    assert got.get("ema_updates") == expected.get("ema_updates")
     assert got["optimizer"]["state"].keys() == expected["optimizer"]["state"].keys()
     for index, state in expected["optimizer"]["state"].items():
         for key, value in state.items():

@@ -71,3 +71,15 @@ def test_folder_cache_smoke_run_times_every_case_against_its_target(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert set(report["seconds"]) == {"memory", "disk-first", "disk-second"}
     assert all(seconds > 0 for seconds in report["seconds"].values()) and report["target"]["ratio"] > 0
+
+
+@pytest.mark.slow  # the whole benchmark, in process
+def test_ema_cost_times_each_model_with_and_without_the_average(tmp_path):
+    from benchmarks import ema_cost
+
+    out = tmp_path / "ema.json"
+    report = ema_cost.main(["--device", "cpu", "--seconds", "0.01", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report["cases"]) == {f"{m}/{ema_cost.BATCH['cpu'][m]}/{s}" for m in ema_cost.MODELS for s in ("off", "on")}
+    assert all(value > 0 for value in report["cases"].values())
+    assert set(report["ratios"]) == {f"{m}_on_vs_off" for m in ema_cost.MODELS}

@@ -5,6 +5,11 @@ reads it: no pickled classes, no numpy arrays, the config as plain containers. B
 records `choices`, the shipped config group each part of its config came from: a resume or evaluate.py
 rebuilds the config from those (training/saved_config.py), never from the stored `_target_`s. Checkpoints
 saved before `choices` existed are read too: their choices are looked up from their targets.
+
+Under trainer.ema, `model` holds the averaged weights (training/ema.py), so everything that loads a
+checkpoint's `model` (evaluate.py, export.py, predict) uses the average without knowing about it; the weights
+training goes on from are `training_model`, and `ema_updates` counts the average's updates. Without EMA
+neither key is written.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from datasets import guards
 from datasets.base import DataBundle
 from errors import UserError
 from training import untrusted
+from training.ema import WeightAverage
 from training.position import Position
 
 FORMAT = 1  # bump when the keys below change meaning
@@ -135,15 +141,24 @@ class TrainingState:
     bundle: DataBundle
     config: dict  # the resolved config, for the record: a resume rebuilds it from `choices`, never as stored
     choices: dict  # the shipped config group each part came from (training/saved_config.py)
+    ema: WeightAverage | None = None  # trainer.ema: the weights' average, validated and saved as `model`
+
+    @property
+    def scored_model(self) -> nn.Module:
+        """The model validation scores and a checkpoint's `model` holds: the average under trainer.ema."""
+        return self.ema.model if self.ema is not None else unwrap(self.model)
 
     def snapshot(self, position: Position, metrics: dict) -> dict:
+        averaged = {} if self.ema is None else {"training_model": unwrap(self.model).state_dict(),
+                                                "ema_updates": int(self.ema.updates.item())}
         return {
             "format": FORMAT,
             "epoch": position.epoch,  # a resume starts at this epoch index...
             "batches_done": position.batches_done,  # ...after this many of its batches
             "step": position.step,
             "window": list(position.window),
-            "model": unwrap(self.model).state_dict(),
+            "model": self.scored_model.state_dict(),
+            **averaged,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.amp.state_dict(),
@@ -166,7 +181,17 @@ class TrainingState:
     def restore(self, checkpoint: dict, source: str) -> Position:
         """Load every state saved by `snapshot`; the RNG streams last, so that building the model (which draws
         initial weights) before this call does not shift them. `source` names the file for messages."""
-        load_weights(unwrap(self.model), checkpoint, source)
+        if self.ema is None:
+            load_weights(unwrap(self.model), checkpoint, source)
+        else:
+            updates = checkpoint.get("ema_updates")
+            if "training_model" not in checkpoint or not isinstance(updates, int) or isinstance(updates, bool) \
+                    or updates < 0:
+                raise UserError(f"{source}: its config sets trainer.ema but it holds no training_model and "
+                                "ema_updates to continue from: use the checkpoint as the run saved it")
+            load_weights(unwrap(self.model), {**checkpoint, "model": checkpoint["training_model"]}, source)
+            load_weights(self.ema.model, checkpoint, source)
+            self.ema.updates.fill_(updates)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])

@@ -2,7 +2,7 @@
 
 The tutorial CNN is tiny: on a GPU one step is a few dozen kernels of microseconds each, so launching
 them from Python costs more than running them. A CUDA graph records the whole step once (normalise,
-forward, loss, backward, clipping, optimizer step) and replays it with one launch. What that asks for
+forward, loss, backward, clipping, optimizer step, the weights' average under trainer.ema) and replays it with one launch. What that asks for
 (torch's "CUDA Graphs" notes, whole-network capture):
 
 - static tensors: every batch is copied into the same input buffers, and each replay overwrites the same
@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from training.ema import WeightAverage
 from training.step import StepOptions, TrainStep
 
 WARMUP_STEPS = 3  # eager steps on a side stream before the first capture, as torch's examples do
@@ -39,10 +40,10 @@ class CudaGraphStep(TrainStep):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  normalize: Callable[[torch.Tensor], torch.Tensor], options: StepOptions, device: torch.device,
-                 batch_size: int):
+                 batch_size: int, ema: WeightAverage | None = None):
         if options.amp.scaler is not None:
             raise ValueError("a GradScaler step syncs with the host and cannot be captured")
-        super().__init__(model, optimizer, normalize, options, device)
+        super().__init__(model, optimizer, normalize, options, device, ema)
         self.batch_size = batch_size
         self.warmup_left = WARMUP_STEPS
         self.side = torch.cuda.Stream(device)
@@ -102,9 +103,9 @@ class CudaGraphStep(TrainStep):
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, normalize: Callable[[torch.Tensor], torch.Tensor],
-              options: StepOptions, device: torch.device, batch_size: int) -> TrainStep:
+              options: StepOptions, device: torch.device, batch_size: int, ema: WeightAverage | None = None) -> TrainStep:
     """The step a run trains with: replayed from a CUDA graph for batches of `batch_size` items when
-    `options.cuda_graphs`, else eager."""
+    `options.cuda_graphs`, else eager; `ema` is updated after every optimizer step either way."""
     if options.cuda_graphs:
-        return CudaGraphStep(model, optimizer, normalize, options, device, batch_size)
-    return TrainStep(model, optimizer, normalize, options, device)
+        return CudaGraphStep(model, optimizer, normalize, options, device, batch_size, ema)
+    return TrainStep(model, optimizer, normalize, options, device, ema)
