@@ -20,7 +20,7 @@ from training.schema import check_ranges
 # Each scheduler brings its own keys; standard augmentation sets pad. Between them every numeric key of every
 # group a training config composes from.
 CHOICES = [(), ("scheduler=onecycle",), ("scheduler=step",), ("scheduler=cosine",), ("scheduler=warmup_cosine",),
-           ("augment=standard",)]
+           ("augment=standard",), ("optim=adamw",)]
 # What a careless user or a bad sweep types: zero, signs, fractions where counts go, the float specials,
 # values at and beyond any sane size.
 POOL = [0, 1, -1, 2, 3, 0.5, -0.5, 1e-9, 1.5, 7, 100, 1e9, 10**12, 10**30, 1e308, math.nan, math.inf, -math.inf]
@@ -33,7 +33,7 @@ WORK = {"trainer.epochs", "scheduler.epochs", "scheduler.T_max", "scheduler.step
 
 
 # Numeric keys whose default is a word or null (auto, off): numbers still reach them from the command line.
-NUMERIC_WHEN_SET = ("loader.num_workers", "trainer.checkpoint_every", "optim.clip_grad_norm")
+NUMERIC_WHEN_SET = ("loader.num_workers", "trainer.checkpoint_every", "optim.clip_grad_norm", "trainer.ema")
 
 
 def numeric_keys(cfg) -> list[str]:
@@ -114,7 +114,8 @@ def test_every_numeric_key_has_a_range_or_takes_any_value(make_cfg):
                     _one_line_naming(e, key)
     assert {"optim.lr", "optim.clip_grad_norm", "scheduler.pct_start", "scheduler.div_factor", "scheduler.gamma",
             "scheduler.T_max", "scheduler.warmup", "dataset.mean", "dataset.std", "trainer.dist_timeout_minutes",
-            "loader.num_workers", "loader.prefetch_factor", "augment.pad", "trainer.checkpoint_every"} <= seen
+            "loader.num_workers", "loader.prefetch_factor", "augment.pad", "trainer.checkpoint_every", "trainer.ema",
+            "optim.betas", "optim.eps"} <= seen
 
 
 @pytest.mark.parametrize(("override", "key"), [

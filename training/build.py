@@ -111,16 +111,51 @@ def build_model(model_cfg: DictConfig, input_shape: tuple[int, int, int], num_cl
                        num_classes=num_classes).to(device)
 
 
+# Keys of the optim group that are the trainer's, not the constructor's.
+TRAINER_OPTIM_KEYS = ("clip_grad_norm", "decay_norms_and_biases")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The model's parameters in two groups: weights that decay, and the 1-D parameters that do not (biases,
+    BatchNorm's scale and shift). Decay pulls a weight matrix towards small norms, a useful prior; pulling a
+    BatchNorm scale or a bias towards zero only fights the normalisation (timm and torchvision's references
+    exempt them the same way)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in parameters if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Adam and AdamW keep their step count on the host unless `capturable`, which a CUDA-graph capture requires
+    (trainer.cuda_graphs); a loaded optimizer state brings the setting it was saved with, so it is set again
+    after a resume, the step counts moved to where that setting keeps them."""
+    for group in optimizer.param_groups:
+        if "capturable" not in group:  # SGD has no host state to keep
+            continue
+        group["capturable"] = capturable
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(parameter.device if capturable else "cpu")
+
+
 def build_optimizer(optim_cfg: DictConfig, scheduler_cfg: DictConfig | None, model: nn.Module,
-                    steps_per_epoch: int):
+                    steps_per_epoch: int, capturable: bool = False):
     """The optimizer, its learning-rate scheduler (None for a constant rate) and whether that scheduler steps
     after every optimizer step (scheduler.interval=step; else once per epoch). optim.clip_grad_norm belongs
-    to the training step and scheduler.interval to the runner, not to the constructors: both are left out."""
-    constructor_args = OmegaConf.masked_copy(optim_cfg, [k for k in optim_cfg if k != "clip_grad_norm"])
+    to the training step, optim.decay_norms_and_biases chooses the parameter groups and scheduler.interval is
+    the runner's: none goes to a constructor. `capturable`: the steps are captured as CUDA graphs."""
+    constructor_args = OmegaConf.masked_copy(optim_cfg, [k for k in optim_cfg if k not in TRAINER_OPTIM_KEYS])
     if optim_cfg.get("nesterov") and not optim_cfg.get("momentum"):  # torch's ValueError, wrapped by Hydra
         raise UserError("optim.nesterov=true needs optim.momentum above 0 (Nesterov momentum is a kind of momentum): "
                         "set optim.momentum=0.9, or optim.nesterov=false")
-    optimizer = _instantiate(constructor_args, params=model.parameters())
+    # Absent from configs saved before the key existed: those decayed every parameter.
+    params = (model.parameters() if optim_cfg.get("decay_norms_and_biases", True)
+              else parameter_groups(model, optim_cfg.weight_decay))
+    # A partial, called here: Hydra would wrap the parameter groups (dicts of tensors) in its own containers;
+    # `all` hands lists (optim.betas) to torch as plain lists, as a checkpoint's state must hold them.
+    optimizer = _instantiate(constructor_args, _partial_=True, _convert_="all")(params)
+    set_capturable(optimizer, capturable)
     if scheduler_cfg is None:
         return optimizer, None, False
     per_step = scheduler_cfg.get("interval") == "step"  # absent in older checkpoints' configs: per epoch

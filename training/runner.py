@@ -32,10 +32,11 @@ from training import distributed, folder_lock, launch, metrics, resume, run_fold
 from training import speed as speeds
 from training.augment import Augment
 from training.build import (Data, build_augment, build_data, build_model, build_optimizer, require_keys,
-                            resolve_device, saved_mapping)
+                            resolve_device, saved_mapping, set_capturable)
 from training.logger import RunLogger, Where, describe_run, run_log
 from training.schema import check_ranges
 from training.loop import NonFiniteLoss, Normalizer, evaluate, train_one_epoch
+from training.ema import WeightAverage
 from training.graphs import make_step
 from training.position import EpochPlan, Position, warmup_end
 from training.step import StepOptions, TrainStep
@@ -194,25 +195,29 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     parameters, flops = model_cost(model, bundle.input_shape)
     log.info("model: %s, %.3gM parameters, %.3g MFLOPs per sample (forward)", type(model).__name__, parameters / 1e6,
              flops / 1e6)
+    model = speeds.prepare(speed, model)  # before the average copies it: both lay out their weights alike
+    ema = WeightAverage(model, trainer.ema) if trainer.get("ema") is not None else None
     # The whole epoch's batches, whether or not a resumed epoch skips some: a per-step schedule spans epochs x these.
     optimizer, scheduler, per_step = build_optimizer(cfg.optim, cfg.get("scheduler"), model,
-                                                     steps_per_epoch=data.train_loader.batches_per_epoch)
+                                                     steps_per_epoch=data.train_loader.batches_per_epoch,
+                                                     capturable=speed.cuda_graphs)
     amp = speeds.MixedPrecision(speed.precision, device)
     config = OmegaConf.to_container(cfg, resolve=True)
     state = checkpoints.TrainingState(model, optimizer, scheduler, amp, data.train_loader, bundle, config,
-                                      choices=saved_config.choices(cfg))
+                                      choices=saved_config.choices(cfg), ema=ema)
     position, best_acc = Position(), -1.0
     if checkpoint is not None:
         _check_classes(checkpoint, cfg, bundle)
         position = state.restore(checkpoint, f"resume={cfg.resume}")
+        set_capturable(optimizer, speed.cuda_graphs)  # as this run steps, whatever the saved run did
         best_acc = checkpoint["metrics"]["val/acc_best"]
         log.info("resuming %s after epoch %d (step %d) in %s with its config; from this command: %s", cfg.resume,
                  position.epoch, position.step, run_dir,
                  ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in FROM_COMMAND_LINE))
-    state.model = _wrap(speeds.prepare(speed, model), speed, process, device)
+    state.model = _wrap(model, speed, process, device)
     normalize = Normalizer(bundle.mean, bundle.std, device, speeds.memory_format(speed))
     options = StepOptions(amp, cfg.optim.get("clip_grad_norm"), trainer.get("label_smoothing", 0.0), speed.cuda_graphs)
-    step = make_step(state.model, optimizer, normalize, options, device, cfg.loader.batch_size)
+    step = make_step(state.model, optimizer, normalize, options, device, cfg.loader.batch_size, ema)
     log.info("speed: %s", ", ".join(f"{k}={v}" for k, v in vars(speed).items()))
 
     if main:
@@ -396,8 +401,9 @@ class EpochLoop:
                                     plan.start_step)
 
     def _validate(self, epoch: int, step: int) -> dict:
-        # The bare model: DDP's forward would sync buffers, and ranks hold different numbers of val batches.
-        val = evaluate(checkpoints.unwrap(self.state.model), self.data.val_loader, self.step.normalize,
+        # The bare model (or its average): DDP's forward would sync buffers, and ranks hold different numbers of
+        # val batches.
+        val = evaluate(self.state.scored_model, self.data.val_loader, self.step.normalize,
                        self.step.device, len(self.data.bundle.classes), self.state.amp)
         if not math.isfinite(val["loss"]):  # never let a broken model become best.pt or last.pt
             raise NonFiniteLoss(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from errors import UserError
 
@@ -34,8 +34,13 @@ class Range:
     words: tuple = ()
     text: Optional[str] = None  # the range in words, where the bounds alone read badly
     one_of: tuple = ()  # the only values accepted (dataset.channels: 1 or 3; loader.mode: auto, device, ...)
+    items: Optional[int] = None  # a list of exactly this many values, each within the range (optim.betas)
 
     def accepts(self, value: Any) -> bool:
+        if self.items is not None:
+            return (isinstance(value, (list, tuple, ListConfig)) and len(value) == self.items
+                    and all(value_ is not None and dataclasses.replace(self, items=None).accepts(value_)
+                            for value_ in value))
         if value is None or value in self.words:
             return True
         if self.one_of:
@@ -53,6 +58,8 @@ class Range:
     def describe(self) -> str:
         if self.text is not None:
             return self.text
+        if self.items is not None:
+            return f"a list of {self.items} numbers, each {dataclasses.replace(self, items=None).describe()}"
         if self.one_of:
             return "one of " + ", ".join(map(str, self.one_of))
         low_text, high_text = _show(self.low), _show(self.high)
@@ -181,13 +188,30 @@ class LoaderSchema:
     prefetch_factor: int = ranged(at_least=1, at_most=64)
 
 
+# A learning rate beyond float32's range (3.4e38) overflowed inside torch's optimizer step, a traceback; any rate
+# above a million diverges at the first step anyway.
+LEARNING_RATE = dict(above=0, at_most=1e6)
+
+
 @dataclass
 class SGDSchema:
     _target_: str
-    lr: float = ranged(above=0)
+    lr: float = ranged(**LEARNING_RATE)
     momentum: float = ranged(**FRACTION)
     nesterov: bool
     weight_decay: float = ranged(at_least=0)
+    decay_norms_and_biases: bool
+    clip_grad_norm: Optional[float] = ranged(above=0)
+
+
+@dataclass
+class AdamWSchema:
+    _target_: str
+    lr: float = ranged(**LEARNING_RATE)
+    betas: List[float] = ranged(at_least=0, below=1, items=2)  # the running averages' decays per step
+    eps: float = ranged(above=0)
+    weight_decay: float = ranged(at_least=0)  # decoupled: each step shrinks weights by lr x weight_decay
+    decay_norms_and_biases: bool
     clip_grad_norm: Optional[float] = ranged(above=0)
 
 
@@ -252,6 +276,7 @@ class TrainerSchema:
     dist_timeout_minutes: float = ranged(at_most=10_080)
     checkpoint_every: Optional[int] = ranged(at_least=1)
     stop_signals: List[str]  # names checked by training/stop.py
+    ema: Optional[float] = ranged(above=0, below=1)  # the weights' average's decay per step; None: off
 
 
 @dataclass
@@ -306,7 +331,7 @@ GROUPS = {
     "augment": {"default_schema": AugmentSchema},
     "model": {"tutorial_cnn_schema": ModelSchema, "resnet18_schema": ModelSchema, "fastnet_schema": ModelSchema},
     "loader": {"default_schema": LoaderSchema},
-    "optim": {"sgd_schema": SGDSchema},
+    "optim": {"sgd_schema": SGDSchema, "adamw_schema": AdamWSchema},
     "scheduler": {"step_schema": StepSchema, "cosine_schema": CosineSchema,
                   "warmup_cosine_schema": WarmupCosineSchema, "onecycle_schema": OneCycleSchema},
     "trainer": {"default_schema": TrainerSchema},
