@@ -67,7 +67,8 @@ def test_a_bad_adamw_value_is_one_line_naming_the_key(make_cfg, override, said):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("model_name", ["fastnet", pytest.param("resnet18", marks=pytest.mark.slow)])
+@pytest.mark.slow  # GPU models: seconds of training each on the CPU
+@pytest.mark.parametrize("model_name", ["fastnet", "resnet18"])
 def test_the_preset_trains_fastnet_and_resnet18(shared_run, model_name):
     """Training loss only, as in test_model_runs: 14 steps are too few for BatchNorm's running statistics,
     which validation uses."""

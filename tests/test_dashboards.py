@@ -61,7 +61,7 @@ def test_layout_and_summary_once_per_run_also_after_resume(make_cfg, shared_run,
                  "| processes | 1 |", "| outcome | finished |",
                  f"| best.pt | `{first / 'checkpoints' / 'best.pt'}` |"]:
         assert line in text, line
-    assert "| optimiser | SGD (lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0, clip_grad_norm=null) |" in text
+    assert "| optimiser | SGD (lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0, decay_norms_and_biases=True, clip_grad_norm=null) |" in text
     assert "| val/acc_best |" in text and "| prepared in |" in text
     (second,) = summaries("second")
     assert "| schedule | CosineAnnealingLR (interval=epoch, T_max=1, eta_min=0.0) |" in second["text"]
