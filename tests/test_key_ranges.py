@@ -33,7 +33,8 @@ WORK = {"trainer.epochs", "scheduler.epochs", "scheduler.T_max", "scheduler.step
 
 
 # Numeric keys whose default is a word or null (auto, off): numbers still reach them from the command line.
-NUMERIC_WHEN_SET = ("loader.num_workers", "trainer.checkpoint_every", "optim.clip_grad_norm", "trainer.ema")
+NUMERIC_WHEN_SET = ("loader.num_workers", "trainer.checkpoint_every", "optim.clip_grad_norm", "trainer.ema",
+                    "trainer.early_stop.patience")
 
 
 def numeric_keys(cfg) -> list[str]:
@@ -115,7 +116,7 @@ def test_every_numeric_key_has_a_range_or_takes_any_value(make_cfg):
     assert {"optim.lr", "optim.clip_grad_norm", "scheduler.pct_start", "scheduler.div_factor", "scheduler.gamma",
             "scheduler.T_max", "scheduler.warmup", "dataset.mean", "dataset.std", "trainer.dist_timeout_minutes",
             "loader.num_workers", "loader.prefetch_factor", "augment.pad", "trainer.checkpoint_every", "trainer.ema",
-            "optim.betas", "optim.eps"} <= seen
+            "optim.betas", "optim.eps", "trainer.early_stop.patience", "trainer.early_stop.min_delta"} <= seen
 
 
 @pytest.mark.parametrize(("override", "key"), [

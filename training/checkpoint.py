@@ -9,7 +9,7 @@ saved before `choices` existed are read too: their choices are looked up from th
 Under trainer.ema, `model` holds the averaged weights (training/ema.py), so everything that loads a
 checkpoint's `model` (evaluate.py, export.py, predict) uses the average without knowing about it; the weights
 training goes on from are `training_model`, and `ema_updates` counts the average's updates. Without EMA
-neither key is written.
+neither key is written. Under trainer.early_stop, `early_stop` holds its best value and counters.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from datasets import guards
 from datasets.base import DataBundle
 from errors import UserError
 from training import untrusted
+from training.early_stop import EarlyStop
 from training.ema import WeightAverage
 from training.position import Position
 
@@ -142,6 +143,7 @@ class TrainingState:
     config: dict  # the resolved config, for the record: a resume rebuilds it from `choices`, never as stored
     choices: dict  # the shipped config group each part came from (training/saved_config.py)
     ema: WeightAverage | None = None  # trainer.ema: the weights' average, validated and saved as `model`
+    early_stop: EarlyStop | None = None  # trainer.early_stop: its best value and count of epochs without improvement
 
     @property
     def scored_model(self) -> nn.Module:
@@ -176,6 +178,7 @@ class TrainingState:
             "metrics": metrics,
             "config": self.config,
             "choices": self.choices,
+            **({"early_stop": self.early_stop.state_dict()} if self.early_stop is not None else {}),
         }
 
     def restore(self, checkpoint: dict, source: str) -> Position:
@@ -197,6 +200,8 @@ class TrainingState:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.amp.load_state_dict(checkpoint["scaler"])
         self.loader.load_state_dict(checkpoint["loader"])
+        if self.early_stop is not None:
+            self.early_stop.load_state_dict(checkpoint.get("early_stop"), source)
         restore_rng(checkpoint["rng"])
         # "window" is absent from checkpoints saved before stops carried it: their first point averages fewer steps.
         return Position(checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"],

@@ -28,7 +28,7 @@ from datasets.base import DataBundle, labels_of, limit_image_pixels
 from errors import UserError
 from models.size import cost as model_cost
 from training import checkpoint as checkpoints
-from training import distributed, folder_lock, launch, metrics, resume, run_folder, saved_config, stop
+from training import distributed, early_stop, folder_lock, launch, metrics, resume, run_folder, saved_config, stop
 from training import speed as speeds
 from training.augment import Augment
 from training.build import (Data, build_augment, build_data, build_model, build_optimizer, require_keys,
@@ -138,6 +138,11 @@ def _resumed_config(checkpoint: dict, cfg: DictConfig, epochs_given: bool = True
     for key in FROM_COMMAND_LINE:
         if key != "trainer.epochs" or epochs_given:  # else the default (10) would end a longer run early
             OmegaConf.update(resumed, key, OmegaConf.select(cfg, key))
+    saved_stop = checkpoint.get("early_stop")  # checked in full when restored; here only whether it ended the run
+    stopped = saved_stop.get("stopped_epoch") if isinstance(saved_stop, dict) else None
+    if isinstance(stopped, int) and stopped > 0:
+        raise UserError(f"resume={cfg.resume} stopped early after epoch {stopped} (trainer.early_stop): its run is "
+                        "finished; start a new run to train further")
     if checkpoint["epoch"] >= resumed.trainer.epochs:
         raise UserError(f"resume={cfg.resume} has already trained {checkpoint['epoch']} epochs: "
                         f"set trainer.epochs above {checkpoint['epoch']} to train further")
@@ -197,6 +202,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
              flops / 1e6)
     model = speeds.prepare(speed, model)  # before the average copies it: both lay out their weights alike
     ema = WeightAverage(model, trainer.ema) if trainer.get("ema") is not None else None
+    stopper = early_stop.from_config(trainer.get("early_stop"))
     # The whole epoch's batches, whether or not a resumed epoch skips some: a per-step schedule spans epochs x these.
     optimizer, scheduler, per_step = build_optimizer(cfg.optim, cfg.get("scheduler"), model,
                                                      steps_per_epoch=data.train_loader.batches_per_epoch,
@@ -204,7 +210,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     amp = speeds.MixedPrecision(speed.precision, device)
     config = OmegaConf.to_container(cfg, resolve=True)
     state = checkpoints.TrainingState(model, optimizer, scheduler, amp, data.train_loader, bundle, config,
-                                      choices=saved_config.choices(cfg), ema=ema)
+                                      choices=saved_config.choices(cfg), ema=ema,
+                                      early_stop=stopper)
     position, best_acc = Position(), -1.0
     if checkpoint is not None:
         _check_classes(checkpoint, cfg, bundle)
@@ -246,6 +253,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
         last_val = loop.run(position, best_acc, last_val)
         logger.hparams(config)
         outcome = "finished"
+        if stopper is not None and stopper.stopped_epoch:
+            outcome = f"stopped early after epoch {stopper.stopped_epoch} of {trainer.epochs}: {stopper.reason()}"
     except KeyboardInterrupt as e:
         by = f"preempted ({e.args[0]})" if isinstance(e, stop.Stopped) and e.preempted else "interrupted"
         outcome = f"{by}: continue with resume={run_dir / CHECKPOINT_DIR / 'last.pt'} (or resume=auto)"
@@ -259,7 +268,8 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
         finally:
             logger.close()  # restores threading.excepthook, whatever the summary did
 
-    metrics = {**logger.final, "data/prep_seconds": prep_seconds, "world_size": process.world_size}
+    metrics = {**logger.final, **(stopper.record() if stopper is not None else {}), "data/prep_seconds": prep_seconds,
+               "world_size": process.world_size}
     if main:
         run_folder.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     log.info("done: val acc %.2f%% (best %.2f%%); run dir %s", 100 * last_val["val/acc"],
@@ -351,6 +361,10 @@ class EpochLoop:
                                 self._path("last.pt"), self._path("last.pt"))
                     raise signals.stopped()
                 val = self._validate(epoch, position.step)
+                stopper = self.state.early_stop
+                # Before the save below: the checkpoint holds the counters this epoch left.
+                stop_now = stopper is not None and stopper.update(
+                    epoch + 1, {"val/acc": val["acc"], "val/loss": val["loss"], "val/f1_macro": val["f1_macro"]})
                 improved = val["acc"] > best_acc
                 best_acc = max(best_acc, val["acc"])
                 last_val = self.logger.validation(val, best_acc, bundle.classes, lr, epoch_seconds, position.step)
@@ -365,6 +379,9 @@ class EpochLoop:
                     epoch + 1, trainer.epochs, stats.loss, f"{stats.throughput:.0f}" if stats.throughput else "n/a",
                     epoch_seconds, val["loss"], 100 * val["acc"], " (best)" if improved else "",
                 )
+                if stop_now:
+                    log.info("early stop after epoch %d/%d: %s", epoch + 1, trainer.epochs, stopper.reason())
+                    break
         return last_val
 
     def _plan(self, position: Position, warmup_until: int) -> EpochPlan:

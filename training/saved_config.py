@@ -158,7 +158,17 @@ def _interpolates(value) -> bool:
 
 def _copy_value(node: DictConfig, key: str, value, source: str, full_key: str) -> None:
     """Set node[key] = value through the node's schema: a declared key must take the value's type; a key the
-    schema does not declare (what `+optim.dampening=0.1` adds) is kept when its value is plain."""
+    schema does not declare (what `+optim.dampening=0.1` adds) is kept when its value is plain. A mapping is
+    copied key by key only where the schema declares a typed mapping there (trainer.early_stop); its wiring-like
+    keys (`_target_`, ...) are refused."""
+    if isinstance(value, dict) and key in node and OmegaConf.get_type(node, key) not in (dict, None) \
+            and isinstance(node.get(key), DictConfig):
+        for inner, inner_value in value.items():
+            if str(inner).startswith("_"):
+                raise UserError(f"{source}: its config sets {full_key}.{inner}, which this trainer never writes: "
+                                "refusing to rebuild its config")
+            _copy_value(node[key], str(inner), inner_value, source, f"{full_key}.{inner}")
+        return
     if not _plain(value):
         raise UserError(f"{source}: its config's {full_key} holds a {type(value).__name__}, not a plain value: "
                         "refusing to rebuild its config")

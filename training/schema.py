@@ -259,6 +259,14 @@ class OneCycleSchema:
 
 
 @dataclass
+class EarlyStopSchema:
+    patience: Optional[int] = ranged(at_least=1)  # epochs without improvement; None: off
+    metric: str = ranged(one_of=("val/acc", "val/loss", "val/f1_macro"))
+    mode: str = ranged(one_of=("auto", "max", "min"))
+    min_delta: float = ranged(at_least=0)  # in the metric's units
+
+
+@dataclass
 class TrainerSchema:
     epochs: int = ranged(at_least=1, at_most=1_000_000)
     device: str
@@ -277,6 +285,7 @@ class TrainerSchema:
     checkpoint_every: Optional[int] = ranged(at_least=1)
     stop_signals: List[str]  # names checked by training/stop.py
     ema: Optional[float] = ranged(above=0, below=1)  # the weights' average's decay per step; None: off
+    early_stop: EarlyStopSchema
 
 
 @dataclass
