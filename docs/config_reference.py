@@ -45,7 +45,7 @@ group's choice as `group=choice` (`model=fastnet`), and add a key a config does 
 A misspelt key, an unknown choice or a value of the wrong type (`dataset.width=abc`, `trainer.epochs=1.5`)
 fails before anything runs, naming the key and the type it takes (types: `training/schema.py`). Values whose
 validity does not depend on the data are checked next, in `train.py` and `evaluate.py` alike, before any file is read: each bad one is a
-line naming the key, its accepted range and the value (`optim.lr must be greater than 0 and at most 1000000, got -1.0`,
+line naming the key, its accepted range and the value (`optim.lr must be greater than 0 and at most 1e+30, got -1.0`,
 `loader.batch_size must be at least 1, got 0`); the "range" column below is that check, declared beside the
 types in `training/schema.py` (`lr: float = ranged(above=0)`). Keys typed "any" take words as well as numbers
 (`auto`, a list); the code that uses them checks them, in one line too. What each error means:

@@ -188,9 +188,9 @@ class LoaderSchema:
     prefetch_factor: int = ranged(at_least=1, at_most=64)
 
 
-# A learning rate beyond float32's range (3.4e38) overflowed inside torch's optimizer step, a traceback; any rate
-# above a million diverges at the first step anyway.
-LEARNING_RATE = dict(above=0, at_most=1e6)
+# A learning rate beyond float32's range (3.4e38) overflowed inside torch's optimizer step, a traceback; a huge
+# one below it (1e9) is allowed and ends in the one-line NaN-loss error, as a diverging search trial should.
+LEARNING_RATE = dict(above=0, at_most=1e30)
 
 
 @dataclass
@@ -300,6 +300,8 @@ class EvaluateSchema:
     checkpoint: str
     device: str
     predict: List[str]
+    tta: str = ranged(one_of=("none", "hflip", "dihedral"))
+    tta_force: bool
     max_image_pixels: int = ranged(**PIXELS)
     run_dir: str
 
