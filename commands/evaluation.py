@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from commands import onnx_model
+from commands import onnx_model, tta
 from datasets import guards
 from datasets.base import decode_problem, limit_image_pixels
 from datasets.transforms import DECODE_ERRORS, LoadItem
@@ -47,8 +47,12 @@ def run_evaluation(cfg: DictConfig) -> dict:
         loaded = load_classifier(cfg.checkpoint, device)
         model, normalize, amp, checkpoint, saved = (loaded.model, loaded.normalize, loaded.amp, loaded.checkpoint,
                                                     loaded.saved)
+        tta.check(cfg.tta, dict(saved.get("augment") or {}), tuple(checkpoint["input_shape"]), cfg.tta_force)
+        if cfg.tta != "none":
+            model = Averaged(model, cfg.tta)
+            log.info("tta=%s: softmax probabilities averaged over %d views of each item", cfg.tta, tta.views(cfg.tta))
         if cfg.predict:
-            result = {"checkpoint": str(cfg.checkpoint),
+            result = {"checkpoint": str(cfg.checkpoint), "tta": cfg.tta,
                       "predictions": predict(model, normalize, checkpoint, [Path(p) for p in cfg.predict], device,
                                              amp)}
             name = "predictions.json"
@@ -57,12 +61,27 @@ def run_evaluation(cfg: DictConfig) -> dict:
             # from the command, never from a file someone else may have written.
             dataset_cfg = cfg.dataset if cfg.get("dataset") is not None else untrusted.reading_only(saved.dataset)
             result = score(model, normalize, checkpoint, dataset_cfg, saved, device, amp)
-            result["checkpoint"] = str(cfg.checkpoint)
+            result["checkpoint"], result["tta"] = str(cfg.checkpoint), cfg.tta
             name = "eval.json"
         # Strict JSON: a value that is not finite (a loss on inputs the model overflows on) is written as null.
         run_folder.write_text(run_dir / name, json.dumps(untrusted.finite_or_none(result), indent=1, allow_nan=False))
         log.info("wrote %s", run_dir / name)
         return result
+
+
+class Averaged(nn.Module):
+    """`model` under test-time augmentation (commands/tta.py): the log of its softmax probabilities averaged over
+    the views of `mode`. Log-probabilities are logits of those probabilities (softmax gives them back, cross-entropy
+    is -log p of the target), so evaluation's loss, accuracy, PR curves and mistakes score the average unchanged."""
+
+    def __init__(self, model: nn.Module, mode: str):
+        super().__init__()
+        self.model, self.mode = model, mode
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        # Flips and rotations commute with per-channel normalisation: the views of a normalised batch are the
+        # normalised views. The smallest normal float keeps a probability that underflowed to 0 a finite loss.
+        return tta.probabilities(self.model, inputs, self.mode).clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
 @dataclass
