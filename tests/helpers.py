@@ -80,6 +80,20 @@ def assert_same_state(got: dict, expected: dict) -> None:
             assert same, f"optimizer state {index} {key}"
 
 
+def resume_against_unbroken(shared_run, make_cfg, crop_csv: Path, run_dir: Path, overrides: tuple[str, ...],
+                            stop_after: int, epochs: int) -> tuple[dict, dict, dict]:
+    """A shared run of `overrides` trained to `stop_after` epochs, copied to `run_dir` and resumed there to
+    `epochs`, beside the shared unbroken run to `epochs`: (the resumed last.pt, the unbroken one's, the resumed
+    run's metrics)."""
+    import training  # here: most users of this module never train
+
+    unbroken = shared_run(*overrides, f"trainer.epochs={epochs}").checkpoint("last")
+    last = shared_run(*overrides, f"trainer.epochs={stop_after}").copy(run_dir) / "checkpoints" / "last.pt"
+    metrics = training.run(make_cfg(f"dataset.csv={crop_csv}", *overrides, f"trainer.epochs={epochs}",
+                                    f"resume={last}", run_dir=run_dir))
+    return torch.load(last, weights_only=True), unbroken, metrics
+
+
 def in_child(body: Callable[[], None]) -> None:
     """Run `body` in a forked copy of this process, for a test that changes process-wide state (an rlimit, a
     signal handler): the change dies with the child, so pytest's own writes and later tests never see it,

@@ -6,7 +6,7 @@ import torch
 
 import training
 from errors import UserError
-from tests.helpers import assert_same_state
+from tests.helpers import assert_same_state, resume_against_unbroken
 from training.build import build_model, build_optimizer
 from training.schema import check_ranges
 
@@ -77,11 +77,8 @@ def test_the_preset_trains_fastnet_and_resnet18(shared_run, model_name):
 
 
 def test_an_adamw_resume_is_bitwise_equal_to_an_unbroken_run(shared_run, make_cfg, shared_crop_csv, tmp_path):
-    unbroken = shared_run(*ADAMW_RUN, "trainer.epochs=2").checkpoint("last")
-    folder = shared_run(*ADAMW_RUN, "trainer.epochs=1").copy(tmp_path / "run") / "checkpoints"
-    training.run(make_cfg(f"dataset.csv={shared_crop_csv}", *ADAMW_RUN, "trainer.epochs=2",
-                          f"resume={folder / 'last.pt'}", run_dir=tmp_path / "run"))
-    resumed = torch.load(folder / "last.pt", weights_only=True)
+    resumed, unbroken, _ = resume_against_unbroken(shared_run, make_cfg, shared_crop_csv, tmp_path / "run", ADAMW_RUN,
+                                                   stop_after=1, epochs=2)
     assert [g["weight_decay"] for g in resumed["optimizer"]["param_groups"]] == [0.05, 0.0]
     assert_same_state(resumed, unbroken)
 

@@ -6,7 +6,7 @@ import torch
 
 import training
 from errors import UserError
-from tests.helpers import assert_same_state, events
+from tests.helpers import assert_same_state, events, resume_against_unbroken
 from training.early_stop import EarlyStop
 from training.logger import SUMMARY_TAG
 from training.schema import check_ranges
@@ -49,12 +49,9 @@ def test_a_run_stops_early_and_says_so(shared_run):
 
 
 def test_a_resumed_run_stops_where_an_unbroken_one_does(shared_run, make_cfg, shared_crop_csv, tmp_path):
-    unbroken = shared_run(*STOPPING, "trainer.epochs=5").checkpoint("last")
-    folder = shared_run(*STOPPING, "trainer.epochs=2").copy(tmp_path / "run") / "checkpoints"
-    assert torch.load(folder / "last.pt", weights_only=True)["early_stop"]["bad_epochs"] == 1
-    metrics = training.run(make_cfg(f"dataset.csv={shared_crop_csv}", *STOPPING, "trainer.epochs=5",
-                                    f"resume={folder / 'last.pt'}", run_dir=tmp_path / "run"))
-    resumed = torch.load(folder / "last.pt", weights_only=True)
+    assert shared_run(*STOPPING, "trainer.epochs=2").checkpoint("last")["early_stop"]["bad_epochs"] == 1
+    resumed, unbroken, metrics = resume_against_unbroken(shared_run, make_cfg, shared_crop_csv, tmp_path / "run",
+                                                         STOPPING, stop_after=2, epochs=5)
     assert metrics["early_stop/stopped_epoch"] == 3  # a fresh count would have gone on to epoch 5
     assert resumed["early_stop"] == unbroken["early_stop"]
     assert_same_state(resumed, unbroken)

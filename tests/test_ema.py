@@ -14,7 +14,7 @@ from commands.onnx_model import run_export
 from datasets.base import ArrayStore, InMemoryDataset
 from errors import UserError
 from models.cnn import TutorialCNN
-from tests.helpers import assert_same_state
+from tests.helpers import assert_same_state, resume_against_unbroken
 from training import checkpoint as checkpoints
 from training.ema import WeightAverage
 from training.graphs import WARMUP_STEPS, CudaGraphStep
@@ -94,11 +94,8 @@ def test_export_writes_the_average(shared_run, make_eval_cfg, tmp_path):
 
 
 def test_a_resumed_run_continues_the_average_bitwise(shared_run, make_cfg, shared_crop_csv, tmp_path):
-    unbroken = shared_run(*EMA_RUN, "trainer.epochs=2").checkpoint("last")
-    folder = shared_run(*EMA_RUN, "trainer.epochs=1").copy(tmp_path / "run") / "checkpoints"
-    training.run(make_cfg(f"dataset.csv={shared_crop_csv}", *EMA_RUN, "trainer.epochs=2",
-                          f"resume={folder / 'last.pt'}", run_dir=tmp_path / "run"))
-    resumed = torch.load(folder / "last.pt", weights_only=True)
+    resumed, unbroken, _ = resume_against_unbroken(shared_run, make_cfg, shared_crop_csv, tmp_path / "run", EMA_RUN,
+                                                   stop_after=1, epochs=2)
     assert resumed["ema_updates"] == unbroken["ema_updates"] == 14
     assert_same_state(resumed, unbroken)  # the average, the live weights and the optimizer, bit for bit
 
