@@ -13,6 +13,7 @@ hold (N, 1, H, W): the loaders repeat the channel as a view on the training devi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -39,12 +40,16 @@ def build(source: Source, spec: DataSpec) -> DataBundle:
         images, items, value_range = cached.images, cached.items, cached.value_range
         guards.check_classes(items.classes, source.what)
         train, val = splits.by_hint_then_drawn(items.hints, items.labels, spec.val_fraction, spec.seed, source.what)
+        box_size = median_box(items.sizes, train)
     else:
         items = source.items()
         guards.check_classes(items.classes, source.what)  # before anything is scanned or decoded
         value_range = _scan(source, value_range)
         # Split before decoding: items without a training or validation side stop before any is decoded.
         train, val = splits.by_hint_then_drawn(items.hints, items.labels, spec.val_fraction, spec.seed, source.what)
+        box_size = median_box(items.sizes, train)
+        # The regions' sizes are not held through the decode: 8 bytes an item, 0.5 MiB of a 64k-crop build.
+        items = dataclasses.replace(items, sizes=None)
         if spec.cache == "memory":
             images = _in_memory(source, spec, len(items))
         elif spec.verify:
@@ -68,7 +73,7 @@ def build(source: Source, spec: DataSpec) -> DataBundle:
         std=per_channel(std, spec.channels, "dataset.std"),
         skipped=items.skipped,
         value_range=value_range,
-        box_size=median_box(items.sizes, train),
+        box_size=box_size,
     )
 
 
