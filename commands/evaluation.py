@@ -21,7 +21,8 @@ from torch import nn
 from commands import onnx_model, tta
 from datasets import guards
 from datasets.base import decode_problem, limit_image_pixels
-from datasets.transforms import DECODE_ERRORS, LoadItem
+from datasets.regions import LoadItem
+from datasets.transforms import DECODE_ERRORS
 from datasets.values import Scale
 from errors import UserError
 from training import checkpoint as checkpoints

@@ -30,7 +30,8 @@ from commands.palette import LINE, colours, font, scale_for, with_legend
 from datasets.base import DataBundle, labels_of
 from datasets.crop_csv import Crop
 from datasets.crops import LazyCrops
-from datasets.transforms import DECODE_ERRORS, FileSource
+from datasets.regions import FileSource
+from datasets.transforms import DECODE_ERRORS
 from errors import UserError
 from training import run_folder
 from training.build import build_dataset, require_keys
@@ -120,11 +121,12 @@ def draw_file(path: Path, crops: list[Crop], labels: dict[str, int], palette: li
     """One source as the data set reads it (a .npy scaled to 0..255 as training scales it), boxes drawn."""
     try:
         source = FileSource(path, 3)
+        height, width = source.shape
+        factor = scale_for(height, width, max_side)
+        # A tiled TIFF comes from a low pyramid level or a strided read, never decoded whole at full resolution.
+        image = source.overview(max(round(height * factor), round(width * factor)))
     except DECODE_ERRORS as e:
         raise UserError(f"{path}: cannot be decoded ({e}); replace it or remove its rows") from None
-    height, width = source.array.shape[:2]
-    image = source.region(slice(None), slice(None), height, width)
-    factor = scale_for(height, width, max_side)
     size = [max(1, round(height * factor)), max(1, round(width * factor))]
     interpolation = TF.InterpolationMode.BILINEAR if factor < 1 else TF.InterpolationMode.NEAREST
     image = TF.resize(image, size, interpolation=interpolation, antialias=factor < 1)

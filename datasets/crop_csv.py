@@ -28,6 +28,7 @@ import numpy as np
 
 from datasets import guards
 from datasets.base import decode_problem, problem_list
+from datasets.regions import open_regions, scale_boxes
 from datasets.transforms import DECODE_ERRORS, image_header
 from errors import UserError
 
@@ -393,11 +394,13 @@ def read_crops(
     on_bad_rows: str = "error",
     allow_outside_root: bool = False,
     content: bytes | None = None,
+    level: int = 0,
 ) -> CropRows:
     """Parse and check every row; returns the good rows, with on_bad_rows=skip one line per bad row, and
     whether all the good rows' files are grey (read in the same header pass as their sizes).
     `content`: the CSV's bytes when the caller read them already (the disk cache keys its file by exactly the
-    rows parsed); by default the file is read once here.
+    rows parsed); by default the file is read once here. `level`: the pyramid level crops will be cut from
+    (every file must have it); boxes stay level-0 pixels, checked against level 0.
 
     With on_bad_rows=error, one UserError lists every bad row (the first 20, then a count).
     """
@@ -422,7 +425,7 @@ def read_crops(
             raise UserError(f"{csv_path}: line {reader.line_num}: {e}; is a quote left open, or a field pasted in "
                             "by mistake?") from None
     parsed = columns.table()
-    outside, bad_files, grey = _check_files(parsed)
+    outside, bad_files, grey = _check_files(parsed, level)
     problems.update(bad_files)
     crops = parsed.take(~outside) if outside.any() else parsed
     bad = [f"line {line}: {problem}" for line, problem in sorted(problems.items())]
@@ -436,31 +439,34 @@ def read_crops(
     return CropRows(crops, bad, all(grey[path] for path in crops.used_files()))
 
 
-def _check_files(crops: CropTable) -> tuple[np.ndarray, dict[int, str], dict[Path, bool]]:
+def _check_files(crops: CropTable, level: int = 0) -> tuple[np.ndarray, dict[int, str], dict[Path, bool]]:
     """Every region must lie inside its file: which rows do not (a mask), CSV line -> problem for each of them,
-    and whether each readable file is grey. Sizes and modes come from PIL's header read or the .npy header
-    (memory-mapped), so validating a large data set decodes no pixels. The bounds of all rows are compared
-    at once; only the rows found outside are looked at one by one, for their messages."""
-    sizes: dict[Path, tuple[int, int] | str] = {}
+    and whether each readable file is grey. Sizes and modes come from PIL's header read, the .npy header
+    (memory-mapped) or the TIFF's (tiled), so validating a large data set decodes no pixels. The bounds of all
+    rows are compared at once; only the rows found outside are looked at one by one, for their messages."""
+    sizes: dict[Path, tuple[int, int, int, int] | str] = {}  # level 0's height and width, then the level's
     grey: dict[Path, bool] = {}
     for path in crops.used_files():
         try:
             h, w, grey[path] = image_header(path)
-            sizes[path] = (h, w)
+            sizes[path] = (h, w, *(open_regions(path, level).shape if level else (h, w)))
         except FileNotFoundError:
             sizes[path] = "file not found"
         except (*DECODE_ERRORS, UserError) as e:
             sizes[path] = f"unreadable ({decode_problem(e)})"
-    known = np.full((len(crops.files), 2), -1, dtype=np.int64)  # (height, width) per file, -1 where unread
+    known = np.full((len(crops.files), 4), -1, dtype=np.int64)  # (height, width) at 0 and the level, -1 unread
     for code, path in enumerate(crops.files):
         if isinstance(sizes.get(path), tuple):
             known[code] = sizes[path]
-    height, width = known[crops.file].T
+    height, width = known[crops.file, :2].T
     y1 = np.where(crops.y1 < 0, height, crops.y1)  # strip form: the full height
     outside = (height < 0) | (crops.x1 > width) | (y1 > height)
-    # An image's region is within its file, which PIL already held to max_image_pixels; a .npy region is read
-    # from a memory-mapped file of any size, so the region itself is held to it.
-    too_large = ~outside & ((y1 - crops.y0) * (crops.x1 - crops.x0) > guards.pixel_limit())
+    # An image's region is within its file, which PIL already held to max_image_pixels; a .npy or tiled TIFF
+    # region is read from a file of any size, so the region itself, as cut from the level, is held to it.
+    boxes = np.stack([crops.y0, np.where(outside, crops.y0 + 1, y1), crops.x0, np.where(outside, crops.x0 + 1,
+                                                                                          crops.x1)], axis=1)
+    at_level = scale_boxes(boxes, known[crops.file, :2].clip(1).T, known[crops.file, 2:].clip(1).T) if level else boxes
+    too_large = ~outside & ((at_level[:, 1] - at_level[:, 0]) * (at_level[:, 3] - at_level[:, 2]) > guards.pixel_limit())
     outside |= too_large
     problems = {}
     for i in np.flatnonzero(outside).tolist():

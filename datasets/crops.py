@@ -21,9 +21,10 @@ from datasets import demo, pipeline, values
 from datasets.base import DataBundle, decode_threads, problem_list
 from datasets.crop_csv import Crop, CropTable, read_crops, require_csv
 from datasets.disk_cache import RowWriter
+from datasets.regions import FileSource, TILE_CACHE_BYTES, window_reader
 from datasets.sources import Items
 from datasets.spec import DataSpec
-from datasets.transforms import DECODE_ERRORS, FileSource, image_size, is_array_file
+from datasets.transforms import DECODE_ERRORS, image_size, is_array_file
 from datasets.values import Scale
 from errors import UserError
 from progress import progress_bar
@@ -45,6 +46,9 @@ REGION_BYTES_PER_CALL = 2**20
 SOURCE_COPIES_PER_THREAD = 3
 THREADS_MEMORY_SHARE = 0.15
 HEADERS_SAMPLED = 64  # files whose header sizes the source estimate (the largest of them counts)
+# Crops of one tiled TIFF per cutting task: 1,024 crops of 64x64 grey take ~4 MB in the task's block, and a
+# 20,000-crop slide gives 20 tasks for the threads to share.
+ROWS_PER_PART = 1024
 
 
 def cut(source: FileSource, crop: Crop, height: int, width: int) -> torch.Tensor:
@@ -53,12 +57,12 @@ def cut(source: FileSource, crop: Crop, height: int, width: int) -> torch.Tensor
 
 
 class LazyCrops(Dataset):
-    """cache=none: every item decodes its file again; each .npy file's value mapping comes from the scan."""
+    """cache=none: every item decodes its file again (a tiled TIFF: the tiles its box touches); each .npy file's
+    value mapping comes from the scan."""
 
-    def __init__(self, crops: CropTable, targets: list[int], height: int, width: int, channels: int,
-                 scales: dict[Path, Scale]):
+    def __init__(self, crops: CropTable, targets: list[int], spec: DataSpec, scales: dict[Path, Scale]):
         self.crops, self.targets = crops, targets
-        self.height, self.width, self.channels = height, width, channels
+        self.height, self.width, self.channels, self.level = spec.height, spec.width, spec.channels, spec.level
         self.scales = scales
 
     def __len__(self) -> int:
@@ -66,23 +70,25 @@ class LazyCrops(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         crop = self.crops[index]
-        try:
-            source = FileSource(crop.path, self.channels, self.scales.get(crop.path))
+        try:  # a tiled file's tiles are decoded by the cut: a damaged one fails there
+            source = FileSource(crop.path, self.channels, self.scales.get(crop.path), level=self.level)
+            return cut(source, crop, self.height, self.width), self.targets[index]
         except DECODE_ERRORS as e:
             raise UserError(f"crop {index} (CSV line {crop.line}): cannot read {crop.path}: {e}") from e
-        return cut(source, crop, self.height, self.width), self.targets[index]
 
 
 def extract(crops: CropTable, out: torch.Tensor | RowWriter, desc: str,
-            scales: dict[Path, Scale] | None = None, workers: int | None = None) -> None:
+            scales: dict[Path, Scale] | None = None, workers: int | None = None, level: int = 0) -> None:
     """Fill out[i] with crop i, decoding each source file once (rows grouped by file); `out` is a tensor or a
     cache file written by rows. .npy values are mapped by `scales` (from the value-range scan; a file without
-    one, by its own range).
+    one, by its own range); crops are cut from pyramid level `level` of tiled TIFFs (boxes in level-0 pixels).
 
     A file's boxes are grouped by size and each group is resized in calls of at most REGION_BYTES_PER_CALL
     (transforms.resize_many: the same pixels as cutting them one by one); a grey image is resized as one
     channel, and repeated as it is stored where `out` has 3 channels (a data set mixing grey and colour
-    files). Files are cut on `workers` threads (default decode_threads()).
+    files). A tiled TIFF is never decoded whole: its rows are cut in position order, in parts of
+    ROWS_PER_PART that threads share, each part decoding the tiles its boxes touch once (cut_windows).
+    Files and parts are cut on `workers` threads (default decode_threads()).
     Headers were checked already; a file whose pixels fail to decode (truncated, corrupt) is listed with
     every other such file in one error at the end.
     """
@@ -92,42 +98,26 @@ def extract(crops: CropTable, out: torch.Tensor | RowWriter, desc: str,
     order = np.argsort(crops.file, kind="stable")
     codes, starts = np.unique(crops.file[order], return_index=True)
     by_file = sorted(zip(codes.tolist(), np.split(order, starts[1:])), key=lambda code_rows: code_rows[1][0])
+    tasks = [task for code, rows in by_file for task in _parts(crops, crops.files[code], rows, level)]
 
     def cut_file(path: Path, rows: np.ndarray) -> str | None:
         try:
-            source = FileSource(path, channels, (scales or {}).get(path), keep_grey=True)
+            source = FileSource(path, channels, (scales or {}).get(path), keep_grey=True, level=level)
+            if source.windowed:
+                cut_windows(source, crops.take(rows), rows, out)
+            else:
+                cut_whole(source, crops.take(rows), rows, out)
         except DECODE_ERRORS as e:
             return (f"{path}: {e} (CSV line(s) {', '.join(map(str, crops.line[rows[:5]].tolist()))}"
                     f"{', ...' if len(rows) > 5 else ''})")
-        y0, y1, x0, x1 = (column[rows].astype(np.int64) for column in (crops.y0, crops.y1, crops.x0, crops.x1))
-        boxes = np.stack([y0, np.where(y1 < 0, source.shape[0], y1), x0, x1], axis=1)  # y1 -1: the full height
-        sizes = np.stack([boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]], axis=1)
-        unique, group = np.unique(sizes, axis=0, return_inverse=True)
-        # A cache file takes a file's crops in one write per run of rows; a tensor takes each batch directly.
-        direct = isinstance(out, torch.Tensor)
-        block = None if direct else torch.empty((len(rows), channels, height, width), dtype=torch.uint8)
-        source_channels = source.array.shape[2] if source.array.ndim == 3 else 1
-        for g, (h, w) in enumerate(unique.tolist()):
-            members = np.flatnonzero(group.reshape(-1) == g)
-            # A multiple of 4: grey crops are resized 4 to an image, and a call of any other count copies its
-            # regions once more to pad them (transforms.resize_many).
-            per_call = 4 * max(1, min(REGIONS_PER_CALL, REGION_BYTES_PER_CALL // (h * w * source_channels)) // 4)
-            for part in np.split(members, range(per_call, len(members), per_call)):
-                regions = source.regions(boxes[part, 0], boxes[part, 2], h, w, height, width)
-                if direct:
-                    out[torch.from_numpy(rows[part])] = regions
-                else:
-                    block[torch.from_numpy(part)] = regions
-        if not direct:
-            out[torch.from_numpy(rows)] = block
         return None
 
-    workers = max(1, min(workers or decode_threads(), len(by_file)))
+    workers = max(1, min(workers or decode_threads(), len(tasks)))
     if isinstance(out, torch.Tensor):  # a cache file streams; its peak does not follow the data set's size
         paths = [crops.files[code] for code, _ in by_file[:HEADERS_SAMPLED]]
-        workers = min(workers, _threads_within_memory_share(paths, out.numel(), channels))
+        workers = min(workers, _threads_within_memory_share(paths, out.numel(), channels, level))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        done = [pool.submit(cut_file, crops.files[code], rows) for code, rows in by_file]
+        done = [pool.submit(cut_file, path, rows) for path, rows in tasks]
         for _ in progress_bar(as_completed(done), total=len(done), desc=desc, unit="file"):
             pass
     unreadable = [problem for problem in (d.result() for d in done) if problem is not None]
@@ -136,13 +126,65 @@ def extract(crops: CropTable, out: torch.Tensor | RowWriter, desc: str,
                         + problem_list(unreadable))
 
 
-def _threads_within_memory_share(paths: list[Path], array_bytes: int, channels: int) -> int:
-    """How many threads' decoded sources fit in THREADS_MEMORY_SHARE of the array they fill (at least one)."""
+def _parts(crops: CropTable, path: Path, rows: np.ndarray, level: int) -> list[tuple[Path, np.ndarray]]:
+    """A file's rows as cutting tasks: one for a file decoded whole; a tiled TIFF's rows sorted by position
+    (by tile row, then column) and cut in parts of ROWS_PER_PART, so threads share a large slide."""
+    reader = window_reader(path, level)
+    if reader is None:
+        return [(path, rows)]
+    tile_row = crops.y0[rows].astype(np.int64) * reader.shape[0] // reader.levels[0][0] // reader.segment[0]
+    by_position = rows[np.lexsort((crops.x0[rows], tile_row))]
+    return [(path, part) for part in np.split(by_position, range(ROWS_PER_PART, len(rows), ROWS_PER_PART))]
+
+
+def cut_windows(source: FileSource, crops: CropTable, rows: np.ndarray, out: torch.Tensor | RowWriter) -> None:
+    """out[rows[k]] = crop k of a tiled file, cut one by one in the order given (the source's tile cache keeps
+    the tiles neighbours share), written as one block."""
+    _, channels, height, width = out.shape
+    block = torch.empty((len(rows), channels, height, width), dtype=torch.uint8)
+    for k, crop in enumerate(crops):
+        block[k] = cut(source, crop, height, width)
+    out[torch.from_numpy(rows)] = block
+
+
+def cut_whole(source: FileSource, crops: CropTable, rows: np.ndarray, out: torch.Tensor | RowWriter) -> None:
+    """out[rows[k]] = crop k of a file held whole (decoded, or a memory-mapped .npy), boxes of one size resized
+    together."""
+    _, channels, height, width = out.shape
+    y0, y1, x0, x1 = (column.astype(np.int64) for column in (crops.y0, crops.y1, crops.x0, crops.x1))
+    boxes = np.stack([y0, np.where(y1 < 0, source.shape[0], y1), x0, x1], axis=1)  # y1 -1: the full height
+    sizes = np.stack([boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]], axis=1)
+    unique, group = np.unique(sizes, axis=0, return_inverse=True)
+    # A cache file takes a file's crops in one write per run of rows; a tensor takes each batch directly.
+    direct = isinstance(out, torch.Tensor)
+    block = None if direct else torch.empty((len(rows), channels, height, width), dtype=torch.uint8)
+    source_channels = source.reader.channels
+    for g, (h, w) in enumerate(unique.tolist()):
+        members = np.flatnonzero(group.reshape(-1) == g)
+        # A multiple of 4: grey crops are resized 4 to an image, and a call of any other count copies its
+        # regions once more to pad them (transforms.resize_many).
+        per_call = 4 * max(1, min(REGIONS_PER_CALL, REGION_BYTES_PER_CALL // (h * w * source_channels)) // 4)
+        for part in np.split(members, range(per_call, len(members), per_call)):
+            regions = source.regions(boxes[part, 0], boxes[part, 2], h, w, height, width)
+            if direct:
+                out[torch.from_numpy(rows[part])] = regions
+            else:
+                block[torch.from_numpy(part)] = regions
+    if not direct:
+        out[torch.from_numpy(rows)] = block
+
+
+def _threads_within_memory_share(paths: list[Path], array_bytes: int, channels: int, level: int) -> int:
+    """How many threads' decoded sources fit in THREADS_MEMORY_SHARE of the array they fill (at least one).
+    A tiled TIFF is no decoded source: a thread cutting it holds its tile cache (TILE_CACHE_BYTES) whatever
+    the image's size, so it does not count."""
     largest = 1
     for path in paths:
+        if window_reader(path, level) is not None:
+            continue
         try:
             h, w = image_size(path)
-        except DECODE_ERRORS:  # reported by the cut itself, with the rest
+        except (*DECODE_ERRORS, UserError):  # reported by the cut itself, with the rest
             continue
         largest = max(largest, h * w * channels)
     return max(1, int(THREADS_MEMORY_SHARE * array_bytes // (SOURCE_COPIES_PER_THREAD * largest)))
@@ -180,11 +222,12 @@ class CropSource:
     def key(self) -> tuple[list, bytes]:
         self.content = require_csv(self.csv_path).read_bytes()
         root = Path(self.root) if self.root is not None else self.csv_path.parent
-        return [str(root.resolve()), self.spec.on_bad_rows, self.spec.allow_outside_root], self.content
+        return [str(root.resolve()), self.spec.on_bad_rows, self.spec.allow_outside_root, self.spec.level], self.content
 
     def items(self) -> Items:
         self.crops, skipped, self.grey = read_crops(self.csv_path, self.root, self.spec.on_bad_rows,
-                                                    self.spec.allow_outside_root, content=self.content)
+                                                    self.spec.allow_outside_root, content=self.content,
+                                                    level=self.spec.level)
         used = np.unique(self.crops.label)
         classes = _classes([self.crops.labels[code] for code in used.tolist()])
         class_index = {name: i for i, name in enumerate(classes)}
@@ -212,11 +255,11 @@ class CropSource:
         n = len(indices)
         whole = n == len(self.crops) and (n == 0 or (indices[0] == 0 and indices[-1] == n - 1
                                                      and bool(np.all(indices[1:] > indices[:-1]))))
-        extract(self.crops if whole else self.crops.take(indices), out, desc="decoding crops", scales=self.scales)
+        extract(self.crops if whole else self.crops.take(indices), out, desc="decoding crops", scales=self.scales,
+                level=self.spec.level)
 
     def per_item(self, indices: np.ndarray, labels: np.ndarray) -> LazyCrops:
-        return LazyCrops(self.crops.take(indices), labels.tolist(), self.spec.height, self.spec.width,
-                         self.spec.channels, self.scales)
+        return LazyCrops(self.crops.take(indices), labels.tolist(), self.spec, self.scales)
 
 
 def build(csv: str | None, root: str | None, *, seed: int, **keys) -> DataBundle:

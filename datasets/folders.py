@@ -20,9 +20,10 @@ from torchvision import datasets as tv
 from datasets import guards, pipeline, values
 from datasets.base import DataBundle, fill_items, outside_root, problem_list
 from datasets.disk_cache import RowWriter
+from datasets.regions import FileSource, LoadItem
 from datasets.sources import Items, hint_codes
 from datasets.spec import DataSpec
-from datasets.transforms import DECODE_ERRORS, FileSource, LoadItem, image_header
+from datasets.transforms import DECODE_ERRORS, image_header
 from errors import UserError
 from progress import progress_bar
 

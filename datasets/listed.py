@@ -17,9 +17,10 @@ from torch.utils.data import Dataset
 
 from datasets import pipeline, values
 from datasets.base import DataBundle, fill_items, problem_list
+from datasets.regions import FileSource
 from datasets.sources import Items, hint_codes
 from datasets.spec import DataSpec
-from datasets.transforms import DECODE_ERRORS, FileSource, image_header
+from datasets.transforms import DECODE_ERRORS, image_header
 from errors import UserError
 
 

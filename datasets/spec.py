@@ -33,6 +33,7 @@ class DataSpec:
     on_bad_rows: str = "error"  # error | skip: what a source does with items it cannot use (checked by it)
     allow_outside_root: bool = False  # true: items may name files outside the source's root
     verify: bool = False  # true: decode every item up front even with cache=none, listing every failure
+    level: int = 0  # pyramid level items are cut from (tiled TIFF; 0: full resolution), boxes in level-0 pixels
     seed: int = 0  # draws the seeded split
 
     @property

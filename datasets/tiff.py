@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ class TiledTiff:
     """One pyramid level of a TIFF's first image series, read by window (see the module docstring).
 
     levels: (height, width) of every level, 0 first; shape: this level's; channels: samples per pixel as read
-    (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA); dtype: the samples' numpy type (native byte order)."""
+    (1 grey, also for grey + alpha; 3 RGB; 4 RGBA); dtype: the samples' numpy type (native byte order)."""
 
     def __init__(self, path: str | Path, level: int = 0):
         self.path, self._fd = Path(path), -1
@@ -108,7 +109,8 @@ class TiledTiff:
         self.tiled = page.is_tiled
         self.invert = page.photometric == 0  # min-is-white: 0 is white, as PIL reads it too
         self.samples, self.planar = page.samplesperpixel, page.planarconfig == 2 and page.samplesperpixel > 1
-        self.channels = self.samples if page.photometric != 6 else 3
+        # Grey + alpha reads as grey (alpha dropped, as PIL's LA becomes L); JPEG's YCbCr decodes to RGB.
+        self.channels = 3 if page.photometric == 6 else 1 if self.samples == 2 else self.samples
         if page.dtype is None:
             raise ValueError(f"TIFF sample type not supported ({page.bitspersample}-bit, format "
                              f"{page.sampleformat!s}): save it as 8- or 16-bit samples")
@@ -163,15 +165,36 @@ class TiledTiff:
                                                                    x0 - col * seg_w:x1 - col * seg_w]
         return out
 
+    def strided(self, step: int) -> np.ndarray:
+        """Every `step`-th pixel of every `step`-th row of this level, (ceil(h / step), ceil(w / step), channels):
+        read one band of segments at a time (held to max_image_pixels), so the level is never held whole."""
+        height, width = self.shape
+        seg_h, seg_w = self.segment
+        columns = max(seg_w, guards.pixel_limit() // seg_h // seg_w * seg_w)  # pixels across one read
+        out = np.empty((-(-height // step), -(-width // step), self.channels), dtype=self.dtype)
+        for top in range(0, height, seg_h):
+            first = -(-top // step) * step  # the first row at a multiple of step in this band
+            bottom = min(height, top + seg_h)
+            if first >= bottom:
+                continue  # no sampled row in this band: its segments are not decoded
+            for left in range(0, width, columns):
+                right = min(width, left + columns)
+                band = self.read(top, bottom, left, right)
+                start = -(-left // step) * step
+                out[first // step:-(-bottom // step), start // step:-(-right // step)] = band[first - top::step,
+                                                                                              start - left::step]
+        return out
+
     def _tile(self, row: int, col: int, tiles: TileCache | None) -> np.ndarray:
         key = (self.level, row, col)
         tile = tiles.get(key) if tiles is not None else None
         if tile is None:
             index = row * self.grid[1] + col
             # Separate planes (planar configuration 2) store each sample's segments one plane after another.
-            planes = range(self.samples) if self.planar else (0,)
+            planes = range(self.channels) if self.planar else (0,)
             parts = [self._decoded(index + plane * self.grid[0] * self.grid[1]) for plane in planes]
             tile = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
+            tile = tile[:, :, :self.channels]
             if tiles is not None:
                 tiles.put(key, tile)
         return tile
@@ -193,12 +216,12 @@ class TiledTiff:
         return tile
 
     def to_uint8(self, region: np.ndarray) -> np.ndarray:
-        """A read box's values as 0..255, by the rules images follow (transforms.load_image): uint8 and bool
-        as they are, 16-bit scaled by 255/65535, anything wider or float by the level's own range (one streamed
-        pass over its tiles, once per opened file)."""
         return self.scale()(region)
 
-    def scale(self):
+    def scale(self) -> Callable[[np.ndarray], np.ndarray]:
+        """How read boxes become 0..255, by the rules images follow (transforms.load_image): uint8 and bool
+        as they are, 16-bit scaled by 255/65535, anything wider or float by the level's own range (one streamed
+        pass over its tiles, once per opened file)."""
         if values.is_pixels(self.dtype):
             return values.pixels
         if self.dtype == np.uint16:

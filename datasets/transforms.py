@@ -14,7 +14,7 @@ from PIL import Image
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from datasets import guards, values
+from datasets import guards, tiff, values
 from errors import UserError
 
 NPY_SUFFIX = ".npy"
@@ -87,11 +87,13 @@ def _wide_to_uint8(array: np.ndarray, mode: str, path) -> np.ndarray:
 def image_header(path: str | Path) -> tuple[int, int, bool]:
     """(height, width, grey) of an image or .npy array, read from its header without decoding the pixels.
     grey: one value per pixel, which dataset.channels=3 repeats: a grey PIL mode (GREY_MODES) or a deep one
-    (16-bit, I, F), or an array (H, W) or (H, W, 1)."""
+    (16-bit, I, F), an array (H, W) or (H, W, 1), or a tiled TIFF of one sample (plus alpha)."""
     if is_array_file(path):
         shape = open_array(path).shape
         return shape[0], shape[1], len(shape) == 2 or shape[2] == 1
-    guards.require_regular(path)  # a FIFO would hang PIL's open()
+    if tiff.is_tiff(path) and (tiled := tiff.opened(path)) is not None:  # is_tiff refuses FIFOs, unopened
+        # Read by window (datasets/tiff.py): PIL would refuse a slide's header size as a decompression bomb.
+        return *tiled.shape, tiled.channels == 1
     with Image.open(path) as img:
         return img.height, img.width, img.mode in GREY_MODES or img.mode in _WIDE_MODES
 
@@ -154,16 +156,6 @@ def to_channels(hwc: np.ndarray, channels: int) -> np.ndarray:
     raise UserError(f"cannot turn {have} channels into {channels}: use dataset.channels=1 or 3 with 1, 3 or 4 channels")
 
 
-def array_region(array: np.ndarray, rows: slice, cols: slice, scale, channels: int) -> np.ndarray:
-    """Cut a region of a (H, W) or (H, W, C) array and return uint8 (h, w, channels)."""
-    view = array[rows, cols]  # a view of a memory-mapped file: nothing is read yet
-    guards.check_region_pixels(view.shape[0], view.shape[1])
-    region = scale(view)
-    if region.ndim == 2:
-        region = region[:, :, None]
-    return to_channels(region, channels)
-
-
 def to_tensor(hwc: np.ndarray, height: int, width: int) -> torch.Tensor:
     """uint8 (h, w, C) -> uint8 tensor (C, height, width); resized (bilinear, antialiased) only when needed."""
     # A whole memory-mapped .npy arrives read-only; torch needs its own writable copy then, and only then.
@@ -200,50 +192,3 @@ def same_size_regions(hwc: np.ndarray, y0: np.ndarray, x0: np.ndarray, h: int, w
     windows = np.lib.stride_tricks.as_strided(hwc, shape=(rows - h + 1, cols - w + 1, h, w, c),
                                               strides=(s_row, s_col, s_row, s_col, s_chan), writeable=False)
     return windows[y0, x0]
-
-
-class FileSource:
-    """One file opened for cutting regions: an image decoded whole, or a .npy array memory-mapped (only the
-    rows a region touches are read). `scale` maps a .npy file's values as a scan of the data set decided;
-    without one, by the file's own range.
-
-    keep_grey: a grey image stays one channel (see load_image); region() still returns `channels`, regions()
-    returns one channel for such a file, to be repeated by whoever stores it (broadcasting does).
-    """
-
-    def __init__(self, path: str | Path, channels: int, scale: values.Scale | None = None, keep_grey: bool = False):
-        self.channels = channels
-        self.is_array = is_array_file(path)
-        if self.is_array:
-            self.array = open_array(path)
-            self.scale = array_scale(self.array, path, scale)
-        else:
-            self.array = load_image(path, channels, keep_grey)
-            self.scale = lambda a: a
-
-    def region(self, rows: slice, cols: slice, height: int, width: int) -> torch.Tensor:
-        """uint8 (C, height, width) of array[rows, cols], resized only when its size differs."""
-        return to_tensor(array_region(self.array, rows, cols, self.scale, self.channels), height, width)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.array.shape[0], self.array.shape[1]
-
-    def regions(self, y0: np.ndarray, x0: np.ndarray, h: int, w: int, height: int, width: int) -> torch.Tensor:
-        """uint8 (n, C, height, width) of n regions of one size h x w, each equal to region() of it; C is 1 for
-        a grey image kept as one channel, else `channels`."""
-        if self.is_array:  # memory-mapped: cut and scale only the rows each region touches
-            return torch.stack([self.region(slice(y, y + h), slice(x, x + w), height, width)
-                                for y, x in zip(y0.tolist(), x0.tolist())])
-        return resize_many(same_size_regions(self.array, y0, x0, h, w), height, width)
-
-
-class LoadItem:
-    """A picklable per-file loader for torchvision's folder datasets: file -> uint8 (C, H, W). `scale`: one
-    mapping for every .npy file (a global or given dataset.value_range); None maps each by its own range."""
-
-    def __init__(self, height: int, width: int, channels: int, scale: values.Scale | None = None):
-        self.height, self.width, self.channels, self.scale = height, width, channels, scale
-
-    def __call__(self, path: str) -> torch.Tensor:
-        return FileSource(path, self.channels, self.scale).region(slice(None), slice(None), self.height, self.width)

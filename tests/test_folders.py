@@ -84,7 +84,7 @@ def test_threads_decode_a_folder_into_the_same_array_and_errors_as_one_thread(tm
     index order), are those of one thread."""
     from datasets.base import MATERIALIZE_CHUNK, materialize
     from datasets.folders import ImageFolder
-    from datasets.transforms import LoadItem
+    from datasets.regions import LoadItem
 
     rng = np.random.default_rng(7)
     n = 2 * MATERIALIZE_CHUNK + 10  # three chunks, so two threads both work

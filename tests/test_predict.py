@@ -12,8 +12,7 @@ from PIL import Image
 from commands import windows
 from commands.palette import colours
 from commands.prediction import run_prediction
-from datasets.regions import open_regions
-from datasets.transforms import FileSource
+from datasets.regions import FileSource, open_regions
 from errors import UserError
 from tests import files
 from tests.conftest import CONFIGS

@@ -9,7 +9,7 @@ from PIL import Image
 
 from datasets.base import labels_of
 from datasets.crop_csv import write_crops
-from datasets.transforms import LoadItem
+from datasets.regions import LoadItem
 from errors import UserError
 from tests import files
 from tests.helpers import ROOT, run_python

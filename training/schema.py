@@ -140,6 +140,7 @@ class CropsSchema(ArraySchema):
     root: Optional[str]  # declared again only to take null (the CSV's folder); it keeps its place
     csv: Optional[str]
     on_bad_rows: str
+    level: int = ranged(at_least=0, at_most=64)  # a pyramid level: each halves the sides, 64 is far beyond any
 
 
 @dataclass
