@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from torch.nn import functional as F
 
 from commands import tta, windows
 from commands.evaluation import Classifier, load_classifier
@@ -52,7 +51,6 @@ OVERLAY_SIDE = 2048  # pixels: the longest side of overlay.png at most (larger s
 # of more windows than this keeps one pixel per window)
 DRAWN_SIDE = 1024
 TRACK_HEIGHT = 48  # pixels: a strip-form run's class track is drawn this tall
-ALPHA = 0.5  # the class colour's share in overlay.png, over the source in grey: both stay readable
 SOURCE_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what training converts to the model's channels
 
 
@@ -73,8 +71,11 @@ def open_input(path: Path, channels: int, scale: Scale | None):
 
 def block_reader(reader) -> Callable[[int, int, int, int], np.ndarray]:
     """reader.read, keeping a tiled TIFF's decoded tiles: neighbouring blocks share the tiles along their edges,
-    which are then decoded once."""
-    return partial(reader.read, tiles=TileCache(windows.BLOCK_BYTES)) if isinstance(reader, TiledTiff) else reader.read
+    which are then decoded once (the most recent tiles are kept: a row of 256-pixel tiles across a
+    20,000-pixel grey image is 5 MB)."""
+    if isinstance(reader, TiledTiff):
+        return partial(reader.read, tiles=TileCache(windows.BLOCK_BYTES // 2))
+    return reader.read
 
 
 def run_prediction(cfg: DictConfig) -> dict:
@@ -191,19 +192,26 @@ def draw_classmap(classmap: np.ndarray, g: windows.Grid, n_classes: int, strip: 
 
 
 def thumbnail(reader, factor: int) -> np.ndarray:
-    """uint8 (h, w, 3): the source averaged over factor x factor pixels, read band by band (each band at most
-    BLOCK_BYTES), so a large image is never held whole."""
+    """uint8 (h, w, 3): the source averaged over factor x factor pixels (the last row and column of blocks over
+    the pixels they have), read band by band of at most BLOCK_BYTES / 4 (the band is held read and padded), so
+    a large image is never held whole."""
     height, width = reader.shape
-    band = max(1, windows.BLOCK_BYTES // max(1, width * reader.channels * factor)) * factor
+    band = max(1, windows.BLOCK_BYTES // max(1, 4 * width * reader.channels * factor)) * factor
+    read = block_reader(reader)
+    cols = -(-width // factor)
+    per_col = np.minimum(factor, width - np.arange(cols) * factor)  # pixels per block, across
     parts = []
     for top in range(0, height, band):
-        region = reader.to_uint8(reader.read(top, min(top + band, height), 0, width))
+        region = reader.to_uint8(read(top, min(top + band, height), 0, width))
         region = region if region.shape[2] in (1, 3) else to_channels(region, 3)  # RGBA: alpha dropped
-        chw = torch.from_numpy(np.require(region, requirements=["C", "W"])).permute(2, 0, 1).float().unsqueeze(0)
-        if factor > 1:  # ceil_mode: the last partial block averages the pixels it has
-            chw = F.avg_pool2d(chw, factor, ceil_mode=True)
-        parts.append(chw[0].round().to(torch.uint8))
-    image = torch.cat(parts, dim=1).permute(1, 2, 0).numpy()
+        rows = -(-region.shape[0] // factor)
+        padded = np.zeros((rows * factor, cols * factor, region.shape[2]), dtype=np.uint8)
+        padded[:region.shape[0], :width] = region
+        # Sums in uint32 (numpy casts as it reduces: no wide copy of the band), then means over real pixels.
+        sums = padded.reshape(rows, factor, cols, factor, -1).sum(axis=(1, 3), dtype=np.uint32)
+        per_row = np.minimum(factor, region.shape[0] - np.arange(rows) * factor)
+        parts.append(np.rint(sums / np.multiply.outer(per_row, per_col)[:, :, None]).astype(np.uint8))
+    image = np.concatenate(parts)
     return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
 
 
@@ -226,13 +234,16 @@ def draw_overlay(reader, classmap: np.ndarray, g: windows.Grid, n_classes: int) 
     source = source.repeat(grow, axis=0).repeat(grow, axis=1)
     rows, row_covered = _cells(source.shape[0], shrink / grow, g.origin[0], g.window[0], g.stride[0], g.rows)
     cols, col_covered = _cells(source.shape[1], shrink / grow, g.origin[1], g.window[1], g.stride[1], g.cols)
-    classes = classmap[rows[:, None], cols[None, :]]
-    tint = _palette(n_classes)[classes].astype(np.float32)
-    grey = to_channels(source, 1).astype(np.float32)  # luma, as training turns colour into grey
-    covered = (row_covered[:, None] & col_covered[None, :])[:, :, None]
-    blended = np.where(covered, (1 - ALPHA) * grey + ALPHA * tint, source)
+    # Small integer types throughout: at 2048 x 2048 a float32 RGB copy is 48 MB, and there would be several.
+    classes = classmap.astype(np.int16)[rows[:, None], cols[None, :]]
+    tint = _palette(n_classes)[classes]
+    grey = to_channels(source, 1)  # luma, as training turns colour into grey
+    # Half class colour, half source in grey (rounded): both stay readable.
+    blended = ((grey.astype(np.uint16) + tint + 1) // 2).astype(np.uint8)
+    covered = row_covered[:, None] & col_covered[None, :]
+    blended[~covered] = source[~covered]
     edges = np.zeros(classes.shape, dtype=bool)  # a pixel whose right or lower neighbour is of another class
     edges[:, :-1] |= classes[:, 1:] != classes[:, :-1]
     edges[:-1, :] |= classes[1:, :] != classes[:-1, :]
-    blended[edges & covered[:, :, 0]] = 0
-    return Image.fromarray(np.rint(blended).astype(np.uint8))
+    blended[edges & covered] = 0
+    return Image.fromarray(blended)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from datasets.crops import REGION_BYTES_PER_CALL
 from datasets.transforms import resize_many, same_size_regions, to_channels
 from errors import UserError
 
@@ -148,8 +149,11 @@ def batches(reader, g: Grid, input_shape: tuple[int, int, int], batch_size: int,
         block = _in_channels(reader.to_uint8(read(top, bottom, left, right)), channels)
         r, c = np.meshgrid(np.arange(rows.start, rows.stop), np.arange(cols.start, cols.stop), indexing="ij")
         r, c = r.reshape(-1), c.reshape(-1)
-        for part in range(0, len(r), batch_size):
-            rr, cc = r[part:part + batch_size], c[part:part + batch_size]
+        # Cut and resized in calls of at most REGION_BYTES_PER_CALL, as crops are: 256 windows of 256 x 256 RGB
+        # would otherwise copy 48 MB at once.
+        per_call = min(batch_size, max(4, REGION_BYTES_PER_CALL // (g.window[0] * g.window[1] * block.shape[2])))
+        for part in range(0, len(r), per_call):
+            rr, cc = r[part:part + per_call], c[part:part + per_call]
             cut = same_size_regions(block, g.tops(rr) - top, g.lefts(cc) - left, *g.window)
             pending.append(resize_many(cut, height, width))
             pending_index.append(rr * g.cols + cc)
@@ -159,6 +163,7 @@ def batches(reader, g: Grid, input_shape: tuple[int, int, int], batch_size: int,
                 yield index[:batch_size], merged[:batch_size].contiguous()
                 pending, pending_index = [merged[batch_size:]], [index[batch_size:]]
                 held -= batch_size
+        del block  # before the next one is read: one block in memory at a time
     if held:
         yield np.concatenate(pending_index), torch.cat(pending).contiguous()
 

@@ -2,6 +2,7 @@
 with windows cut and resized exactly as training cut its crops."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from datasets.regions import FileSource, open_regions
 from errors import UserError
 from tests import files
 from tests.conftest import CONFIGS
-from tests.helpers import ROOT, run_python
+from tests.helpers import ROOT, in_child, run_python
 
 RUN = ("loader.batch_size=8", "trainer.epochs=2")  # the run test_evaluate shares: 100% on the crop scenes
 # scene0.png of the crop scenes: 16x16 squares, the odd columns bright (files.write_crop_scenes).
@@ -242,3 +243,32 @@ def test_a_strip_form_run_gives_one_class_track(strip_run, make_predict_cfg, tmp
     with pytest.raises(UserError, match=r"window=\[24, 16\]: the run was trained on strip-form crops"):
         run_prediction(make_predict_cfg(f"checkpoint={strip_run / 'checkpoints' / 'best.pt'}",
                                         f"inputs=[{recording}]", "window=[24,16]"))
+
+
+@pytest.mark.slow  # writes and reads a 576 MB image: seconds, not a program
+def test_peak_memory_follows_the_blocks_not_the_image(best, make_predict_cfg, tmp_path):
+    """A 24,000 x 24,000 grey tiled TIFF (576 MB decoded) is mapped with a fraction of that in memory: blocks,
+    batches and the output grid, never the whole image (~90 MB in a fresh process, up to ~200 MB where the
+    allocator keeps what it freed)."""
+    import tifffile
+
+    side, tile = 24_000, 256
+    ramp = np.add.outer(np.arange(tile), np.arange(tile)).astype(np.uint8)  # compresses: the file stays small
+    per_side = -(-side // tile)
+    tiles = (ramp if (i + i // per_side) % 2 else 255 - ramp for i in range(per_side ** 2))
+    path = tmp_path / "large.tif"
+    tifffile.imwrite(path, tiles, shape=(side, side), dtype=np.uint8, tile=(tile, tile), compression="zstd",
+                     photometric="minisblack", bigtiff=True)
+    cfg = make_predict_cfg(f"checkpoint={best}", f"inputs=[{path}]", "window=256", "stride=256")
+
+    def status(key):
+        return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key))) * 1024
+
+    def body():
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the resident size now
+        before = status("VmRSS:")
+        result = run_prediction(cfg)
+        assert result["inputs"][0]["windows"] == (side // 256) ** 2
+        assert status("VmHWM:") - before < side * side // 2, (status("VmHWM:") - before) / 2**20
+
+    in_child(body)
