@@ -463,10 +463,12 @@ def _check_files(crops: CropTable, level: int = 0) -> tuple[np.ndarray, dict[int
     outside = (height < 0) | (crops.x1 > width) | (y1 > height)
     # An image's region is within its file, which PIL already held to max_image_pixels; a .npy or tiled TIFF
     # region is read from a file of any size, so the region itself, as cut from the level, is held to it.
-    boxes = np.stack([crops.y0, np.where(outside, crops.y0 + 1, y1), crops.x0, np.where(outside, crops.x0 + 1,
-                                                                                          crops.x1)], axis=1)
-    at_level = scale_boxes(boxes, known[crops.file, :2].clip(1).T, known[crops.file, 2:].clip(1).T) if level else boxes
-    too_large = ~outside & ((at_level[:, 1] - at_level[:, 0]) * (at_level[:, 3] - at_level[:, 2]) > guards.pixel_limit())
+    # (Rows outside their file get a 1-pixel stand-in box: they are reported as outside, not as too large.)
+    boxes = np.stack([crops.y0, np.where(outside, crops.y0 + 1, y1), crops.x0,
+                      np.where(outside, crops.x0 + 1, crops.x1)], axis=1)
+    if level:
+        boxes = scale_boxes(boxes, known[crops.file, :2].clip(1).T, known[crops.file, 2:].clip(1).T)
+    too_large = ~outside & ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]) > guards.pixel_limit())
     outside |= too_large
     problems = {}
     for i in np.flatnonzero(outside).tolist():

@@ -4,7 +4,7 @@ sliding windows over large images.
     reader = open_regions(path, level=0)
     reader.levels    [(height, width), ...], level 0 (full resolution) first; one entry where there is no pyramid
     reader.shape     (height, width) of the opened level
-    reader.channels  samples per pixel: 1 grey, 3 RGB; a TIFF or .npy may hold 2 (grey + alpha) or 4 (RGBA)
+    reader.channels  samples per pixel: 1 grey (a TIFF's grey + alpha too), 3 RGB, 4 RGBA; a .npy its own count
     reader.dtype     what read() returns: uint8 or uint16 for most images, a .npy's own type
     reader.read(top, bottom, left, right)  the box [top, bottom) x [left, right) of the opened level, in its
                      pixels, as (bottom - top, right - left, channels) of reader.dtype
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from datasets import guards, tiff, values
-from datasets.transforms import (DECODE_ERRORS, array_scale, is_array_file, load_image, open_array, resize_many, same_size_regions,
-                                 to_channels, to_tensor)
+from datasets.transforms import (DECODE_ERRORS, array_scale, is_array_file, load_image, open_array, resize_many,
+                                 same_size_regions, to_channels, to_tensor)
 from datasets.values import Scale
 from errors import UserError
 
@@ -51,7 +51,8 @@ class ArrayRegions:
     decoded. read() returns views."""
 
     def __init__(self, array: np.ndarray, path: Path, scale: Callable | None = None):
-        self.path, self.array, self._given, self._scale = path, array if array.ndim == 3 else array[:, :, None], scale, None
+        self.path, self.array = path, array if array.ndim == 3 else array[:, :, None]
+        self._given, self._scale = scale, None  # the range given; the mapping, once decided
         self.shape = self.array.shape[:2]
         self.levels, self.channels, self.dtype = [self.shape], self.array.shape[2], self.array.dtype
 
