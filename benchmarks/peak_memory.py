@@ -23,9 +23,11 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from datasets import crops
+from datasets.base import limit_image_pixels
 
 WARMUP_ROWS = 200
 
@@ -49,7 +51,11 @@ def _build(csv_path: Path, root: Path, cache: str, cache_dir: Path):
                        cache_dir=str(cache_dir), val_fraction=0.2, mean=[0.5], std=[0.5], seed=0)
 
 
-def main(csv_path: Path, cache: str = "memory") -> dict:
+def main(csv_path: Path, cache: str = "memory", max_image_pixels: int | None = None) -> dict:
+    """The measured build's rows, stored bytes, peak above the baseline, and seconds (`max_image_pixels`: as
+    the top-level key sets it, for images over PIL's default limit)."""
+    if max_image_pixels is not None:
+        limit_image_pixels(max_image_pixels)
     lines = csv_path.read_text().splitlines(keepends=True)
     with tempfile.TemporaryDirectory() as tmp:
         warmup = Path(tmp) / "warmup.csv"
@@ -57,18 +63,22 @@ def main(csv_path: Path, cache: str = "memory") -> dict:
         _build(warmup, csv_path.parent, cache, Path(tmp) / "cache")
         baseline = _status_bytes("VmRSS")
         reset = _reset_peak()
+        started = time.perf_counter()
         bundle = _build(csv_path, csv_path.parent, cache, Path(tmp) / "cache")
+        seconds = time.perf_counter() - started
         # At least 0: the reset sets the peak to the RSS of that moment, which can sit a page or two below the
         # baseline read just before it (a page freed in between); a build cannot have used less than nothing.
         peak = max(0, _status_bytes("VmHWM") - baseline)
     uint8_bytes = bundle.train.store.images.numel()
     return {"cache": cache, "rows": len(bundle.train.store), "stored_shape": list(bundle.train.store.images.shape[1:]),
-            "uint8_bytes": uint8_bytes, "peak_bytes": peak, "ratio": peak / uint8_bytes, "peak_reset": reset}
+            "uint8_bytes": uint8_bytes, "peak_bytes": peak, "ratio": peak / uint8_bytes, "peak_reset": reset,
+            "seconds": seconds}
 
 
-def in_own_process(csv_path: Path, cache: str = "memory") -> dict:
+def in_own_process(csv_path: Path, cache: str = "memory", max_image_pixels: int | None = None) -> dict:
     """main() in a fresh interpreter, so nothing the caller allocated before counts in its peak."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", str(csv_path), "--cache", cache],
+    limit = [] if max_image_pixels is None else ["--max-image-pixels", str(max_image_pixels)]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", str(csv_path), "--cache", cache, *limit],
                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
@@ -77,5 +87,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("csv", type=Path)
     parser.add_argument("--cache", choices=("memory", "disk"), default="memory")
+    parser.add_argument("--max-image-pixels", type=int, help="as max_image_pixels= (default: PIL's)")
     args = parser.parse_args()
-    print(json.dumps(main(args.csv, args.cache)))
+    print(json.dumps(main(args.csv, args.cache, args.max_image_pixels)))

@@ -3,7 +3,9 @@ speed belongs to the benchmark itself, on a quiet machine)."""
 
 import json
 
+import numpy as np
 import pytest
+import tifffile
 
 from benchmarks import throughput
 
@@ -83,3 +85,18 @@ def test_ema_cost_times_each_model_with_and_without_the_average(tmp_path):
     assert set(report["cases"]) == {f"{m}/{ema_cost.BATCH['cpu'][m]}/{s}" for m in ema_cost.MODELS for s in ("off", "on")}
     assert all(value > 0 for value in report["cases"].values())
     assert set(report["ratios"]) == {f"{m}_on_vs_off" for m in ema_cost.MODELS}
+
+
+@pytest.mark.slow  # peak memory is measured in child processes
+def test_tiled_tiff_smoke_run_measures_every_case_on_identical_pixels(tmp_path):
+    from benchmarks import tiled_tiff
+
+    result = tiled_tiff.main(side=700, n=300, folder=tmp_path, seconds=0.2)
+    assert set(result["cases"]) == {"tiff/memory", "npy/memory", "png/memory"}
+    assert all(case["rows"] == 300 and case["stored_shape"] == [1, 32, 32] for case in result["cases"].values())
+    # The .npy and the TIFF hold the same pixels, tile by tile, and the PNG's crops are the TIFF's.
+    assert np.array_equal(tifffile.imread(tmp_path / "slide.tif"), np.load(tmp_path / "slide.npy"))
+    assert result["png_crops_equal_tiff_crops"] is True
+    assert result["none"]["train"] > 0 and result["none"]["items_per_cpu_second"] > 0
+    assert set(result["met"]) == {"peak", "time", "none_train"}
+    assert "> Stamp:" in tiled_tiff.report(result)
