@@ -27,7 +27,7 @@ from datasets.values import Scale
 from errors import UserError
 from training import checkpoint as checkpoints
 from training import run_folder, saved_config, untrusted
-from training.build import build_data, build_model, require_keys, resolve_device, saved_mapping
+from training.build import build_data, build_model, check_same_split, require_keys, resolve_device, saved_mapping
 from training import speed as speeds
 from training.loop import FP32, Normalizer, evaluate
 from training.logger import run_log
@@ -61,7 +61,8 @@ def run_evaluation(cfg: DictConfig) -> dict:
             # Without dataset= the data is the file's, but where to write a cache and whether to download come
             # from the command, never from a file someone else may have written.
             dataset_cfg = cfg.dataset if cfg.get("dataset") is not None else untrusted.reading_only(saved.dataset)
-            result = score(model, normalize, checkpoint, dataset_cfg, saved, device, amp)
+            result = score(model, normalize, checkpoint, dataset_cfg, saved, device, amp,
+                           same_split=None if cfg.get("dataset") is not None else f"checkpoint={cfg.checkpoint}")
             result["checkpoint"], result["tta"] = str(cfg.checkpoint), cfg.tta
             name = "eval.json"
         # Strict JSON: a value that is not finite (a loss on inputs the model overflows on) is written as null.
@@ -129,12 +130,15 @@ def load_classifier(path: str, device: torch.device) -> Classifier:
 
 
 def score(model: nn.Module, normalize: Normalizer, checkpoint: dict, dataset_cfg: DictConfig, saved: DictConfig,
-          device: torch.device, amp: speeds.MixedPrecision = FP32) -> dict:
+          device: torch.device, amp: speeds.MixedPrecision = FP32, same_split: str | None = None) -> dict:
     # The training run's seed, so a seeded validation split is the one the run held out; no training loader,
     # so only the validation items are copied to a GPU; its value mapping and normalisation, so the data
-    # reaches the model as in training (and mean/std=auto is not recomputed).
+    # reaches the model as in training (and mean/std=auto is not recomputed); its split rule as auto resolved it.
+    # `same_split` (the checkpoint's name): the run's own data, whose validation items must be those it held out.
     data = build_data(dataset_cfg, saved.loader, saved.trainer.seed, device, train=False,
                       fixed=saved_mapping(checkpoint, dataset_cfg))
+    if same_split:
+        check_same_split(checkpoint, data.bundle, same_split)
     if data.val_loader.notice:
         log.warning("%s", data.val_loader.notice)
     classes = checkpoint["classes"]

@@ -46,6 +46,7 @@ class DataBundle:
     # The median (height, width) in source pixels of the training items' regions (height None: the full height,
     # strip form); None where items are whole files. Saved in checkpoints: predict.py's default window.
     box_size: tuple[int | None, int] | None = None
+    split: dict | None = None  # how train and val were drawn (datasets/splits.Split.record); saved in checkpoints
 
 
 class ArrayStore:

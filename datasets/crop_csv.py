@@ -97,6 +97,13 @@ class CropTable:
         """The rows at `indices` (int positions or a boolean mask), in that order."""
         return CropTable(self.files, self.labels, *(getattr(self, name)[indices] for name in _ROW_COLUMNS))
 
+    def boxes(self) -> np.ndarray:
+        """int32 (n, 4): each row's x0, y0, x1, y1; a strip spans rows 0..1, so strips of one file always meet
+        in y (what datasets/splits.py needs to tell which crops overlap). 16 bytes a row, held through the build."""
+        strip = self.y1 < 0
+        return np.stack([self.x0, np.where(strip, 0, self.y0), self.x1, np.where(strip, 1, self.y1)],
+                        axis=1).astype(np.int32, copy=False)
+
     def used_files(self) -> list[Path]:
         """The files the rows name, each once, in order of first appearance."""
         codes, first = np.unique(self.file, return_index=True)

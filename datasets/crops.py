@@ -237,7 +237,8 @@ class CropSource:
         sizes = np.stack([np.where(crops.y1 < 0, -1, crops.y1 - crops.y0), crops.x1 - crops.x0], axis=1)
         # The table's own split and file columns, not copies: nothing writes to either, and a copy stayed
         # resident through the fill (5 bytes a row, 0.3 MiB of a 64k-crop build's 62.5 MiB array).
-        return Items(classes, by_code[crops.label], crops.split, crops.file, skipped, sizes.astype(np.int32, copy=False))
+        return Items(classes, by_code[crops.label], crops.split, crops.file, skipped, sizes.astype(np.int32, copy=False),
+                     [str(path) for path in crops.files], crops.boxes())
 
     def files(self) -> list[Path]:
         return self.crops.used_files()

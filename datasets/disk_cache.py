@@ -43,9 +43,10 @@ from errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 8  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
+FORMAT = 9  # bump when the files' layout or the pixel pipeline changes: old caches are then never read
 # (6: grey data is stored with one channel, where 5 stored it three times; 7: any source, items as codes;
-# 8: the items' region sizes, for predict.py's default window)
+# 8: the items' region sizes, for predict.py's default window;
+# 9: the items' group names and crop boxes, which the split reads)
 SAMPLES, SAMPLE_BYTES = 64, 2**16  # the array's digest: 64 blocks of 64 KiB, first and last included
 
 
@@ -99,10 +100,12 @@ def _encoded(array: np.ndarray, dtype) -> str:
 def _items(entry: dict) -> Items:
     labels, hints, groups = (np.frombuffer(base64.b64decode(entry[name]), dtype=dtype).copy()
                              for name, dtype in COLUMNS.items())
-    sizes = entry["sizes"]
+    sizes, boxes = entry["sizes"], entry["boxes"]
     if sizes is not None:
         sizes = np.frombuffer(base64.b64decode(sizes), dtype=np.int32).reshape(-1, 2).copy()
-    return Items(entry["classes"], labels, hints, groups, entry["skipped"], sizes)
+    if boxes is not None:
+        boxes = np.frombuffer(base64.b64decode(boxes), dtype=np.int32).reshape(-1, 4).copy()
+    return Items(entry["classes"], labels, hints, groups, entry["skipped"], sizes, entry["group_names"], boxes)
 
 
 def load(manifest: Path, what: str, report: bool = True) -> Cached | None:
@@ -236,7 +239,9 @@ def write(manifest: Path, what: str, contents: Contents, fill: Callable[[RowWrit
                                    "sources": sources, "classes": items.classes,
                                    **{name: _encoded(getattr(items, name), dtype) for name, dtype in COLUMNS.items()},
                                    "sizes": None if items.sizes is None else _encoded(items.sizes, np.int32),
-                                   "skipped": items.skipped, "value_range": contents.value_range}))
+                                   "skipped": items.skipped, "value_range": contents.value_range,
+                                   "group_names": items.group_names,
+                                   "boxes": None if items.boxes is None else _encoded(items.boxes, np.int32)}))
 
     previous = _previous_array(manifest)
     try:

@@ -137,7 +137,8 @@ class FolderSource:
                  else [split for split, folder in zip(("train", "val"), self.folders) for _ in folder.samples])
         if self.spec.cache != "none" and self.spec.channels == 3:  # only a store can keep grey items once
             self.grey = all(_is_grey(path) for path in self.files())
-        return Items(list(self.folders[0].classes), labels, hint_codes(hints), np.arange(len(labels), dtype=np.int32))
+        return Items(list(self.folders[0].classes), labels, hint_codes(hints), np.arange(len(labels), dtype=np.int32),
+                     group_names=[path for folder in self.folders for path, _ in folder.samples])
 
     def files(self) -> list[Path]:
         return [Path(path) for folder in self.folders for path, _ in folder.samples]

@@ -5,7 +5,8 @@ CIFAR10's pickles, later tiled images) and the pipeline that turns any of them i
 A source answers five questions, and nothing else:
   key()        what identifies its items cheaply (a CSV's bytes, a folder's listing), without decoding: with
                the data spec, it names a disk cache (datasets/disk_cache.py);
-  items()      which items exist, checked: class, split hint and group (e.g. the source file) per item;
+  items()      which items exist, checked: class, split hint and group (e.g. the source file) per item, the
+               file each group stands for, and crops' regions (datasets/splits.py splits by them);
   files()      the files the items read: their sizes and mtimes tell a disk cache it is stale, and the value
                scan reads the .npy ones among them;
   fill(out, indices)  decode items `indices` into out[0..n): uint8 (n, C, H, W), C stored (1 for grey data);
@@ -47,6 +48,8 @@ class Items:
     # full height (strip form); None where items are whole files. Its median over the training items is the
     # window predict.py slides by default.
     sizes: np.ndarray | None = None
+    group_names: list[str] | None = None  # the file each group id stands for (dataset.group_pattern reads it)
+    boxes: np.ndarray | None = None  # int32 (n, 4) crops' x0, y0, x1, y1 in their files (strips: y 0..1)
 
     def __len__(self) -> int:
         return len(self.labels)

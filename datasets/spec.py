@@ -14,6 +14,7 @@ from typing import Any
 
 from datasets import values
 from datasets.base import CACHE_MODES, check_image_keys
+from datasets.splits import SplitRule
 from errors import UserError
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,14 @@ class DataSpec:
     verify: bool = False  # true: decode every item up front even with cache=none, listing every failure
     level: int = 0  # pyramid level items are cut from (tiled TIFF; 0: full resolution), boxes in level-0 pixels
     seed: int = 0  # draws the seeded split
+    split_by: str = "auto"  # auto | file | region | row (datasets/splits.py)
+    group_pattern: str | None = None  # a regex whose match in a file name names the file's group
+    folds: int = 5  # with `fold`: the number of folds
+    fold: int | None = None  # i: hold out fold i of `folds` instead of val_fraction
+
+    @property
+    def split_rule(self) -> SplitRule:
+        return SplitRule(self.split_by, self.val_fraction, self.folds, self.fold, self.group_pattern, self.seed)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -44,6 +53,7 @@ class DataSpec:
     def check(self) -> None:
         """Every key whose validity does not depend on the data, before any file is opened."""
         check_image_keys(self.width, self.height, self.channels, self.val_fraction)
+        self.split_rule.check()
         if self.value_range is not None:
             values.parse_value_range(self.value_range)
         values.parse_statistic(self.mean, "dataset.mean"), values.parse_statistic(self.std, "dataset.std")

@@ -89,6 +89,10 @@ def compose_train(run_dir: Path, *overrides: str):
         "trainer.log_every=2",
         "trainer.warmup_steps=1",
     ]
+    # The tiny runs' step counts and scores were written for a row split of the crop scenes (split_by=auto
+    # holds out one of their four scenes); tests of the split rules set dataset.split_by themselves.
+    if "dataset=cifar10" not in overrides and not any(o.startswith("dataset.split_by=") for o in overrides):
+        base.append("dataset.split_by=row")
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         return compose(config_name="train", overrides=[*base, *overrides])
 

@@ -13,6 +13,7 @@ from torchvision import datasets as tv
 import training
 from tests import files
 from commands.evaluation import run_evaluation
+from training import saved_config
 
 STORED = Path(__file__).resolve().parent / "data" / "checkpoints-v1"
 EXPECTED = json.loads((STORED / "expected.json").read_text())
@@ -50,3 +51,13 @@ def test_an_old_checkpoint_resumes_as_it_did(stored, make_cfg, case):
     assert metrics["val/acc"] == expected["val/acc"]
     assert metrics["val/loss"] == pytest.approx(expected["val/loss"], rel=1e-6)
     assert torch.load(stored.parent / "run" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_an_old_checkpoint_keeps_its_row_split(case):
+    """Saved before dataset.split_by existed, its rows were drawn at random: rebuilt as split_by=row, not the
+    default auto, so its validation items stay the ones it was scored on."""
+    checkpoint = torch.load(STORED / (case + ".pt"), weights_only=True)
+    assert "split" not in checkpoint
+    rebuilt = saved_config.rebuild(checkpoint["config"], checkpoint.get("choices"), case)
+    assert rebuilt.dataset.get("split_by", "row") == "row"  # CIFAR10 takes no split keys: its own split

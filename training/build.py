@@ -76,7 +76,22 @@ def saved_mapping(checkpoint: dict, dataset_cfg: DictConfig) -> dict:
     value_range = checkpoint.get("value_range")  # absent from checkpoints made before it was saved
     if "value_range" in dataset_cfg and value_range is not None:
         fixed["value_range"] = value_range if isinstance(value_range, str) else list(value_range)
+    # The rule split_by=auto chose for the run's data (file or region), so the same data splits the same way
+    # whatever auto would choose now; absent from checkpoints made before split_by (they split by row).
+    split = checkpoint.get("split")
+    if "split_by" in dataset_cfg and split is not None and split["by"] in ("file", "region", "row"):
+        fixed["split_by"] = split["by"]
     return fixed
+
+
+def check_same_split(checkpoint: dict, bundle: DataBundle, source: str) -> None:
+    """The validation items a checkpoint's run held out are the ones its data gives now (by their digest)."""
+    saved, now = checkpoint.get("split"), bundle.split
+    if saved is None or now is None or saved["val_digest"] == now["val_digest"]:
+        return
+    raise UserError(f"{source} validated on {saved['val']} items split by {saved['by']}, but its data now splits "
+                    f"into {now['val']} other ones ({now['by']}): the CSV or files changed since; restore them, "
+                    "or train a new run")
 
 
 def build_data(dataset_cfg: DictConfig, loader_cfg: DictConfig, seed: int, device: torch.device, rank: int = 0,

@@ -175,6 +175,8 @@ class TrainingState:
                             else self.bundle.value_range),
             # predict.py's default window: (height or None for the full height, width) in source pixels.
             "box_size": None if self.bundle.box_size is None else list(self.bundle.box_size),
+            # How train and val were drawn (datasets/splits.py): a resume and evaluate.py draw them so again.
+            "split": self.bundle.split,
             "metrics": metrics,
             "config": self.config,
             "choices": self.choices,

@@ -32,7 +32,7 @@ from training import distributed, early_stop, folder_lock, launch, metrics, resu
 from training import speed as speeds
 from training.augment import Augment
 from training.build import (Data, build_augment, build_data, build_model, build_optimizer, require_keys,
-                            resolve_device, saved_mapping, set_capturable)
+                            resolve_device, saved_mapping, set_capturable, check_same_split)
 from training.logger import RunLogger, Where, describe_run, run_log
 from training.schema import check_ranges
 from training.loop import NonFiniteLoss, Normalizer, evaluate, train_one_epoch
@@ -215,6 +215,7 @@ def _run(cfg: DictConfig, run_dir: Path, checkpoint: dict | None, process: distr
     position, best_acc = Position(), -1.0
     if checkpoint is not None:
         _check_classes(checkpoint, cfg, bundle)
+        check_same_split(checkpoint, bundle, f"resume={cfg.resume}")
         position = state.restore(checkpoint, f"resume={cfg.resume}")
         set_capturable(optimizer, speed.cuda_graphs)  # as this run steps, whatever the saved run did
         best_acc = checkpoint["metrics"]["val/acc_best"]

@@ -30,6 +30,9 @@ OPTIONAL = {"scheduler"}  # `scheduler: null` in train.yaml: a constant learning
 # Groups added after checkpoints were first written: a config saved before a group existed trained as its
 # default choice did.
 ADDED_LATER = {"augment": "none"}
+# Keys added to a group after checkpoints were first written, with the value every earlier run trained with
+# (not today's default): a run saved before dataset.split_by drew its validation rows at random.
+KEYS_ADDED_LATER = {"dataset": {"split_by": "row"}}
 # Top-level keys of a training config that are not groups; typed by schema.TrainSchema.
 TOP_LEVEL = schema.TrainSchema
 
@@ -131,6 +134,9 @@ def _rebuild_group(group: str, stored, name, source: str) -> DictConfig | None:
         if shipped_node.get(key) != value:
             raise UserError(f"{source}: its config sets {group}.{key}={value!r} but {group}={name} ships "
                             f"{shipped_node.get(key)!r}: a checkpoint may not choose what code runs; refusing it")
+    for key, value in KEYS_ADDED_LATER.get(group, {}).items():
+        if key in shipped_node and key not in stored:
+            stored = {**stored, key: value}
     schemas = schema.GROUPS[group]
     schema_type = schemas.get(f"{name}_schema") or schemas["default_schema"]  # augment: one schema for all
     node = OmegaConf.merge(OmegaConf.structured(schema_type), shipped_node)

@@ -125,6 +125,10 @@ class ResizedSchema(DatasetSchema):
     height: int = ranged(**SIDE)
     channels: int = ranged(**CHANNELS)
     val_fraction: float = ranged(above=0, below=1)  # even when the data brings its own split
+    split_by: str = ranged(one_of=("auto", "file", "region", "row"))
+    group_pattern: Optional[str]  # a regular expression: datasets/splits.py compiles it, naming the error
+    folds: int = ranged(at_least=2, at_most=1000)
+    fold: Optional[int] = ranged(at_least=0)  # and below folds: datasets/splits.py checks it against folds
     allow_outside_root: bool
 
 

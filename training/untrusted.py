@@ -145,6 +145,12 @@ def check_description(described: dict, source: str, max_pixels: int = MAX_INPUT_
         raise UserError(f"{source}: its box_size must be [height or null, width] in pixels, got {_short(box_size)}: "
                         "the file was edited or is damaged")
 
+    split = described.get("split")  # absent from ONNX metadata and from checkpoints made before split_by
+    if not (split is None or (isinstance(split, dict) and split.get("by") in ("given", "row", "file", "region")
+                              and isinstance(split.get("val_digest"), str) and isinstance(split.get("val"), int))):
+        raise UserError(f"{source}: its split must say how it split (by, val, val_digest), got {_short(split)}: "
+                        "the file was edited or is damaged")
+
     epoch = described.get("epoch")
     if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
         raise UserError(f"{source}: its epoch must be a count, got {_short(epoch)}")
