@@ -53,8 +53,7 @@ class ListedFiles:
         hints = hint_codes([row.get("split") or None for row in rows])
         # Grey only matters where a store could keep one channel of three.
         self.grey = self.spec.channels == 3 and all(image_header(path)[2] for path in self.paths)
-        return Items(classes, labels, hints, np.arange(len(rows), dtype=np.int32),
-                     group_names=[str(path) for path in self.paths])
+        return Items(classes, labels, hints, np.arange(len(rows), dtype=np.int32))
 
     def _problem(self, row: dict) -> str | None:
         if not row.get("path") or not row.get("label"):

@@ -331,6 +331,8 @@ def _resolve(labels: np.ndarray, groups: np.ndarray, items, rule: SplitRule,
     """The rule `auto` stands for here and why, and the units a file split keeps whole (group ids)."""
     crops = items.boxes is not None
     if rule.group_pattern is not None:
+        if items.group_names is None:
+            raise UserError(f"dataset.group_pattern: {what} names no files to group; leave the key out")
         units = pattern_groups(items.group_names, rule.group_pattern)[groups]
         unit_name = f"groups of dataset.group_pattern {rule.group_pattern!r}"
     else:

@@ -50,7 +50,7 @@ def test_box_form_sources_classes_and_counts(make_preview_cfg, build_crops, crop
     source = _png(crop_csv.parent / "scene0.png")
     assert np.array_equal(scene0[128:144:16, 64:80:16], source[8:9, 4:5])
 
-    trained = build_crops(f"dataset.csv={crop_csv}")  # what train.py builds (cache=memory)
+    trained = build_crops(f"dataset.csv={crop_csv}", "dataset.split_by=auto")  # what train.py builds (cache=memory)
     assert result["counts"] == _counts(trained) and result["classes"] == trained.classes == ["bright", "dark"]
     assert result["problems"] == []
     classes_png = _png(result["classes_png"])

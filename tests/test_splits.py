@@ -38,7 +38,7 @@ def write_photos(root, files_per_class=1, boxes=60, side=128, seed=0, split=None
 
 
 def build(csv, **keys):
-    return files.build_crops(csv, **{"val_fraction": 0.2, **keys})
+    return files.build_crops(csv, **{"val_fraction": 0.2, "split_by": "auto", **keys})
 
 
 def sides(bundle):
