@@ -14,8 +14,8 @@ Ten classes, one photo per class (the class is the photo's name). Boxes are rand
 `box_range` pixels, wholly inside their region. Two CSVs over the same photos:
 - `held_out.csv`: `boxes_per_half` training boxes from each photo's left half and as many validation
   boxes from its right half (a `split` column), so no validation pixel was ever trained on;
-- `whole.csv`: `2 * boxes_per_half` boxes per photo over the whole photo and no `split` column, the
-  user's default case, where the trainer chooses the split.
+- `whole.csv`: `whole_boxes` boxes per photo (default `2 * boxes_per_half`) over the whole photo and no
+  `split` column, the user's default case, where the trainer chooses the split.
 `grey=True` (default) stores the photos as grey PNGs, so a class cannot be told by colour alone.
 """
 
@@ -116,8 +116,8 @@ def _boxes(rng: np.random.Generator, count: int, x_lo: int, x_hi: int, height: i
 
 
 def make_photo_crops(out_dir: str | Path, seed: int = 0, boxes_per_half: int = 200, grey: bool = True,
-                     box_range: tuple[int, int] = (16, 64),
-                     wheel_cache: str | Path = DEFAULT_WHEEL_CACHE) -> PhotoCrops:
+                     box_range: tuple[int, int] = (16, 64), wheel_cache: str | Path = DEFAULT_WHEEL_CACHE,
+                     whole_boxes: int | None = None) -> PhotoCrops:
     """Write the ten photos as PNGs into `out_dir` and the two crop CSVs over them (module docstring).
 
     Args:
@@ -127,6 +127,7 @@ def make_photo_crops(out_dir: str | Path, seed: int = 0, boxes_per_half: int = 2
         grey: store the photos as grey (luma) PNGs; False keeps colour (the two grey photos stay grey).
         box_range: smallest and largest box side in pixels, inclusive.
         wheel_cache: where scikit-image's wheel is downloaded to, once.
+        whole_boxes: boxes per photo in `whole.csv`; None: 2 * boxes_per_half.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +145,7 @@ def make_photo_crops(out_dir: str | Path, seed: int = 0, boxes_per_half: int = 2
             held_out.append(dict(path=path, x0=x0, y0=y0, x1=x1, y1=y1, label=label, split="train"))
         for x0, y0, x1, y1 in _boxes(rng, boxes_per_half, half, width, height, box_range):
             held_out.append(dict(path=path, x0=x0, y0=y0, x1=x1, y1=y1, label=label, split="val"))
-        for x0, y0, x1, y1 in _boxes(rng, 2 * boxes_per_half, 0, width, height, box_range):
+        for x0, y0, x1, y1 in _boxes(rng, whole_boxes or 2 * boxes_per_half, 0, width, height, box_range):
             whole.append(dict(path=path, x0=x0, y0=y0, x1=x1, y1=y1, label=label))
     return PhotoCrops(out, write_crops(out / "held_out.csv", held_out), write_crops(out / "whole.csv", whole),
                       tuple(sorted(PHOTOS.values())))
