@@ -34,10 +34,17 @@ def pytest_cmdline_main(config):
     if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput") \
             and config.option.numprocesses is None:
         config.option.numprocesses = "auto"
+        # worksteal, not xdist's default `load`: an idle worker takes half of the other's queue, so the suite
+        # does not end with one worker running the last slow tests it was dealt while the other waits; and
+        # each worker keeps whole runs of a file's tests, whose session-scoped shared runs it then trains once.
+        if config.option.dist == "no":
+            config.option.dist = "worksteal"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` skip, saying why, where torch sees no GPU."""
+    """Slow tests first (their order kept), so that the last tests to run are short ones whichever worker
+    takes them; tests marked `cuda` skip, saying why, where torch sees no GPU."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: files stay together
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
