@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pytest
 import torch
@@ -94,34 +95,56 @@ def resume_against_unbroken(shared_run, make_cfg, crop_csv: Path, run_dir: Path,
     return torch.load(last, weights_only=True), unbroken, metrics
 
 
-def in_child(body: Callable[[], None]) -> None:
+def in_child(body: Callable[[], None], environments: Sequence[dict[str, str]] = ({},)) -> None:
     """Run `body` in a forked copy of this process, for a test that changes process-wide state (an rlimit, a
     signal handler): the change dies with the child, so pytest's own writes and later tests never see it,
     whatever the body does. A failure or error in the child fails the test with the child's traceback.
-    A fork costs milliseconds (no imports, unlike a new program); the child shares the captured stdout/stderr."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            os.close(read)
-            report = b""
+    A fork costs milliseconds (no imports, unlike a new program); the child shares the captured stdout/stderr.
+    One child per entry of `environments`, all at once, each with those variables set (torchrun_ranks)."""
+    children = []
+    for changes in environments:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
             try:
-                body()
-            except BaseException:  # pytest.fail and pytest.skip raise BaseExceptions too
-                report = traceback.format_exc().encode()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            with os.fdopen(write, "wb") as pipe:  # a pipe, not a file: no file size limit applies
-                pipe.write(report)
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        report = pipe.read().decode()
-    _, status = os.waitpid(pid, 0)
-    if report:
-        pytest.fail(f"in the child process:\n{report}", pytrace=False)
-    assert os.waitstatus_to_exitcode(status) == 0, "the child process died before reporting"
+                os.close(read)
+                report = b""
+                try:
+                    os.environ.update(changes)
+                    body()
+                except BaseException:  # pytest.fail and pytest.skip raise BaseExceptions too
+                    report = traceback.format_exc().encode()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                with os.fdopen(write, "wb") as pipe:  # a pipe, not a file: no file size limit applies
+                    pipe.write(report)
+            finally:
+                os._exit(0)
+        os.close(write)
+        children.append((pid, read))
+    failures = []
+    for pid, read in children:
+        with os.fdopen(read, "rb") as pipe:
+            report = pipe.read().decode()
+        _, status = os.waitpid(pid, 0)
+        if report:
+            failures.append(report)
+        elif os.waitstatus_to_exitcode(status) != 0:
+            failures.append("the child process died before reporting")
+    if failures:
+        pytest.fail("in the child process:\n" + "\n".join(failures), pytrace=False)
+
+
+def torchrun_ranks(world_size: int = 2) -> list[dict[str, str]]:
+    """The variables torchrun gives each of `world_size` workers on this machine, for in_child: a DDP run (gloo on
+    the CPU) whose ranks are forked from pytest rather than started as programs, which import for ~3.5 s of CPU
+    each. For a reference run; what torchrun and train.py themselves do is tested by starting them."""
+    with socket.socket() as free:  # a port for the rendezvous, as torchrun --standalone picks one
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    return [{"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            for rank in range(world_size)]
 
 
 # One interpreter imports the data code (~2.6 s of CPU, torch and torchvision: most of what a builder costs) and

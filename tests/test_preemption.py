@@ -239,11 +239,14 @@ RANK_STEPS = STEPS // 2
 
 @pytest.fixture(scope="session")
 def unbroken_torchrun(tmp_path_factory, noise_csv) -> Path:
-    """The 2-process run the stopped, killed and resumed torchrun runs must equal."""
+    """The 2-process run the stopped, killed and resumed torchrun runs must equal: the same DDP run, its two ranks
+    forked from this process with torchrun's variables (helpers.torchrun_ranks) instead of started as programs."""
 
     def make(folder: Path) -> None:
-        result = run_python(*TORCHRUN, f"dataset.csv={noise_csv}", *RUN, "hydra.run.dir=run", cwd=folder)
-        assert result.returncode == 0, result.stderr[-3000:]
+        # As the unbroken one-process run: train.py's warmup_steps, and the one torch thread programs get.
+        cfg = compose_train(folder / "run", f"dataset.csv={noise_csv}", *RUN, "trainer.warmup_steps=5")
+        with torch_threads(1):
+            helpers.in_child(lambda: training.run(cfg), helpers.torchrun_ranks(2))
 
     return shared_runs.once(tmp_path_factory, "unbroken-torchrun", make) / "run"
 
