@@ -1,21 +1,41 @@
-"""Accuracy per training second of the tutorial CNN under each recipe, side by side on the same generated data.
+"""Validation accuracy of the tutorial CNN under each recipe, over several seeds, on held-out real photographs
+and on generated textures, side by side in one process: mean, sample standard deviation and training time.
 
-    python -m benchmarks.recipes [--scale 1.0] [--out FILE.json]
+    python -m benchmarks.recipes [--data photos generated] [--seeds 3] [--recipes NAME ...] [--scale 1.0]
+                                 [--threads 1] [--out FILE.json]
 
-Data (harder than the demo, whose stripes a few epochs learn): 10 texture classes, each a radial frequency
-band (5) crossed with a texture kind (2: summed gratings at random orientations, or random dots), in random
-colours with noise. Classes do not depend on orientation, so flips and transposes keep labels. Each
-class has its own 384x384 source images (4 per class, 40 crops from each half: 1600 train, 1600 val); training crops (32x32 cut from 24-40 px boxes) come from the left
-half of each image and validation crops from the right half, so no pixel is shared.
-Every recipe runs through `training.run` (the app itself) with one seed; seconds are the run's training
-time (sum of `train/epoch_seconds`, without data preparation or validation).
+One run's validation accuracy moves by several points from seed to seed (and epoch to epoch), so a recipe is
+called better than the default only where the difference of the means exceeds the spread (the sum of the two
+standard deviations); otherwise the table says "within spread".
+
+Data, both with train and validation crops from different parts of each source image (no pixel shared):
+- photos: benchmarks/real_photos.py's held_out.csv: the ten photographs scikit-image ships (one class each), grey,
+  200 random square boxes of 16-64 px per half, training boxes from each photo's left half and validation boxes
+  from its right half (2,000 and 2,000 crops at 32x32);
+- generated: 10 texture classes, a radial frequency band (5) crossed with a texture kind (2: summed gratings at
+  random orientations, or random dots), in random colours with noise, 4 images of 384x384 per class, 40 crops
+  (24-40 px boxes) from each half (1,600 train, 1,600 val). Classes do not depend on orientation.
+
+Every recipe runs through `training.run` (the app itself), seeds 0..N-1 (`trainer.seed`: the initial weights,
+the batch order and augmentation); the crops are the same for every seed. "val acc" is the last epoch's
+accuracy (the model a run ends with), "best" the best epoch's (chosen on the validation set, so optimistic).
+A recipe with a test-time augmentation also scores its last checkpoint averaging softmax over the views
+(commands/tta.py: "with TTA", the same runs); its plain accuracy (tta none) is checked equal to the run's own. Seconds are training
+time (the sum of `train/epoch_seconds`: no data preparation or validation); the load average of the machine
+is recorded before and after, since other work on it slows training (accuracy does not depend on it at
+fixed threads).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
+import statistics
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,21 +45,36 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import training
+from benchmarks import real_photos
+from commands import tta
+from commands.evaluation import load_classifier
 from datasets.crop_csv import write_crops
 from training import schema
+from training.build import build_data, saved_mapping
+from training.checkpoint import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 384
 BANDS = (3.0, 4.5, 6.5, 9.0, 12.0)  # periods in pixels of each class's texture
 KINDS = ("gratings", "dots")
-RECIPES = {  # name -> overrides; trainer.epochs last, so --scale can change it
-    "tutorial (batch 4, lr 0.001)": ["experiment=tutorial", "trainer.epochs=2"],
-    "default (batch 64, lr 0.01)": ["trainer.epochs=10"],
-    "default, 30 epochs": ["trainer.epochs=30"],
-    "experiment=fast": ["experiment=fast"],
-    "experiment=fast scheduler=onecycle": ["experiment=fast", "scheduler=onecycle"],
-    "experiment=fast augment=standard": ["experiment=fast", "augment=standard"],
-}
+REFERENCE = "default"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    overrides: list[str] = field(default_factory=list)  # trainer.epochs is scaled by --scale
+    tta: str = "none"  # also scored with this test-time augmentation (commands/tta.py): val/acc_tta
+
+
+RECIPES = [
+    Recipe("tutorial", ["experiment=tutorial", "trainer.epochs=2"]),
+    Recipe(REFERENCE, ["trainer.epochs=10"]),
+    Recipe("default, 30 epochs", ["trainer.epochs=30"]),
+    Recipe("fast", ["experiment=fast"]),
+    Recipe("fast standard", ["experiment=fast", "augment=standard"], tta="hflip"),
+    Recipe("fast dihedral", ["experiment=fast", "augment=dihedral"], tta="dihedral"),
+]
 
 
 def _texture(rng: np.random.Generator, period: float, kind: str) -> np.ndarray:
@@ -94,33 +129,134 @@ def train_seconds(run_dir: Path) -> float:
     return sum(e.value for e in events.Scalars("train/epoch_seconds"))
 
 
-def main() -> None:
+@torch.no_grad()
+def tta_accuracy(checkpoint: Path, mode: str, weights: str = "model") -> float:
+    """The accuracy of a checkpoint's model on its run's validation split, softmax averaged over `mode`'s views.
+    `weights`: "model" (what the run validated: the moving average under trainer.ema) or "training_model" (a
+    trainer.ema run's live weights, the ones an otherwise equal run without EMA ends with)."""
+    device = torch.device("cpu")
+    classifier = load_classifier(str(checkpoint), device)
+    if weights != "model":
+        load_weights(classifier.model, {**classifier.checkpoint, "model": classifier.checkpoint[weights]}, str(checkpoint))
+    saved = classifier.saved
+    data = build_data(saved.dataset, saved.loader, saved.trainer.seed, device, train=False,
+                      fixed=saved_mapping(classifier.checkpoint, saved.dataset))
+    correct = total = 0
+    for images, targets in data.val_loader:
+        predicted = tta.probabilities(classifier.logits, images.to(device), mode).argmax(1)
+        correct += int((predicted == targets).sum())
+        total += len(targets)
+    return correct / total
+
+
+def run_one(recipe: Recipe, csv_path: Path, seed: int, run_dir: Path, scale: float) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            *recipe.overrides, "dataset=crops", f"dataset.csv={csv_path}", f"trainer.seed={seed}",
+            f"run_dir={run_dir}", "trainer.progress=false", "trainer.device=cpu"])
+    cfg.trainer.epochs = max(1, round(cfg.trainer.epochs * scale))
+    metrics = training.run(cfg)
+    result = {"seed": seed, "epochs": cfg.trainer.epochs, "batch": cfg.loader.batch_size,
+              "val/acc": metrics["val/acc"], "val/acc_best": metrics["val/acc_best"],
+              "train_seconds": train_seconds(run_dir)}
+    if recipe.tta != "none":
+        last = run_dir / "checkpoints" / "last.pt"
+        plain = tta_accuracy(last, "none")
+        if abs(plain - metrics["val/acc"]) > 1e-9:  # the scoring path must be the run's own
+            raise RuntimeError(f"{recipe.name}: last.pt scores {plain} without TTA, the run reported {metrics['val/acc']}")
+        result["val/acc_tta"] = tta_accuracy(last, recipe.tta)
+    if cfg.trainer.get("ema") is not None:  # the same run without the average: its live weights, plain and with TTA
+        result["val/acc_live"] = tta_accuracy(last, "none", "training_model")
+        if recipe.tta != "none":
+            result["val/acc_live_tta"] = tta_accuracy(last, recipe.tta, "training_model")
+    return result
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def verdict(stats: dict, reference: dict) -> str:
+    """better/worse than the reference only where the means differ by more than the two sds together."""
+    difference, allowed = stats["mean"] - reference["mean"], stats["sd"] + reference["sd"]
+    if difference > allowed:
+        return f"better (+{100 * difference:.1f} > {100 * allowed:.1f})"
+    if difference < -allowed:
+        return f"worse ({100 * difference:.1f} < -{100 * allowed:.1f})"
+    return f"within spread ({100 * difference:+.1f}, spread {100 * allowed:.1f})"
+
+
+def stamp(threads: int) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else \
+        platform.processor()
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads,
+            "torch": torch.__version__, "python": platform.python_version(), "load_average_1min": os.getloadavg()[0]}
+
+
+def table(data: str, rows: list[dict]) -> str:
+    reference = next((r for r in rows if r["recipe"] == REFERENCE), None)
+    lines = [f"{data}:", "| recipe | epochs | batch | train s | val acc (last) | best epoch | vs default | with TTA | TTA vs without |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
+
+    def percent(stats: dict) -> str:
+        return f"{100 * stats['mean']:.1f} ± {100 * stats['sd']:.1f}"
+
+    for r in rows:
+        acc = r["val/acc"]
+        against = "" if reference is None or r is reference else verdict(acc, reference["val/acc"])
+        with_tta = f"{percent(r['val/acc_tta'])} ({r['tta']})" if "val/acc_tta" in r else ""
+        tta_gain = verdict(r["val/acc_tta"], acc) if "val/acc_tta" in r else ""
+        lines.append(f"| {r['recipe']} | {r['epochs']} | {r['batch']} | {r['train_seconds']['mean']:.1f} | {percent(acc)} | "
+                     f"{percent(r['val/acc_best'])} | {against} | {with_tta} | {tta_gain} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", nargs="+", choices=("photos", "generated"), default=["photos", "generated"])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per recipe (0..N-1)")
+    parser.add_argument("--recipes", nargs="+", default=[r.name for r in RECIPES], help="names from RECIPES")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every recipe's epochs (min 1)")
-    parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks" / "recipes.json"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a busy machine)")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks" / "recipes.json"))
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the benchmark itself: tiny generated data, 2 seeds, 1 epoch per recipe")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.data, args.seeds, args.scale = ["generated"], 2, 0.0
+    unknown = set(args.recipes) - {r.name for r in RECIPES}
+    if unknown:
+        parser.error(f"unknown recipes {sorted(unknown)}; choose from {[r.name for r in RECIPES]}")
     torch.set_num_threads(args.threads)
     schema.register()
-    results = []
+    recipes = [r for r in RECIPES if r.name in args.recipes]
+    report = {"stamp": stamp(args.threads), "seeds": args.seeds, "scale": args.scale, "smoke": args.smoke, "data": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        csv_path = generate(Path(tmp) / "textures")
-        for name, overrides in RECIPES.items():
-            with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-                cfg = compose(config_name="train", overrides=[
-                    *overrides, "dataset=crops", f"dataset.csv={csv_path}", "dataset.val_fraction=0.2",
-                    f"run_dir={Path(tmp) / str(len(results))}", "trainer.progress=false", "trainer.device=cpu"])
-            cfg.trainer.epochs = max(1, round(cfg.trainer.epochs * args.scale))
-            metrics = training.run(cfg)
-            results.append({"recipe": name, "epochs": cfg.trainer.epochs, "batch": cfg.loader.batch_size,
-                            "val/acc": metrics["val/acc"], "val/acc_best": metrics["val/acc_best"],
-                            "train_seconds": train_seconds(Path(cfg.run_dir))})
-    print("| recipe | epochs | batch | train s | val acc (last) | best |\n| --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in results:
-        print(f"| {r['recipe']} | {r['epochs']} | {r['batch']} | {r['train_seconds']:.1f} | {r['val/acc']:.1%} "
-              f"| {r['val/acc_best']:.1%} |")
+        sources = {"photos": lambda: real_photos.make_photo_crops(Path(tmp) / "photos").held_out_csv,
+                   "generated": lambda: generate(Path(tmp) / "textures", *((1, 8) if args.smoke else ()))}
+        for data in args.data:
+            csv_path, rows = sources[data](), []
+            for recipe in recipes:
+                runs = [run_one(recipe, csv_path, seed, Path(tmp) / "runs" / f"{data}-{len(rows)}-{seed}", args.scale)
+                        for seed in range(args.seeds)]
+                row = {"recipe": recipe.name, "overrides": recipe.overrides, "tta": recipe.tta,
+                       "epochs": runs[0]["epochs"], "batch": runs[0]["batch"], "runs": runs}
+                row |= {key: spread([run[key] for run in runs]) for key in ("val/acc", "val/acc_best", "train_seconds")}
+                row |= {key: spread([run[key] for run in runs]) for key in ("val/acc_tta", "val/acc_live", "val/acc_live_tta")
+                        if key in runs[0]}
+                rows.append(row)
+                print(f"{data} {recipe.name}: {100 * row['val/acc']['mean']:.1f} ± {100 * row['val/acc']['sd']:.1f} "
+                      f"in {row['train_seconds']['mean']:.1f} s", flush=True)
+            report["data"][data] = rows
+    report["stamp"]["load_average_1min_after"] = os.getloadavg()[0]
+    print(f"\n{report['stamp']}\n")
+    for data, rows in report["data"].items():
+        print(table(data, rows) + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""benchmarks/recipes.py runs every recipe over several seeds and reports mean ± sd; a recipe is called better
+than the default only where the difference exceeds the spread (its accuracies belong to the benchmark itself)."""
+
+import json
+
+import pytest
+
+from benchmarks import recipes
+
+
+def test_a_recipe_is_better_only_beyond_the_spread():
+    reference = {"mean": 0.60, "sd": 0.02, "n": 3}
+    assert recipes.verdict({"mean": 0.65, "sd": 0.02, "n": 3}, reference).startswith("better (+5.0 > 4.0)")
+    assert recipes.verdict({"mean": 0.63, "sd": 0.02, "n": 3}, reference).startswith("within spread (+3.0, spread 4.0)")
+    assert recipes.verdict({"mean": 0.55, "sd": 0.005, "n": 3}, reference).startswith("worse (-5.0 < -2.5)")
+    assert recipes.spread([0.5, 0.6, 0.7]) == pytest.approx({"mean": 0.6, "sd": 0.1, "n": 3})
+
+
+@pytest.mark.slow  # every recipe trains twice (one epoch each), in process
+def test_smoke_run_trains_every_recipe_over_seeds_and_tabulates_mean_and_sd(tmp_path, capsys):
+    out = tmp_path / "recipes.json"
+    report = recipes.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    rows = report["data"]["generated"]
+    assert [row["recipe"] for row in rows] == [recipe.name for recipe in recipes.RECIPES]
+    for row in rows:
+        accs = [run["val/acc"] for run in row["runs"]]
+        assert [run["seed"] for run in row["runs"]] == [0, 1] and row["epochs"] == 1
+        assert row["val/acc"] == pytest.approx(recipes.spread(accs))
+        assert all(run["train_seconds"] > 0 for run in row["runs"])
+    with_tta = [row for row in rows if row["tta"] != "none"]
+    assert {row["tta"] for row in with_tta} == {"hflip", "dihedral"}
+    for row in with_tta:  # scored again from last.pt, whose plain score was checked equal to the run's own
+        assert row["val/acc_tta"] == pytest.approx(recipes.spread([run["val/acc_tta"] for run in row["runs"]]))
+    assert {"date", "cpu", "torch", "torch_threads", "load_average_1min", "load_average_1min_after"} <= set(report["stamp"])
+    printed = capsys.readouterr().out
+    assert "| recipe | epochs | batch | train s | val acc (last) | best epoch | vs default | with TTA |" in printed
+    assert printed.count(" ± ") >= 2 * len(rows)
