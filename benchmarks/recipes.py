@@ -6,7 +6,8 @@ and on generated textures, side by side in one process: mean, sample standard de
 
 One run's validation accuracy moves by several points from seed to seed (and epoch to epoch), so a recipe is
 called better than the default only where the difference of the means exceeds the spread (the sum of the two
-standard deviations); otherwise the table says "within spread".
+standard deviations); otherwise the table says "within spread". TTA is compared with the same runs without it:
+better only where the mean of the per-seed differences exceeds their standard deviation.
 
 Data, both with train and validation crops from different parts of each source image (no pixel shared):
 - photos: benchmarks/real_photos.py's held_out.csv: the ten photographs scikit-image ships (one class each), grey,
@@ -187,6 +188,18 @@ def verdict(stats: dict, reference: dict) -> str:
     return f"within spread ({100 * difference:+.1f}, spread {100 * allowed:.1f})"
 
 
+def paired_verdict(runs: list[dict], key: str, against: str) -> str:
+    """`key` against `against` scored on the same runs (TTA, or the EMA model, against the plain live model):
+    the per-seed differences, better or worse only where their mean exceeds their standard deviation."""
+    differences = spread([run[key] - run[against] for run in runs])
+    mean, sd = 100 * differences["mean"], 100 * differences["sd"]
+    if mean > sd:
+        return f"better (+{mean:.1f} > {sd:.1f})"
+    if mean < -sd:
+        return f"worse ({mean:.1f} < -{sd:.1f})"
+    return f"within spread ({mean:+.1f}, sd {sd:.1f})"
+
+
 def stamp(threads: int) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else \
@@ -207,7 +220,7 @@ def table(data: str, rows: list[dict]) -> str:
         acc = r["val/acc"]
         against = "" if reference is None or r is reference else verdict(acc, reference["val/acc"])
         with_tta = f"{percent(r['val/acc_tta'])} ({r['tta']})" if "val/acc_tta" in r else ""
-        tta_gain = verdict(r["val/acc_tta"], acc) if "val/acc_tta" in r else ""
+        tta_gain = paired_verdict(r["runs"], "val/acc_tta", "val/acc") if "val/acc_tta" in r else ""
         lines.append(f"| {r['recipe']} | {r['epochs']} | {r['batch']} | {r['train_seconds']['mean']:.1f} | {percent(acc)} | "
                      f"{percent(r['val/acc_best'])} | {against} | {with_tta} | {tta_gain} |")
     return "\n".join(lines)

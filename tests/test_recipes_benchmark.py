@@ -14,6 +14,10 @@ def test_a_recipe_is_better_only_beyond_the_spread():
     assert recipes.verdict({"mean": 0.63, "sd": 0.02, "n": 3}, reference).startswith("within spread (+3.0, spread 4.0)")
     assert recipes.verdict({"mean": 0.55, "sd": 0.005, "n": 3}, reference).startswith("worse (-5.0 < -2.5)")
     assert recipes.spread([0.5, 0.6, 0.7]) == pytest.approx({"mean": 0.6, "sd": 0.1, "n": 3})
+    # On the same runs the spread is that of the per-seed differences (+1, +2, +3 points: mean 2 > sd 1).
+    runs = [{"tta": 0.51, "plain": 0.50}, {"tta": 0.62, "plain": 0.60}, {"tta": 0.73, "plain": 0.70}]
+    assert recipes.paired_verdict(runs, "tta", "plain") == "better (+2.0 > 1.0)"
+    assert recipes.paired_verdict(runs[:1] + [{"tta": 0.58, "plain": 0.60}], "tta", "plain").startswith("within spread")
 
 
 @pytest.mark.slow  # every recipe trains twice (one epoch each), in process
