@@ -187,7 +187,8 @@ def test_a_sigkilled_run_resumes_from_its_mid_epoch_checkpoint_bitwise_equal(mak
     with the TensorBoard points logged before that save. cache=none decodes a 256x256 noise PNG per crop, so an
     epoch lasts long enough to kill inside it."""
     csv_path = files.write_noise_crops(tmp_path / "noise", sources=4, size=256, boxes=30)
-    overrides = [f"dataset.csv={csv_path}", "dataset.cache=none", "loader.mode=dataloader", "loader.num_workers=0",
+    overrides = [f"dataset.csv={csv_path}", "dataset.split_by=row", "dataset.cache=none", "loader.mode=dataloader",
+                 "loader.num_workers=0",
                  "loader.batch_size=2", "trainer.checkpoint_every=4",  # 96 training crops: 48 steps an epoch
                  "trainer.log_every=3"]  # windows end between saves: the first save keeps one
     # One torch thread (helpers.program_env), as the in-process runs below (conftest): bitwise comparable.

@@ -41,7 +41,8 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, make_eval_cfg):
-    common = [f"dataset.csv={crop_csv}", "loader.batch_size=4", "trainer.progress=false", "trainer.device=cpu"]
+    common = [f"dataset.csv={crop_csv}", "dataset.split_by=row", "loader.batch_size=4", "trainer.progress=false",
+              "trainer.device=cpu"]
     # checkpoint_every=3: rank 0 alone saves last.pt after steps 3 and 6 of each 7-step epoch, and no rank waits.
     first = torchrun(*common, "trainer.epochs=2", "trainer.checkpoint_every=3", "hydra.run.dir=run", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -107,8 +108,8 @@ def test_a_one_process_torchrun_launch_joins_a_process_group(monkeypatch):
 @pytest.mark.slow
 def test_two_processes_train_fastnet_with_augmentation_and_a_per_step_schedule(crop_csv, tmp_path, make_eval_cfg):
     """BatchNorm buffers, per-rank augmentation draws and a per-step schedule under DDP (gloo, CPU)."""
-    result = torchrun(f"dataset.csv={crop_csv}", "dataset.width=16", "dataset.height=16", "loader.batch_size=4",
-                      "model=fastnet", "augment=standard", "scheduler=warmup_cosine", "trainer.epochs=1",
+    result = torchrun(f"dataset.csv={crop_csv}", "dataset.split_by=row", "dataset.width=16", "dataset.height=16",
+                      "loader.batch_size=4", "model=fastnet", "augment=standard", "scheduler=warmup_cosine", "trainer.epochs=1",
                       "trainer.progress=false", "trainer.device=cpu", "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)

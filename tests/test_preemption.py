@@ -21,7 +21,8 @@ from training import folder_lock, resume, stop
 # long enough to stop inside; checkpoint_every=4 saves a first last.pt that says training is under way.
 NOISE = dict(sources=4, size=512, boxes=60)
 STEPS = 96
-RUN = ["dataset.cache=none", "loader.mode=dataloader", "loader.num_workers=0", "loader.batch_size=2",
+RUN = ["dataset.split_by=row", "dataset.cache=none", "loader.mode=dataloader", "loader.num_workers=0",
+       "loader.batch_size=2",
        "trainer.checkpoint_every=4", "trainer.log_every=3", "trainer.epochs=1", "trainer.progress=false",
        "trainer.device=cpu"]
 TIMING_TAGS = {"train/throughput", "train/data_wait", "train/epoch_seconds"}  # wall-clock figures, never equal
