@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets import demo, pipeline, values
-from datasets.base import DataBundle, decode_threads, problem_list
+from datasets.base import DataBundle, decode_threads, decoding_pool, problem_list
 from datasets.crop_csv import Crop, CropTable, read_crops, require_csv
 from datasets.disk_cache import RowWriter
 from datasets.regions import FileSource, TILE_CACHE_BYTES, window_reader
@@ -46,8 +46,8 @@ REGION_BYTES_PER_CALL = 2**20
 SOURCE_COPIES_PER_THREAD = 3
 THREADS_MEMORY_SHARE = 0.15
 HEADERS_SAMPLED = 64  # files whose header sizes the source estimate (the largest of them counts)
-# Crops of one tiled TIFF per cutting task: 1,024 crops of 64x64 grey take ~4 MB in the task's block, and a
-# 20,000-crop slide gives 20 tasks for the threads to share.
+# Crops of one tiled TIFF per cutting task: 1,024 crops of 64x64 grey take ~4 MB read (all of a task's boxes
+# are read before they are resized a size at a time), and a 20,000-crop slide gives 20 tasks to share.
 ROWS_PER_PART = 1024
 
 
@@ -87,8 +87,9 @@ def extract(crops: CropTable, out: torch.Tensor | RowWriter, desc: str,
     (transforms.resize_many: the same pixels as cutting them one by one); a grey image is resized as one
     channel, and repeated as it is stored where `out` has 3 channels (a data set mixing grey and colour
     files). A tiled TIFF is never decoded whole: its rows are cut in position order, in parts of
-    ROWS_PER_PART that threads share, each part decoding the tiles its boxes touch once (cut_windows).
-    Files and parts are cut on `workers` threads (default decode_threads()).
+    ROWS_PER_PART that threads share, each part decoding the tiles its boxes touch once and resizing its boxes
+    a size at a time (cut_windows). Files and parts are cut on `workers` threads (default decode_threads()),
+    each running torch on one thread (base.decoding_pool).
     Headers were checked already; a file whose pixels fail to decode (truncated, corrupt) is listed with
     every other such file in one error at the end.
     """
@@ -116,7 +117,7 @@ def extract(crops: CropTable, out: torch.Tensor | RowWriter, desc: str,
     if isinstance(out, torch.Tensor):  # a cache file streams; its peak does not follow the data set's size
         paths = [crops.files[code] for code, _ in by_file[:HEADERS_SAMPLED]]
         workers = min(workers, _threads_within_memory_share(paths, out.numel(), channels, level))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with decoding_pool(workers) as pool:
         done = [pool.submit(cut_file, path, rows) for path, rows in tasks]
         for _ in progress_bar(as_completed(done), total=len(done), desc=desc, unit="file"):
             pass
@@ -138,13 +139,12 @@ def _parts(crops: CropTable, path: Path, rows: np.ndarray, level: int) -> list[t
 
 
 def cut_windows(source: FileSource, crops: CropTable, rows: np.ndarray, out: torch.Tensor | RowWriter) -> None:
-    """out[rows[k]] = crop k of a tiled file, cut one by one in the order given (the source's tile cache keeps
-    the tiles neighbours share), written as one block."""
+    """out[rows[k]] = crop k of a tiled file: read in the order given (the source's tile cache keeps the tiles
+    neighbours share), resized a size at a time (FileSource.boxes), written as one block."""
     _, channels, height, width = out.shape
-    block = torch.empty((len(rows), channels, height, width), dtype=torch.uint8)
-    for k, crop in enumerate(crops):
-        block[k] = cut(source, crop, height, width)
-    out[torch.from_numpy(rows)] = block
+    y1 = np.where(crops.y1 < 0, source.shape[0], crops.y1)  # -1: the full height (strip form)
+    boxes = np.stack([crops.y0, y1, crops.x0, crops.x1], axis=1).astype(np.int64)
+    put(out, rows, source.boxes(boxes, height, width))
 
 
 def cut_whole(source: FileSource, crops: CropTable, rows: np.ndarray, out: torch.Tensor | RowWriter) -> None:
@@ -157,7 +157,7 @@ def cut_whole(source: FileSource, crops: CropTable, rows: np.ndarray, out: torch
     unique, group = np.unique(sizes, axis=0, return_inverse=True)
     # A cache file takes a file's crops in one write per run of rows; a tensor takes each batch directly.
     direct = isinstance(out, torch.Tensor)
-    block = None if direct else torch.empty((len(rows), channels, height, width), dtype=torch.uint8)
+    block = None if direct else np.empty((len(rows), channels, height, width), dtype=np.uint8)
     source_channels = source.reader.channels
     for g, (h, w) in enumerate(unique.tolist()):
         members = np.flatnonzero(group.reshape(-1) == g)
@@ -165,13 +165,23 @@ def cut_whole(source: FileSource, crops: CropTable, rows: np.ndarray, out: torch
         # regions once more to pad them (transforms.resize_many).
         per_call = 4 * max(1, min(REGIONS_PER_CALL, REGION_BYTES_PER_CALL // (h * w * source_channels)) // 4)
         for part in np.split(members, range(per_call, len(members), per_call)):
-            regions = source.regions(boxes[part, 0], boxes[part, 2], h, w, height, width)
+            regions = source.regions(boxes[part, 0], boxes[part, 2], h, w, height, width).numpy()
             if direct:
-                out[torch.from_numpy(rows[part])] = regions
+                put(out, rows[part], regions)
             else:
-                block[torch.from_numpy(part)] = regions
+                block[part] = regions
     if not direct:
-        out[torch.from_numpy(rows)] = block
+        put(out, rows, block)
+
+
+def put(out: torch.Tensor | RowWriter, rows: np.ndarray, values: np.ndarray) -> None:
+    """out[rows] = values, a grey (n, 1, H, W) repeated where out has 3 channels. Into a tensor through numpy:
+    torch's indexed copy runs on its thread pool, whose threads wait for a free core on a busy machine (0.01 ms
+    a call when quiet, 3-13 ms at a load average of 5 on 2 cores: 27 s of a 20,000-crop build)."""
+    if isinstance(out, torch.Tensor):
+        out.numpy()[rows] = values
+    else:
+        out[torch.from_numpy(rows)] = torch.from_numpy(values)
 
 
 def _threads_within_memory_share(paths: list[Path], array_bytes: int, channels: int, level: int) -> int:

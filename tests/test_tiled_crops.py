@@ -64,6 +64,20 @@ def test_every_cache_mode_cuts_what_the_whole_image_gives(tmp_path, channels, dt
         assert got.shape == (len(BOXES), model_channels, 10, 12) and torch.equal(got, expected), cache
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_boxes_of_one_size_resized_together_match_one_by_one(tmp_path, channels):
+    # cache=memory resizes a slide's boxes a size at a time (1 to 3 boxes plain, 4 and more packed); cache=none
+    # resizes each alone: the same bytes for every group size, and the same as the whole image's crops.
+    array = pixels(channels)
+    write_tiff(tmp_path / "slide.tif", array, tile=(16, 16))
+    write_png(tmp_path / "whole.png", array)
+    boxes = [(x, y, x + 14, y + 11) for x, y in [(0, 0), (3, 50), (40, 2), (61, 80), (22, 37), (9, 9)]]
+    boxes += [(x, 5, x + 20, 25) for x in (0, 30)] + [(4, 60, 17, 95)] + BOXES  # groups of 6, 2, 1
+    expected = items(build(crop_csv(tmp_path, "whole.png", boxes), "memory", 3))
+    for cache in MODES:
+        assert torch.equal(items(build(crop_csv(tmp_path, "slide.tif", boxes), cache, 3)), expected), cache
+
+
 def test_a_grey_slide_is_stored_once_for_an_rgb_model(tmp_path):
     write_tiff(tmp_path / "slide.tif", pixels(), tile=(16, 16))
     bundle = build(crop_csv(tmp_path, "slide.tif"), "memory", channels=3)
