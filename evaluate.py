@@ -2,12 +2,13 @@
 python evaluate.py checkpoint=PATH [dataset=CHOICE ...] [predict=[a.png,b.npy]]"""
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from errors import one_line_or_exit
-from training import schema
+from training import group_keys, schema
 
 log = logging.getLogger("evaluate")
 schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base
@@ -47,4 +48,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    group_keys.refuse(sys.argv[1:], "evaluate")  # one line for a key the chosen dataset does not take
     main()

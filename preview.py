@@ -2,12 +2,13 @@
 Writes sources/<file>.png (CSV boxes on each source) and classes.png, prints class counts and bad rows."""
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from errors import one_line_or_exit
-from training import schema
+from training import group_keys, schema
 
 log = logging.getLogger("preview")
 schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base
@@ -26,4 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    group_keys.refuse(sys.argv[1:], "preview")  # one line for a key the chosen dataset does not take
     main()

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 import training
 from errors import one_line_or_exit
-from training import launch, plugins, schema
+from training import group_keys, launch, plugins, schema
 
 log = logging.getLogger("train")
 schema.register()  # before @hydra.main composes: the YAML files name the schemas as their base
@@ -36,4 +36,5 @@ if __name__ == "__main__":
     # Under torchrun, ranks other than 0 keep Hydra's files out of outputs/: rank 0's run dir is the run's.
     sys.argv += launch.hydra_overrides(launch.from_environment())
     plugins.require_plugins(sys.argv[1:])  # one line, not Hydra's report, when a preset's optional plugin is missing
+    group_keys.refuse(sys.argv[1:])  # likewise for a key of another dataset choice (dataset=cifar10 dataset.fold=1)
     main()
