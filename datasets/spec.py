@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasets import values
+from datasets import splits, values
 from datasets.base import CACHE_MODES, check_image_keys
 from datasets.splits import SplitRule
 from errors import UserError
@@ -40,10 +40,14 @@ class DataSpec:
     group_pattern: str | None = None  # a regex whose match in a file name names the file's group
     folds: int = 5  # with `fold`: the number of folds
     fold: int | None = None  # i: hold out fold i of `folds` instead of val_fraction
+    # Not a config key: region blocks a file validation takes, 1 for a checkpoint's region split made before
+    # the rule took 4 (training/build.py's saved_mapping), so such a run resumes and scores as it split.
+    region_val_blocks: int = splits.VAL_BLOCKS
 
     @property
     def split_rule(self) -> SplitRule:
-        return SplitRule(self.split_by, self.val_fraction, self.folds, self.fold, self.group_pattern, self.seed)
+        return SplitRule(self.split_by, self.val_fraction, self.folds, self.fold, self.group_pattern, self.seed,
+                         self.region_val_blocks)
 
     @property
     def shape(self) -> tuple[int, int, int]:

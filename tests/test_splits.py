@@ -68,6 +68,44 @@ def test_one_photo_per_class_is_split_by_region_without_shared_pixels(tmp_path, 
     assert 0.1 < len(val) / len(rows) < 0.35
 
 
+def test_region_validation_takes_several_blocks_of_each_photo(tmp_path):
+    """One block a photo is one kind of content; validation takes about VAL_BLOCKS of them (blocks allowing)."""
+    csv, rows = write_photos(tmp_path, boxes=150, side=384)
+    boxes = np.array([[r["x0"], r["y0"], r["x1"], r["y1"]] for r in rows])
+    photo = np.array([CLASSES.index(r["label"]) for r in rows])
+    blocks = splits.region_blocks(boxes, photo, 0.2)
+    assert all(len(np.unique(blocks[photo == c])) >= 4 * 5 for c in range(3))  # 384 px: 5 x 5 blocks of ~77 px
+    _, val = sides(build(csv))
+    held = [len(np.unique(blocks[val][photo[val] == c])) for c in range(3)]
+    assert all(3 <= n <= 6 for n in held), held
+    one = splits.region_blocks(boxes, photo, 0.2, val_blocks=1)  # the rule before: one block of ~5 a photo
+    assert all(len(np.unique(one[photo == c])) in (5, 6) for c in range(3))
+    _, val_one = sides(build(csv, region_val_blocks=1))
+    held_one = [len(np.unique(one[val_one][photo[val_one] == c])) for c in range(3)]
+    assert max(held_one) <= 2 and sum(held_one) < sum(held), (held_one, held)
+
+
+def test_a_region_checkpoint_from_before_val_blocks_builds_its_one_block_split(tmp_path):
+    """A checkpoint whose region split has no val_blocks (made with one block a file) gets that split back
+    when resumed or scored; a new checkpoint records val_blocks."""
+    from tests.conftest import compose_train
+    from training.build import build_dataset, check_same_split, saved_mapping
+
+    csv, _ = write_photos(tmp_path, boxes=150, side=384)
+    cfg = compose_train(tmp_path / "run", f"dataset.csv={csv}", "dataset.split_by=auto", "dataset.width=16",
+                        "dataset.height=16")
+    old = build_dataset(cfg.dataset, 0, {"region_val_blocks": 1}).split
+    new = build_dataset(cfg.dataset, 0).split
+    assert new["val_blocks"] == 4 and old["val_digest"] != new["val_digest"]
+    checkpoint = {"normalization": {"mean": [0.5], "std": [0.5]},
+                  "split": {k: v for k, v in old.items() if k != "val_blocks"}}
+    rebuilt = build_dataset(cfg.dataset, 0, saved_mapping(checkpoint, cfg.dataset))
+    assert rebuilt.split["val_digest"] == old["val_digest"]
+    check_same_split(checkpoint, rebuilt, "resume=old.pt")  # no error: the same items
+    with pytest.raises(UserError, match="split by region, but its data now splits"):
+        check_same_split(checkpoint, build_dataset(cfg.dataset, 0), "resume=old.pt")
+
+
 def test_several_files_per_class_are_split_by_file_and_kept_whole(tmp_path, caplog):
     csv, rows = write_photos(tmp_path, files_per_class=5, boxes=20)
     with caplog.at_level(logging.INFO):

@@ -92,6 +92,8 @@ CRAFTED = {
     "value_range_flat": ({"value_range": [1.0, 1.0]}, "value_range"),
     "value_range_text": ({"value_range": "everything"}, "value_range"),
     "epoch_negative": ({"epoch": -1}, "epoch"),
+    "split_val_blocks_huge": ({"split": {"by": "region", "val": 4, "val_digest": "0" * 16, "val_blocks": 10**12}},
+                              "val_blocks"),
     "config_deep": ({"config": {"dataset": _deep(400)}}, "config is nested"),
 }
 

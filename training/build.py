@@ -81,6 +81,8 @@ def saved_mapping(checkpoint: dict, dataset_cfg: DictConfig) -> dict:
     split = checkpoint.get("split")
     if "split_by" in dataset_cfg and split is not None and split["by"] in ("file", "region", "row"):
         fixed["split_by"] = split["by"]
+        if split["by"] == "region":  # the blocks validation took: 1 a file before the checkpoint said
+            fixed["region_val_blocks"] = split.get("val_blocks", 1)
     return fixed
 
 
