@@ -15,7 +15,7 @@
 # recorded and the next one still runs:
 #   env           [20]  Python, torch, CUDA, cuDNN, the GPUs and the driver           -> env.log
 #   install       [40]  .gpu-wheels/*.whl into the scratch folder                     -> install.log
-#   cuda-tests   [165]  python -m pytest -m cuda (tests/test_cuda.py and the rest)     -> cuda-tests.log, .xml
+#   cuda-tests   [165]  python -m pytest -m cuda on the test files that mark cuda tests -> cuda-tests.log, .xml
 #   train         [50]  python train.py on the bundled demo data, trainer.device=cuda  -> train/ (a run dir)
 #   train-graphs  [40]  the same with trainer.cuda_graphs=true (train/throughput side by side)  -> train-graphs/
 #   evaluate      [30]  python evaluate.py on train/'s last.pt, device=cuda            -> eval/ (eval.json)
@@ -166,8 +166,12 @@ export -f environment install_wheels train_run evaluate_run torchrun_run benchma
 step env 20 environment
 step install 40 install_wheels
 # -p no:xdist: one GPU wants one worker (tests/conftest.py turns on -n auto wherever pytest-xdist is installed;
-# the GPU machines have none, and naming a plugin that is absent is no error).
-step cuda-tests 165 "$PYTHON" -m pytest -p no:xdist -m cuda -rs -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml"
+# the GPU machines have none, and naming a plugin that is absent is no error). Only the files that mark a test
+# `pytest.mark.cuda` are collected: collecting the whole suite to pick those out costs ~2 s of CPU more
+# (tests/test_cuda_check.py checks that every cuda test lives in a file this finds).
+mapfile -t CUDA_TEST_FILES < <(grep -l 'pytest\.mark\.cuda' tests/test_*.py)
+step cuda-tests 165 "$PYTHON" -m pytest -p no:xdist -m cuda -rs -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml" \
+    "${CUDA_TEST_FILES[@]}"
 step train 50 train_run train
 step train-graphs 40 train_run train-graphs trainer.cuda_graphs=true
 step evaluate 30 evaluate_run

@@ -3,6 +3,7 @@ keeps going after a failed step, and the cuda tests skip saying why. (Its CUDA f
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,14 @@ def test_cpu_run_writes_every_steps_exit_code_and_goes_on_after_a_failure(tmp_pa
     assert (tmp_path / "out" / "cuda-tests.xml").is_file()
     assert "trainer.cuda_graphs=true cannot be used: it needs trainer.device=cuda" in (tmp_path / "out" / "train-graphs.log").read_text()
     assert "torch" in (tmp_path / "out" / "env.log").read_text()
+
+
+def test_every_cuda_test_is_in_a_file_the_script_collects(request):
+    """The script runs `pytest -m cuda` on the files grep finds spelling `pytest.mark.cuda`, not on the whole
+    suite: a cuda test marked some other way would never run on a GPU. Checked over this session's tests (the
+    whole suite in a full run)."""
+    spelled = {path.name for path in (ROOT / "tests").glob("test_*.py")
+               if re.search(r"pytest\.mark\.cuda", path.read_text())}
+    marked = {Path(item.path).name for item in request.session.items if item.get_closest_marker("cuda")}
+    assert "pytest.mark.cuda" in SCRIPT.read_text().replace("\\", "")  # the script's own pattern, unescaped
+    assert marked <= spelled, f"cuda tests the script would not collect: {sorted(marked - spelled)}"
