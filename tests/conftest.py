@@ -1,6 +1,10 @@
 """Fixtures every test file shares: configs composed like the scripts compose them, small real data sets,
 training runs shared across a session, and the rules of the suite (one torch thread, programs only in `slow`
-tests, xdist on every core by default)."""
+tests, xdist on every core by default).
+
+torch, torchvision and the trainer are imported inside the functions that use them, not here: under xdist the
+controlling pytest process loads this file too, but runs no test, and importing them there cost ~3.4 s of CPU
+before any worker started (in series: the quick tier's wall time grew by as much)."""
 
 from __future__ import annotations
 
@@ -12,14 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-from torchvision import datasets as tv
 
-import training
-from datasets import crops
-from tests import files
+from tests import files, shared_runs
 from training import schema
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
@@ -43,8 +42,14 @@ def pytest_cmdline_main(config):
 
 def pytest_collection_modifyitems(config, items):
     """Slow tests first (their order kept), so that the last tests to run are short ones whichever worker
-    takes them; tests marked `cuda` skip, saying why, where torch sees no GPU."""
+    takes them, and under xdist dealt in turn to each worker's share; tests marked `cuda` skip, saying why, where
+    torch sees no GPU."""
+    import torch
+
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: files stay together
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    if workers > 1:
+        items[:] = deal_slow_tests(items, workers)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
@@ -53,8 +58,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def deal_slow_tests(items: list, workers: int) -> list:
+    """`items` (slow tests first) reordered so that each of `workers` xdist workers starts on its turn of the
+    slow tests, then quick ones. Worksteal first hands each worker one contiguous share of the list (the first
+    len // workers tests to the first); with every slow test at the front, one worker was dealt them all and
+    the others ran quick tests until they could steal, ending with one worker's last slow tests running alone.
+    Every worker collects and orders the same way, as xdist requires."""
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    quick = iter(item for item in items if item.get_closest_marker("slow") is None)
+    dealt, left = [], len(items)
+    for worker in range(workers):
+        share = left // (workers - worker)  # what worksteal sends this worker first
+        left -= share
+        turn = slow[worker::workers]
+        dealt += turn + [item for _, item in zip(range(share - len(turn)), quick)]
+    return dealt + list(quick)
+
+
 @contextmanager
 def torch_threads(n: int):
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -129,6 +153,8 @@ class SharedRun:
     digest: dict = field(repr=False)
 
     def checkpoint(self, name: str = "last") -> dict:
+        import torch
+
         return torch.load(self.dir / "checkpoints" / f"{name}.pt", weights_only=True)
 
     def copy(self, to: Path) -> Path:
@@ -146,6 +172,8 @@ def shared_crop_csv(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def _shared_runs(tmp_path_factory, shared_crop_csv):
     runs: dict[tuple[str, ...], SharedRun] = {}
+
+    import training
 
     def get(overrides: tuple[str, ...]) -> SharedRun:
         if overrides not in runs:
@@ -180,6 +208,69 @@ def shared_run(_shared_runs, shared_crop_csv):
     assert folder_digest(shared_crop_csv.parent) == scenes, "this test changed the shared crop scenes"
 
 
+@dataclass
+class ProgramRun:
+    """A finished program that several tests read (never change): its working folder, the one folder it wrote
+    its results to (None unless exactly one), its output and its exit code."""
+
+    cwd: Path
+    run_dir: Path | None
+    stdout: str
+    stderr: str
+    returncode: int
+
+
+def program_run(tmp_path_factory, name: str, start, results: str) -> ProgramRun:
+    """start(folder) -> subprocess.CompletedProcess, run once per session (all xdist workers: each program costs
+    ~4 s of CPU importing torch) in a folder of its own; `results` globs the folder it writes under that one."""
+
+    def make(folder: Path) -> None:
+        done = start(folder)
+        (folder / ".stdout").write_text(done.stdout or "")
+        (folder / ".stderr").write_text(done.stderr or "")
+        (folder / ".returncode").write_text(str(done.returncode))
+
+    folder = shared_runs.once(tmp_path_factory, name, make)
+    found = list(folder.glob(results))
+    return ProgramRun(folder, found[0] if len(found) == 1 else None, (folder / ".stdout").read_text(),
+                      (folder / ".stderr").read_text(), int((folder / ".returncode").read_text()))
+
+
+@pytest.fixture(scope="session")
+def train_py_run(tmp_path_factory) -> ProgramRun:
+    """`python train.py` on the crop scenes as a user types it (the bar left at its default, stdout and stderr
+    redirected to one file as under nohup or SLURM: all of it in `stdout`), with a crop size and batch
+    overridden and 2 epochs; its run folder is Hydra's default under outputs/."""
+    from tests.helpers import TRAIN_PY, run_python  # here: helpers imports TensorBoard's reader
+
+    def start(folder: Path):
+        csv_path = files.write_crop_scenes(folder / "crops")
+        with open(folder / "console.log", "w") as out:
+            done = run_python(TRAIN_PY, f"dataset.csv={csv_path}", "dataset.width=48", "dataset.height=24",
+                              "loader.batch_size=8", "trainer.epochs=2", "trainer.device=cpu", cwd=folder,
+                              capture_output=False, stdout=out, stderr=subprocess.STDOUT)
+        done.stdout = (folder / "console.log").read_text()
+        return done
+
+    return program_run(tmp_path_factory, "train-py", start, "outputs/*/*")
+
+
+@pytest.fixture(scope="session")
+def evaluate_py_run(tmp_path_factory, _shared_runs) -> ProgramRun:
+    """`python evaluate.py` on best.pt of a two-epoch crop run (batch 8; `shared_run`'s, copied to run/ beside
+    it), its folder left to Hydra's default under outputs/eval/."""
+    from tests.helpers import ROOT, run_python
+
+    get, _ = _shared_runs
+
+    def start(folder: Path):
+        run = get(("loader.batch_size=8", "trainer.epochs=2")).copy(folder / "run")
+        return run_python(ROOT / "evaluate.py", f"checkpoint={run / 'checkpoints' / 'best.pt'}", "device=cpu",
+                          cwd=folder)
+
+    return program_run(tmp_path_factory, "evaluate-py", start, "outputs/eval/*/*")
+
+
 @pytest.fixture
 def make_eval_cfg(tmp_path):
     """Compose configs/evaluate.yaml like evaluate.py does, on the CPU, with the run dir in tmp_path."""
@@ -209,6 +300,10 @@ def build_crops(make_cfg, tmp_path):
 
     def build(*overrides: str):
         cfg = make_cfg(f"dataset.cache_dir={tmp_path / 'cache'}", *overrides)
+        from omegaconf import OmegaConf
+
+        from datasets import crops
+
         keys = OmegaConf.to_container(cfg.dataset, resolve=True)
         assert keys.pop("_target_") == "datasets.crops.build"
         return crops.build(**keys, seed=0)
@@ -226,6 +321,8 @@ def crop_csv(tmp_path):
 def cifar_root(tmp_path, monkeypatch):
     """CIFAR-10 files in the real pickle layout; torchvision's expected MD5s are pointed at them, since
     the published sums can only match the published files."""
+    from torchvision import datasets as tv
+
     root = tmp_path / "cifar"
     sums = files.write_cifar10(root)
     monkeypatch.setattr(tv.CIFAR10, "train_list", [[f"data_batch_{i}", sums[f"data_batch_{i}"]] for i in range(1, 6)])

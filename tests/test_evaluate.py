@@ -10,7 +10,6 @@ from PIL import Image
 import training
 from datasets.crops import build
 from errors import UserError
-from tests.helpers import ROOT, run_python
 from training.build import build_model
 from commands.evaluation import run_evaluation
 from training.loop import Normalizer
@@ -78,16 +77,15 @@ def test_predict_uses_the_training_preprocessing(trained, make_eval_cfg, crop_cs
 
 
 @pytest.mark.slow
-def test_evaluate_py_prints_a_table(trained, tmp_path):
-    run_dir, metrics = trained
-    checkpoint = run_dir / "checkpoints" / "best.pt"
-    result = run_python(ROOT / "evaluate.py", f"checkpoint={checkpoint}", "device=cpu", cwd=tmp_path)
+def test_evaluate_py_prints_a_table(evaluate_py_run):
+    result = evaluate_py_run
+    metrics = json.loads((result.cwd / "run" / "metrics.json").read_text())  # the run it scored
     assert result.returncode == 0, result.stderr
     assert f"{metrics['val/acc_best']:.1%}" in result.stdout
     assert "0 bright" in result.stdout and "1 dark" in result.stdout
     assert "precision" in result.stdout and "macro-F1" in result.stdout
-    (eval_json,) = (tmp_path / "outputs" / "eval").glob("*/*/eval.json")
-    assert json.loads(eval_json.read_text())["acc"] == metrics["val/acc_best"]
+    assert result.run_dir is not None  # one folder under outputs/eval/
+    assert json.loads((result.run_dir / "eval.json").read_text())["acc"] == metrics["val/acc_best"]
 
 
 def test_predict_of_a_missing_file_is_a_user_error(trained, make_eval_cfg, tmp_path):

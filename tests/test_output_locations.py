@@ -43,11 +43,10 @@ def test_every_entry_point_says_in_one_line_when_its_run_dir_cannot_be_written(s
 
 
 @pytest.mark.slow
-def test_evaluate_py_writes_one_log_in_its_folder(shared_run, tmp_path):
-    folder = tmp_path / "eval"
-    result = run_python(ROOT / "evaluate.py", f"checkpoint={shared_run().dir / 'checkpoints' / 'best.pt'}",
-                        "device=cpu", f"hydra.run.dir={folder}", cwd=tmp_path)
+def test_evaluate_py_writes_one_log_in_its_folder(evaluate_py_run):
+    result, folder = evaluate_py_run, evaluate_py_run.run_dir
     assert result.returncode == 0, result.stderr
+    assert folder is not None  # one folder under outputs/eval/
     logs = sorted(p.name for p in folder.glob("*.log"))
     assert logs == ["evaluate.log"], logs
     assert "wrote" in (folder / "evaluate.log").read_text()

@@ -60,11 +60,10 @@ def test_cuda_without_cuda_fails_at_start(make_cfg, crop_csv):
 
 
 @pytest.mark.slow
-def test_train_py_crop_size_override(crop_csv, tmp_path):
-    result = train_py(f"dataset.csv={crop_csv}", "dataset.width=48", "dataset.height=24", "loader.batch_size=4",
-                      "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+def test_train_py_crop_size_override(train_py_run):
+    assert train_py_run.returncode == 0, train_py_run.stdout
+    run_dir = train_py_run.run_dir  # the one run folder under outputs/
+    assert run_dir is not None
     config = (run_dir / "config.yaml").read_text()
     assert "width: 48" in config and "height: 24" in config
     assert SCALARS <= set(scalars(run_dir))
