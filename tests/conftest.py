@@ -87,6 +87,14 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_in_shared_fixtures():
+    """The same for session- and module-scoped fixtures (shared runs), which pytest sets up before any per-test
+    fixture: a strip-form run trained in one took 8 s of CPU on two threads under load, 0.6 s on one."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tests train tiny batches, where one thread beats two, and two threads on a busy 2-core machine stall
