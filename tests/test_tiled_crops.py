@@ -105,6 +105,50 @@ def test_level_cuts_level_0_boxes_from_the_smaller_level(tmp_path):
         assert torch.equal(got, expected), cache
 
 
+def write_reduced_pages(path: Path, levels: list[np.ndarray], tile: int = 16) -> Path:
+    """A pyramid as some slide and GIS writers store it: every level its own top-level page (NewSubfileType 1,
+    reduced, for all but level 0; no SubIFDs and no tifffile metadata), written tile by tile, with a thumbnail
+    page after level 0 (not reduced, as SVS files have one) and the smallest level in strips."""
+    import tifffile
+
+    def tiles(array):
+        for top in range(0, array.shape[0], tile):
+            for left in range(0, array.shape[1], tile):
+                part = np.zeros((tile, tile), dtype=array.dtype)
+                block = array[top:top + tile, left:left + tile]
+                part[:block.shape[0], :block.shape[1]] = block
+                yield part
+
+    common = {"compression": "zstd", "photometric": "minisblack", "metadata": None}
+    with tifffile.TiffWriter(path) as tif:
+        for index, level in enumerate(levels):
+            reduced = {"subfiletype": 1} if index else {}
+            if index == len(levels) - 1 and index:
+                tif.write(level, rowsperstrip=4, **reduced, **common)
+            else:
+                tif.write(tiles(level), shape=level.shape, dtype=level.dtype, tile=(tile, tile), **reduced, **common)
+            if index == 0:
+                tif.write(level[::8, ::8], **common)  # the thumbnail: a series of its own, not a level
+    return path
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_levels_stored_as_reduced_pages_are_read_as_levels(tmp_path, level):
+    level0 = pixels(height=96, width=80)
+    levels = [level0, pixels(3, height=48, width=40)[:, :, 0], pixels(3, height=24, width=20)[:, :, 1]]
+    path = write_reduced_pages(tmp_path / "pages.tif", levels)
+    assert FileSource(path, 1, level=level).reader.levels == [(96, 80), (48, 40), (24, 20)]
+    write_png(tmp_path / "level.png", levels[level])
+    boxes = [(5, 7, 37, 29), (0, 0, 80, 96), (31, 15, 33, 17), (60, 70, 80, 96)]
+    factor = 2 ** level  # level-0 boxes on the smaller level, rounded outward
+    scaled = [(x0 // factor, y0 // factor, -(-x1 // factor), -(-y1 // factor)) for x0, y0, x1, y1 in boxes]
+    expected = items(build(crop_csv(tmp_path, "level.png", scaled), "memory"))
+    for cache in MODES:
+        assert torch.equal(items(build(crop_csv(tmp_path, "pages.tif", boxes), cache, level=level)), expected), cache
+    with pytest.raises(UserError, match=r"no pyramid level 3: the file has 3 level\(s\), 0..2"):
+        build(crop_csv(tmp_path, "pages.tif", boxes), "memory", level=3)
+
+
 def test_a_level_a_file_lacks_is_a_bad_row(tmp_path):
     write_tiff(tmp_path / "flat.tif", pixels(), tile=(16, 16))
     with pytest.raises(UserError, match=r"line 2: .*flat.tif: unreadable \(.*flat.tif: no pyramid level 2: the file "
@@ -169,6 +213,20 @@ def test_preview_draws_a_slide_from_a_low_level_within_the_pixel_limit(tmp_path)
         picture = np.asarray(draw_file(tmp_path / "pyramid.tif", [crop], {"a": 0}, [(255, 0, 0)], max_side=48))
         shown = picture[5:10, 6:10, 0]  # inside the picture, away from the box's outline
         assert np.array_equal(shown, level0[::4, ::4][5:10, 6:10])
+
+    in_child(body)
+
+
+def test_preview_draws_reduced_pages_from_a_low_level(tmp_path):
+    level0 = pixels(height=192, width=160)
+    level2 = 255 - level0[::4, ::4]  # unlike level 0 at a stride: the picture shows which was read
+    path = write_reduced_pages(tmp_path / "pages.tif", [level0, level0[::2, ::2], level2])
+    crop = read_crops(crop_csv(tmp_path, "pages.tif")).crops[0]
+
+    def body():
+        limit_image_pixels(20_000)  # level 0 (30,720 pixels) cannot be read whole; level 2 (1,920) can
+        picture = np.asarray(draw_file(path, [crop], {"a": 0}, [(255, 0, 0)], max_side=48))
+        assert np.array_equal(picture[5:10, 6:10, 0], level2[5:10, 6:10])  # inside, away from the box's outline
 
     in_child(body)
 
