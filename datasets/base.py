@@ -251,7 +251,7 @@ def decoding_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
     """`workers` decoding threads, each running torch's operations on one thread: the pool already shares the
     cores, and an item's resize or copy is too small to split. With torch's own pool under each thread, its
     threads wait in barriers for a core the other decoders hold: on 2 cores at a load average of 5, a 3-crop
-    indexed copy took 3-13 ms instead of 0.01 and a 20,000-crop build 30 s instead of 2.5. Torch's thread
+    indexed copy took 3-13 ms instead of 0.01 and a 20,000-crop .npy build 30 s instead of 2.5. Torch's thread
     count is restored afterwards (threads started later, such as training's, use it)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # read by each new thread on its first parallel operation

@@ -176,8 +176,8 @@ def cut_whole(source: FileSource, crops: CropTable, rows: np.ndarray, out: torch
 
 def put(out: torch.Tensor | RowWriter, rows: np.ndarray, values: np.ndarray) -> None:
     """out[rows] = values, a grey (n, 1, H, W) repeated where out has 3 channels. Into a tensor through numpy:
-    torch's indexed copy runs on its thread pool, whose threads wait for a free core on a busy machine (0.01 ms
-    a call when quiet, 3-13 ms at a load average of 5 on 2 cores: 27 s of a 20,000-crop build)."""
+    torch's indexed copy runs on its thread pool, whose threads wait for a free core on a busy machine (3-13 ms
+    a call at a load average of 5 on 2 cores, 0.01 ms on one thread: 27 s of a 20,000-crop .npy build)."""
     if isinstance(out, torch.Tensor):
         out.numpy()[rows] = values
     else:

@@ -40,8 +40,8 @@ def test_a_sweep_over_datasets_is_refused_when_one_of_them_lacks_the_key():
 
 
 def test_a_key_of_one_choice_only_names_it():
-    with pytest.raises(UserError, match=whole("dataset.level is not a key of dataset=imagefolder; remove dataset.level, "
-                                              "or use it with dataset=crops")):
+    message = "dataset.level is not a key of dataset=imagefolder; remove dataset.level, or use it with dataset=crops"
+    with pytest.raises(UserError, match=whole(message)):
         group_keys.check(["dataset=imagefolder", "dataset.level=1"])
 
 
