@@ -60,6 +60,15 @@ def test_a_run_validates_and_saves_the_average(shared_run):
     assert best["metrics"]["val/acc"] == run.metrics["val/acc_best"]
 
 
+def test_the_live_weights_are_those_of_the_same_run_without_the_average(shared_run):
+    # benchmarks/recipes.py scores an EMA run's live weights as "the same recipe without EMA", from the same run.
+    with_ema = shared_run(*EMA_RUN, "trainer.epochs=2").checkpoint("last")
+    without = shared_run(*EMA_RUN[:-1], "trainer.epochs=2").checkpoint("last")
+    assert with_ema["training_model"].keys() == without["model"].keys()
+    for name, tensor in without["model"].items():
+        assert torch.equal(with_ema["training_model"][name], tensor), name
+
+
 def _scored(make_eval_cfg, checkpoint, run_dir):
     return run_evaluation(make_eval_cfg(f"checkpoint={checkpoint}", run_dir=run_dir))
 

@@ -36,7 +36,12 @@ def test_smoke_run_trains_every_recipe_over_seeds_and_tabulates_mean_and_sd(tmp_
     assert {row["tta"] for row in with_tta} == {"hflip", "dihedral"}
     for row in with_tta:  # scored again from last.pt, whose plain score was checked equal to the run's own
         assert row["val/acc_tta"] == pytest.approx(recipes.spread([run["val/acc_tta"] for run in row["runs"]]))
+    # The photo goal's preset runs with EMA: its live weights (the recipe without EMA) are scored too.
+    small_data = next(row for row in rows if row["recipe"] == "small_data")
+    assert "trainer.ema" not in " ".join(small_data["overrides"]) and "val/acc_live" in small_data
     assert {"date", "cpu", "torch", "torch_threads", "load_average_1min", "load_average_1min_after"} <= set(report["stamp"])
     printed = capsys.readouterr().out
     assert "| recipe | epochs | batch | train s | val acc (last) | best epoch | vs default | with TTA |" in printed
+    assert "| without EMA and TTA | EMA + TTA vs neither |" in printed
+    assert next(line for line in printed.splitlines() if line.startswith("| small_data |")).count(" ± ") == 4
     assert printed.count(" ± ") >= 2 * len(rows)
