@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -93,6 +94,27 @@ def resume_against_unbroken(shared_run, make_cfg, crop_csv: Path, run_dir: Path,
     metrics = training.run(make_cfg(f"dataset.csv={crop_csv}", *overrides, f"trainer.epochs={epochs}",
                                     f"resume={last}", run_dir=run_dir))
     return torch.load(last, weights_only=True), unbroken, metrics
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) that the live processes `pids` and the children they reaped have used so far,
+    from Linux's /proc/PID/stat (utime, stime, cutime, cstime; a process gone already counts 0)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        ticks += sum(int(value) for value in fields[11:15])  # fields 14-17 of proc(5), counted from the state (3)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def reaped_cpu_seconds() -> float:
+    """CPU seconds used by every child this process has reaped (and theirs): a started program's whole use once
+    it is waited for. Less cpu_seconds([pid]) read just before a signal, it is the CPU spent after the signal,
+    which, unlike the wall-clock time, a loaded machine does not stretch."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def in_child(body: Callable[[], None], environments: Sequence[dict[str, str]] = ({},)) -> None:
