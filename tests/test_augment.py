@@ -90,6 +90,42 @@ def test_cutout_erases_one_square_to_the_fill_and_keeps_the_rest():
     assert (area <= 16).all() and (area == 16).any() and (area < 16).any() and (area > 0).all()
 
 
+def coordinates(n: int, size: int) -> torch.Tensor:
+    """Items whose channel 0 is each pixel's row and channel 1 its column."""
+    grid = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")).to(torch.uint8)
+    return grid.unsqueeze(0).repeat(n, 1, 1, 1)
+
+
+def test_scale_zooms_each_item_about_its_centre_in_and_out_within_the_factor():
+    size, n = 32, 256
+    out = Augment(scale=2.0)(coordinates(n, size), batch_generator(0, 0, 0, 0)).long()
+    rows, cols = out[:, 0], out[:, 1]
+    assert torch.equal(rows, rows[:, :, :1].expand_as(rows)) and torch.equal(cols, cols[:, :1].expand_as(cols))
+    row_map, col_map = rows[:, :, 0], cols[:, 0, :]
+    assert torch.equal(row_map, col_map)  # one factor for both axes: the aspect is kept
+    centre = torch.arange(size // 4, 3 * size // 4)  # no border reflection here for zooms of 1/2..2
+    span = (row_map[:, centre[-1]] - row_map[:, centre[0]]).float() / (len(centre) - 1)  # source px per output px
+    assert (span >= 0.5 - 0.07).all() and (span <= 2 + 0.07).all()
+    assert (span < 0.8).sum() > n // 8 and (span > 1.25).sum() > n // 8  # zoomed in and out, both often
+    assert ((row_map[:, size // 2] - size // 2).abs() <= 1).all()  # about the centre
+    assert (row_map[:, centre].diff(dim=1) >= 0).all()  # nearest pixels in order: no flip without hflip/vflip
+    assert out.min() >= 0 and out.max() <= size - 1
+
+
+def test_scale_one_draws_and_gives_exactly_what_runs_without_it_did():
+    images = distinct_images(32)
+    for keys in (dict(pad=2, hflip=True), dict(pad=1, hflip=True, vflip=True, transpose=True, cutout=2)):
+        plain = Augment(**keys)(images, batch_generator(0, 0, 0, 0))
+        assert torch.equal(Augment(**keys, scale=1.0)(images, batch_generator(0, 0, 0, 0)), plain)
+        zoomed = Augment(**keys, scale=1.5)(images, batch_generator(0, 0, 0, 0))
+        assert not torch.equal(zoomed, plain) and zoomed.shape == plain.shape
+
+
+def test_scale_with_the_largest_pad_stays_inside_the_image():
+    out = Augment(pad=7, scale=2.0, hflip=True)(coordinates(64, 8), batch_generator(1, 0, 0, 0))
+    assert out.min() >= 0 and out.max() <= 7
+
+
 def test_decisions_repeat_for_their_coordinates_and_differ_across_seeds_epochs_ranks_and_batches():
     images = distinct_images(32)
     augment = Augment(pad=2, hflip=True, vflip=True, transpose=True, cutout=2)
@@ -144,7 +180,7 @@ def test_both_loader_modes_any_workers_and_a_resumed_epoch_see_the_same_batches(
 def test_no_dataset_has_its_own_flip_and_augment_defaults_to_none(make_cfg, choice):
     cfg = make_cfg(f"dataset={choice}")
     assert "hflip" not in cfg.dataset
-    assert not Augment(**{k: cfg.augment[k] for k in ("pad", "hflip", "vflip", "transpose", "cutout")}).active
+    assert not Augment(**{k: cfg.augment[k] for k in ("pad", "hflip", "vflip", "transpose", "cutout", "scale")}).active
 
 
 @pytest.mark.parametrize("choice, on", [("hflip", {"hflip"}), ("standard", {"pad", "hflip"}),
@@ -177,6 +213,7 @@ def test_augmentation_reaches_training_and_the_first_batch_image(make_cfg, crop_
     (["augment=dihedral", "dataset.width=24"], "augment.transpose=true needs square inputs, got 24x16"),
     (["augment.cutout=17"], "augment.cutout=17 is larger than 16x16"),
     (["augment.pad=-1"], "augment.pad must be at least 0, got -1"),
+    (["augment.scale=3"], "augment.scale must be between 1 and 2, got 3"),
 ])
 def test_an_augmentation_that_cannot_apply_is_one_line_before_any_data_is_read(make_cfg, tmp_path, overrides,
                                                                               message):

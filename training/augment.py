@@ -1,6 +1,6 @@
 """Augmentation of whole uint8 training batches on the training device, after the loader (either mode).
 
-Every geometric choice (pad + random crop, flips, transpose) becomes one source-pixel index per output pixel,
+Every geometric choice (zoom, pad + random crop, flips, transpose) becomes one source-pixel index per output pixel,
 so a batch is augmented by a single `gather`, whatever is combined, on any device. Cutout then erases one
 square per item. Decisions are drawn on the CPU from a generator seeded by (seed, epoch, rank, batch index):
 the same on CPU and CUDA, whatever the number of loader workers, and a run resumed mid-epoch draws exactly
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import math
 
 import numpy as np
 import torch
@@ -41,8 +43,9 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Augment:
-    """Per item of a uint8 batch (N, C, H, W): reflect-pad by `pad` pixels and crop back to H x W at a random
-    offset; mirror left-right (`hflip`), top-bottom (`vflip`), swap rows and columns (`transpose`, square
+    """Per item of a uint8 batch (N, C, H, W): zoom about the centre by a factor drawn log-uniformly from
+    [1/scale, scale] (nearest source pixel, reflected at the border; `scale` 1: off); reflect-pad by `pad`
+    pixels and crop back to H x W at a random offset; mirror left-right (`hflip`), top-bottom (`vflip`), swap rows and columns (`transpose`, square
     inputs), each with probability 1/2; then erase a `cutout` x `cutout` square at a random centre (clipped at
     the border) with `fill`, the dataset's mean colour, so it reads as zero after normalisation.
     Config: configs/augment/."""
@@ -53,10 +56,15 @@ class Augment:
     transpose: bool = False
     cutout: int = 0
     fill: tuple[int, ...] = (0,)  # uint8 per channel (or one for all)
+    scale: float = 1.0  # largest zoom factor, in and out; 1: off
 
     @property
     def active(self) -> bool:
-        return bool(self.pad or self.hflip or self.vflip or self.transpose or self.cutout)
+        return bool(self.pad or self.hflip or self.vflip or self.transpose or self.cutout or self.zooms)
+
+    @property
+    def zooms(self) -> bool:
+        return self.scale != 1
 
     def check(self, height: int, width: int) -> None:
         """One line before any data is decoded when an augmentation cannot apply to H x W inputs."""
@@ -66,6 +74,8 @@ class Augment:
         if self.pad > min(height, width) - 1:
             raise UserError(f"augment.pad={self.pad} is too large for {width}x{height} (width x height) inputs: "
                             f"reflect padding takes at most {min(height, width) - 1} (one less than the smaller side)")
+        if not (isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool) and 1 <= self.scale <= 2):
+            raise UserError(f"augment.scale must be between 1 (off) and 2 (zoom by 1/2 to 2x), got {self.scale!r}")
         if self.transpose and height != width:
             raise UserError(f"augment.transpose=true needs square inputs, got {width}x{height} (width x height): "
                             "set augment.transpose=false or make dataset.width equal dataset.height")
@@ -85,13 +95,16 @@ class Augment:
         transpose = _coins(n, generator) if self.transpose else None
         centres = torch.stack([torch.randint(0, height, (n,), generator=generator),
                                torch.randint(0, width, (n,), generator=generator)]) if self.cutout else None
-        if self.pad or self.hflip or self.vflip or self.transpose:
-            images = self._geometric(images, offsets, hflip, vflip, transpose)
+        # Drawn last, so runs without it draw exactly what they did before it existed.
+        zoom = torch.exp((2 * torch.rand(n, generator=generator, dtype=torch.float64) - 1)
+                         * math.log(self.scale)) if self.zooms else None
+        if self.pad or self.hflip or self.vflip or self.transpose or self.zooms:
+            images = self._geometric(images, offsets, hflip, vflip, transpose, zoom)
         if self.cutout:
             images = self._erase(images, centres.to(images.device, non_blocking=True))
         return images
 
-    def _geometric(self, images: torch.Tensor, offsets, hflip, vflip, transpose) -> torch.Tensor:
+    def _geometric(self, images: torch.Tensor, offsets, hflip, vflip, transpose, zoom=None) -> torch.Tensor:
         """Source row per output row and source column per output column, per item (small: N x H and N x W),
         combined into one flat source index per output pixel only at the end: building full-size index maps
         step by step cost ~10x the gather itself (measured at batch 256, 32x32). The small maps go to the
@@ -101,14 +114,23 @@ class Augment:
         device = images.device
         rows = torch.arange(height, device=device).expand(n, height)
         cols = torch.arange(width, device=device).expand(n, width)
+        if zoom is not None:  # output pixel p reads source pixel floor((p + 1/2 - side/2) / zoom + side/2)
+            z = zoom.to(device).view(n, 1)
+            rows = torch.floor((rows + 0.5 - height / 2) / z + height / 2).long()
+            cols = torch.floor((cols + 0.5 - width / 2) / z + width / 2).long()
         if vflip is not None:
             rows = torch.where(vflip.to(device).view(n, 1), height - 1 - rows, rows)
         if hflip is not None:
             cols = torch.where(hflip.to(device).view(n, 1), width - 1 - cols, cols)
         if offsets is not None:  # crop at offset (dy, dx) of the image padded by `pad` on every side
             offsets = offsets.to(device)
-            rows = _reflect(rows + (offsets[0] - self.pad).view(n, 1), height)
-            cols = _reflect(cols + (offsets[1] - self.pad).view(n, 1), width)
+            rows = rows + (offsets[0] - self.pad).view(n, 1)
+            cols = cols + (offsets[1] - self.pad).view(n, 1)
+        if offsets is not None or zoom is not None:
+            # A zoom out (to 1/2) reads up to half a side beyond each border, a pad up to a side less one: one
+            # reflection covers either alone; the clamp keeps the two together in range (the border repeats).
+            rows = _reflect(rows, height).clamp(0, height - 1)
+            cols = _reflect(cols, width).clamp(0, width - 1)
         # Flat source index = row part + column part; a transposed item reads row cols[x], column rows[y]
         # (square inputs only, checked, so both index ranges match).
         row_part, col_part = rows * width, cols
@@ -149,11 +171,11 @@ class EpochAugment:
         return self.augment(images, generator)
 
 
-def build_augment(pad: int, hflip: bool, vflip: bool, transpose: bool, cutout: int, *, mean: Sequence[float],
-                  input_shape: tuple[int, int, int]) -> Augment:
+def build_augment(pad: int, hflip: bool, vflip: bool, transpose: bool, cutout: int, scale: float = 1.0, *,
+                  mean: Sequence[float], input_shape: tuple[int, int, int]) -> Augment:
     """The augmentation for data of `input_shape` (C, H, W) normalised by `mean` (0..1, per channel), checked
     to apply to it."""
     augment = Augment(pad=pad, hflip=hflip, vflip=vflip, transpose=transpose, cutout=cutout,
-                      fill=tuple(int(round(255 * m)) for m in mean))
+                      fill=tuple(int(round(255 * m)) for m in mean), scale=scale)
     augment.check(input_shape[1], input_shape[2])
     return augment

@@ -171,6 +171,7 @@ class AugmentSchema:
     vflip: bool
     transpose: bool
     cutout: int = ranged(at_least=0)
+    scale: float = ranged(at_least=1, at_most=2)
 
 
 @dataclass
