@@ -426,7 +426,7 @@ class EpochLoop:
         if not math.isfinite(val["loss"]):  # never let a broken model become best.pt or last.pt
             raise NonFiniteLoss(
                 f"the validation loss became {val['loss']} after epoch {epoch + 1} (step {step}): training stopped "
-                "and checkpoints/last.pt keeps the last good epoch; lower optim.lr or set optim.clip_grad_norm "
+                "and checkpoints/last.pt keeps the last good epoch; lower optim.lr or optim.weight_decay, or set optim.clip_grad_norm "
                 "(e.g. 1.0)"
             )
         return val
@@ -438,7 +438,7 @@ class EpochLoop:
         if not bool(torch.stack([p.isfinite().all() for p in parameters]).all()):
             raise NonFiniteLoss(
                 f"the weights became NaN or infinite by step {step}: training stopped and checkpoints/last.pt keeps "
-                "the last good state; lower optim.lr or set optim.clip_grad_norm (e.g. 1.0)"
+                "the last good state; lower optim.lr or optim.weight_decay, or set optim.clip_grad_norm (e.g. 1.0)"
             )
 
     def _path(self, name: str) -> Path:
