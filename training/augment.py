@@ -9,10 +9,9 @@ what an unbroken one would for its remaining batches, with nothing to save in th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import math
 
 import numpy as np
 import torch
@@ -45,8 +44,8 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 class Augment:
     """Per item of a uint8 batch (N, C, H, W): zoom about the centre by a factor drawn log-uniformly from
     [1/scale, scale] (nearest source pixel, reflected at the border; `scale` 1: off); reflect-pad by `pad`
-    pixels and crop back to H x W at a random offset; mirror left-right (`hflip`), top-bottom (`vflip`), swap rows and columns (`transpose`, square
-    inputs), each with probability 1/2; then erase a `cutout` x `cutout` square at a random centre (clipped at
+    pixels and crop back to H x W at a random offset; mirror left-right (`hflip`), top-bottom (`vflip`), swap
+    rows and columns (`transpose`, square inputs), each with probability 1/2; then erase a `cutout` x `cutout` square at a random centre (clipped at
     the border) with `fill`, the dataset's mean colour, so it reads as zero after normalisation.
     Config: configs/augment/."""
 
@@ -60,7 +59,12 @@ class Augment:
 
     @property
     def active(self) -> bool:
-        return bool(self.pad or self.hflip or self.vflip or self.transpose or self.cutout or self.zooms)
+        return self.geometric or bool(self.cutout)
+
+    @property
+    def geometric(self) -> bool:
+        """Whether any output pixel may read another source pixel (one gather, _geometric)."""
+        return bool(self.pad or self.hflip or self.vflip or self.transpose or self.zooms)
 
     @property
     def zooms(self) -> bool:
@@ -98,7 +102,7 @@ class Augment:
         # Drawn last, so runs without it draw exactly what they did before it existed.
         zoom = torch.exp((2 * torch.rand(n, generator=generator, dtype=torch.float64) - 1)
                          * math.log(self.scale)) if self.zooms else None
-        if self.pad or self.hflip or self.vflip or self.transpose or self.zooms:
+        if self.geometric:
             images = self._geometric(images, offsets, hflip, vflip, transpose, zoom)
         if self.cutout:
             images = self._erase(images, centres.to(images.device, non_blocking=True))

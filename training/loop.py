@@ -175,7 +175,8 @@ def _close_window(step, carried, losses, samples, wait, started, device, on_wind
         if not math.isfinite(value):
             raise NonFiniteLoss(
                 f"the training loss became {value} at step {step - len(values) + offset + 1}: training stopped and "
-                "checkpoints/last.pt keeps the last good epoch; lower optim.lr or optim.weight_decay, or set optim.clip_grad_norm (e.g. 1.0)"
+                "checkpoints/last.pt keeps the last good epoch; lower optim.lr or optim.weight_decay, or set "
+                "optim.clip_grad_norm (e.g. 1.0)"
             )
     loss = sum(values) / len(values)
     if started is None or samples == 0:

@@ -426,8 +426,8 @@ class EpochLoop:
         if not math.isfinite(val["loss"]):  # never let a broken model become best.pt or last.pt
             raise NonFiniteLoss(
                 f"the validation loss became {val['loss']} after epoch {epoch + 1} (step {step}): training stopped "
-                "and checkpoints/last.pt keeps the last good epoch; lower optim.lr or optim.weight_decay, or set optim.clip_grad_norm "
-                "(e.g. 1.0)"
+                "and checkpoints/last.pt keeps the last good epoch; lower optim.lr or optim.weight_decay, or set "
+                "optim.clip_grad_norm (e.g. 1.0)"
             )
         return val
 

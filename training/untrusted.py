@@ -150,7 +150,7 @@ def check_description(described: dict, source: str, max_pixels: int = MAX_INPUT_
                               and isinstance(split.get("val_digest"), str) and isinstance(split.get("val"), int))):
         raise UserError(f"{source}: its split must say how it split (by, val, val_digest), got {_short(split)}: "
                         "the file was edited or is damaged")
-    val_blocks = None if split is None else split.get("val_blocks", 1)  # absent: a region split of one block
+    val_blocks = None if split is None else split.get("val_blocks")  # absent: a split made before it was recorded
     if val_blocks is not None and not (_count(val_blocks) and val_blocks <= 1000):
         raise UserError(f"{source}: its split's val_blocks must be a count of blocks from 1 to 1000, got "
                         f"{_short(val_blocks)}: the file was edited or is damaged")
