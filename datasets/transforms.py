@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
-from torchvision.transforms.v2 import functional as TF
 
 from datasets import guards, tiff, values
 from errors import UserError
@@ -161,7 +160,10 @@ def to_tensor(hwc: np.ndarray, height: int, width: int) -> torch.Tensor:
     # A whole memory-mapped .npy arrives read-only; torch needs its own writable copy then, and only then.
     chw = torch.from_numpy(np.require(hwc, requirements=["C", "W"])).permute(2, 0, 1)
     if chw.shape[1:] != (height, width):
-        chw = TF.resize(chw, [height, width], antialias=True)
+        # torch's own antialiased bilinear uint8 kernel, the one torchvision's resize calls for a CPU uint8
+        # tensor (tests/test_crops.py checks them equal); not through torchvision, whose import loads torch._dynamo:
+        # ~1.2 CPU-s at the start of evaluate.py and predict.py (training loads it anyway, for torch's optimisers).
+        chw = F.interpolate(chw.unsqueeze(0), size=(height, width), mode="bilinear", antialias=True)[0]
     return chw.contiguous()
 
 

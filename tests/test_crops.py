@@ -133,6 +133,22 @@ def test_crop_is_resized_to_width_by_height(box_png):
     assert torch.all(build(csv, width=48, height=24).train[0][0] == 77)
 
 
+def test_the_resize_is_torchvisions_to_the_byte():
+    """Items are resized with torch's kernel directly (a run need not import torchvision): the bytes equal
+    torchvision's resize, which users' other code and every earlier disk cache used, up and down, 1-4 channels."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from datasets.transforms import to_tensor
+
+    rng = np.random.default_rng(7)
+    for h, w, c, height, width in [(40, 50, 3, 24, 48), (9, 13, 1, 32, 32), (64, 64, 4, 17, 5), (31, 7, 3, 31, 70),
+                                   (200, 120, 1, 32, 32), (5, 5, 3, 5, 5)]:
+        hwc = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+        expected = TF.resize(torch.from_numpy(hwc).permute(2, 0, 1), [height, width], antialias=True)
+        got = to_tensor(hwc, height, width)
+        assert got.shape == (c, height, width) and torch.equal(got, expected), (h, w, c, height, width)
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "1"])  # 16-bit: tests/test_values.py
 def test_images_of_any_pil_mode_load_like_pil_converts_them(tmp_path, mode):
     rng = np.random.default_rng(4)

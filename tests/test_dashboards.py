@@ -4,6 +4,7 @@ multiplexer and plugins), across a resumed run and a second run in the same logd
 import json
 from pathlib import Path
 
+import torch
 from tensorboard import context
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.plugins import base_plugin
@@ -65,3 +66,16 @@ def test_layout_and_summary_once_per_run_also_after_resume(make_cfg, shared_run,
     assert "| val/acc_best |" in text and "| prepared in |" in text
     (second,) = summaries("second")
     assert "| schedule | CosineAnnealingLR (interval=epoch, T_max=1, eta_min=0.0) |" in second["text"]
+
+
+def test_the_input_grid_lays_items_out_as_torchvisions_make_grid():
+    from torchvision.utils import make_grid  # the reference; the product draws its own so runs skip this import
+
+    from training.board import tile_grid
+
+    generator = torch.Generator().manual_seed(0)
+    for n, channels, columns in [(1, 1, 1), (1, 3, 1), (2, 3, 2), (5, 1, 3), (7, 3, 3), (16, 3, 4), (3, 3, 8)]:
+        images = torch.rand(n, channels, 5, 7, generator=generator)
+        expected = make_grid(images, nrow=columns, padding=2, pad_value=1.0)
+        got = tile_grid(images, columns=columns, padding=2, pad_value=1.0)
+        assert got.shape == expected.shape and torch.equal(got, expected), (n, channels, columns)

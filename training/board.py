@@ -15,7 +15,6 @@ from PIL import Image, ImageDraw, ImageFont
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
-from torchvision.utils import make_grid
 
 CELL = 28  # pixels per confusion-matrix cell: room for a 3-digit count in the default font
 LABEL_CHARS = 16  # class names longer than this are cut in the row labels
@@ -55,7 +54,28 @@ def input_grid(normalized: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     mean_ = torch.tensor(list(mean), device=normalized.device).view(1, -1, 1, 1)
     std_ = torch.tensor(list(std), device=normalized.device).view(1, -1, 1, 1)
     images = (normalized * std_ + mean_).clamp(0.0, 1.0).cpu()
-    return make_grid(images, nrow=int(np.ceil(np.sqrt(len(images)))), padding=2, pad_value=1.0)
+    return tile_grid(images, columns=int(np.ceil(np.sqrt(len(images)))), padding=2, pad_value=1.0)
+
+
+def tile_grid(images: torch.Tensor, columns: int, padding: int, pad_value: float) -> torch.Tensor:
+    """(N, C, H, W) -> (3, H', W'): the items row by row, `columns` to a row, `padding` pixels of `pad_value`
+    around each; grey repeats to RGB, and one item comes back alone, unpadded. The layout of torchvision's
+    make_grid (tests/test_dashboards.py checks it pixel for pixel), drawn here because importing torchvision loads
+    torch._dynamo: ~1.2 CPU-s at the start of evaluate.py and predict.py, which import this module.
+    """
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    n, channels, height, width = images.shape
+    if n == 1:
+        return images[0].clone()
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    step_y, step_x = height + padding, width + padding
+    grid = images.new_full((channels, rows * step_y + padding, columns * step_x + padding), pad_value)
+    for k in range(n):
+        y, x = divmod(k, columns)
+        grid[:, y * step_y + padding:(y + 1) * step_y, x * step_x + padding:(x + 1) * step_x] = images[k]
+    return grid
 
 
 def mistakes_image(images: torch.Tensor, targets: Sequence[int], predicted: Sequence[int],
