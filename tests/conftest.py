@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from tests import files, shared_runs
+from tests import composing, files, shared_runs
 from training import schema
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
@@ -132,8 +131,7 @@ def compose_train(run_dir: Path, *overrides: str):
     # holds out one of their four scenes); tests of the split rules set dataset.split_by themselves.
     if "dataset=cifar10" not in overrides and not any(o.startswith("dataset.split_by=") for o in overrides):
         base.append("dataset.split_by=row")
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name="train", overrides=[*base, *overrides])
+    return composing.compose(CONFIGS, "train", [*base, *overrides])
 
 
 @pytest.fixture
@@ -284,9 +282,8 @@ def make_eval_cfg(tmp_path):
     """Compose configs/evaluate.yaml like evaluate.py does, on the CPU, with the run dir in tmp_path."""
 
     def make(*overrides: str, run_dir: Path | None = None):
-        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-            return compose(config_name="evaluate",
-                           overrides=[f"run_dir={run_dir or tmp_path / 'eval'}", "device=cpu", *overrides])
+        return composing.compose(CONFIGS, "evaluate", [f"run_dir={run_dir or tmp_path / 'eval'}", "device=cpu",
+                                                       *overrides])
 
     return make
 
@@ -296,8 +293,7 @@ def make_preview_cfg(tmp_path):
     """Compose configs/preview.yaml like preview.py does, with the run dir in tmp_path."""
 
     def make(*overrides: str, run_dir: Path | None = None):
-        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-            return compose(config_name="preview", overrides=[f"run_dir={run_dir or tmp_path / 'preview'}", *overrides])
+        return composing.compose(CONFIGS, "preview", [f"run_dir={run_dir or tmp_path / 'preview'}", *overrides])
 
     return make
 

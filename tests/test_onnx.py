@@ -8,12 +8,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import training
 from errors import UserError
-from tests import files
+from tests import composing, files
 from tests.conftest import CONFIGS
 from training.build import build_dataset, build_model
 from commands.evaluation import run_evaluation
@@ -23,8 +22,7 @@ from commands.onnx_model import run_export
 
 
 def _compose(name: str, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
+    return composing.compose(CONFIGS, name, overrides)
 
 
 @pytest.fixture(scope="module")

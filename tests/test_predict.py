@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from commands import windows
@@ -15,7 +14,7 @@ from commands.palette import colours
 from commands.prediction import run_prediction
 from datasets.regions import FileSource, open_regions
 from errors import UserError
-from tests import files
+from tests import composing, files
 from tests.conftest import CONFIGS
 from tests.helpers import ROOT, in_child, run_python
 
@@ -27,9 +26,7 @@ COLUMNS = np.array([[1, 0, 1, 0]] * 4)  # class index per square: bright 0, dark
 @pytest.fixture
 def make_predict_cfg(tmp_path):
     def make(*overrides: str):
-        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-            return compose(config_name="predict", overrides=[f"run_dir={tmp_path / 'predict'}", "device=cpu",
-                                                             *overrides])
+        return composing.compose(CONFIGS, "predict", [f"run_dir={tmp_path / 'predict'}", "device=cpu", *overrides])
     return make
 
 
