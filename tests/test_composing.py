@@ -30,13 +30,13 @@ def _nodes(cfg, path: str = "") -> list[tuple]:
 
 CASES = {
     "defaults": ("train", []),
-    "values": ("train", ["trainer.epochs=2", "dataset.csv=/data/crops.csv", "run_dir=/tmp/run", "loader.batch_size=8"]),
+    "values": ("train", ["trainer.epochs=2", "dataset.csv=/data/crops.csv", "run_dir=${oc.env:HOME}/run",
+                         "loader.batch_size=8"]),
     "groups_then_values": ("train", ["dataset=cifar10", "model=resnet18", "dataset.root=/data", "optim.lr=0.01"]),
     "value_before_its_group": ("train", ["dataset.root=/data", "dataset=imagefolder"]),
-    "experiment_and_augment": ("train", ["experiment=fast", "augment=standard", "augment.pad=2"]),
-    "added_key_and_list": ("train", ["+extra.note=hello", "dataset.std=[0.5,0.5,0.5]"]),
+    "experiment_augment_added_key_and_list": ("train", ["experiment=fast", "augment=standard", "augment.pad=2",
+                                                        "+extra.note=hello", "dataset.std=[0.5,0.5,0.5]"]),
     "deleted_group": ("train", ["~augment", "trainer.epochs=2"]),
-    "interpolation_kept": ("train", ["run_dir=${oc.env:HOME}/run"]),
     "evaluate": ("evaluate", ["checkpoint=/runs/a/last.pt", "predict=[/a.png,/b.png]", "device=cpu"]),
     "predict": ("predict", ["checkpoint=/runs/a/last.pt", "inputs=[/scene.png]"]),
     "export": ("export", ["checkpoint=/runs/a/last.pt"]),

@@ -12,8 +12,12 @@ from commands.evaluation import run_evaluation
 
 
 def test_resnet18_trains_resumes_and_evaluates_on_tiny_data(make_cfg, make_eval_cfg, crop_csv, tmp_path):
+    """On 20 of the crop scenes' 64 boxes (16 train, 4 validate): ResNet-18 costs ~0.3 GFLOP a box here."""
     run_dir = tmp_path / "run"
-    tiny = [f"dataset.csv={crop_csv}", "dataset.width=16", "dataset.height=16", "loader.batch_size=16",
+    lines = crop_csv.read_text().splitlines(keepends=True)
+    few = crop_csv.with_name("few.csv")
+    few.write_text("".join(lines[:21]))  # the header and 20 rows
+    tiny = [f"dataset.csv={few}", "dataset.width=16", "dataset.height=16", "loader.batch_size=16",
             "model=resnet18"]
     training.run(make_cfg(*tiny, run_dir=run_dir))
     last = run_dir / "checkpoints" / "last.pt"
