@@ -4,8 +4,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -19,6 +17,10 @@ from commands.evaluation import run_evaluation
 from commands.prediction import run_prediction
 from training.loop import Normalizer
 from commands.onnx_model import run_export
+
+
+# onnx and onnxruntime are imported in the tests that use them: at the top, each xdist worker would pay ~0.6 s of
+# CPU importing onnx while collecting, whether or not it runs one of these tests.
 
 
 def _compose(name: str, *overrides: str):
@@ -49,6 +51,8 @@ def test_export_writes_model_onnx_in_its_run_dir(exported):
 
 
 def test_onnx_model_takes_uint8_of_any_batch_and_carries_the_run(exported):
+    import onnxruntime as ort
+
     checkpoint = torch.load(exported["checkpoint"], weights_only=True)
     session = ort.InferenceSession(str(exported["onnx"]), providers=["CPUExecutionProvider"])
     (given,) = session.get_inputs()
@@ -135,6 +139,8 @@ def test_evaluate_refuses_onnx_files_that_are_not_ours(exported, make_eval_cfg, 
         run_evaluation(make_eval_cfg(f"checkpoint={garbage}"))
     assert "\n" not in str(error.value)
 
+    import onnx
+
     plain = onnx.load(str(exported["onnx"]))
     del plain.metadata_props[:]  # a valid ONNX model from elsewhere: no classes, no config
     onnx.save(plain, str(tmp_path / "plain.onnx"))
@@ -143,6 +149,8 @@ def test_evaluate_refuses_onnx_files_that_are_not_ours(exported, make_eval_cfg, 
 
 
 def _with_metadata(exported, path: Path, edit) -> Path:
+    import onnx
+
     model = onnx.load(str(exported["onnx"]))
     props = {p.key: json.loads(p.value) for p in model.metadata_props}
     edit(props)

@@ -10,10 +10,8 @@ from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
 from omegaconf import OmegaConf
 
 from errors import UserError
@@ -188,6 +186,9 @@ def _onnx(path: Path, metadata: dict, outputs: int | str = 2, input_shape=(3, 32
     (N, outputs), each logit a weighted mean of the channels. `outputs` as a name: the graph declares a symbolic
     count and gives one logit per channel (a count ONNX Runtime cannot know before running it); `fail` adds a
     Reshape that fails at run time."""
+    import onnx  # here: onnx costs each xdist worker that collects this file ~0.6 s of CPU to import
+    from onnx import TensorProto, helper
+
     channels = input_shape[0]
     nodes = [helper.make_node("Cast", [INPUT], ["x"], to=TensorProto.FLOAT),
              helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0)]
