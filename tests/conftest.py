@@ -106,15 +106,18 @@ def one_torch_thread():
 def programs_only_in_slow_tests(request, monkeypatch):
     """A test that starts a program (python train.py, torchrun, bash) pays its imports, seconds each: it must
     be marked `slow`, so that `-m "not slow"` stays the quick loop. Every subprocess call ends in
-    Popen._execute_child; outside slow tests it fails the test, naming the program. (Forked children that run
-    a function, as DataLoader workers and helpers.in_child do, start no program and are allowed.)"""
+    Popen._execute_child, or in a program forked by tests/zygote.py's server; outside slow tests either fails
+    the test, naming the program. (Forked children that run a function, as DataLoader workers and
+    helpers.in_child do, start no program and are allowed.)"""
     if request.node.get_closest_marker("slow") is not None:
         return
+    from tests import zygote
 
     def refuse(self, args, *rest, **kwargs):
         pytest.fail(f"this test starts a program ({args!r}): mark it @pytest.mark.slow", pytrace=False)
 
     monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(zygote.ForkedProgram, "__init__", lambda self, server, argv, *rest, **kwargs: refuse(self, argv))
 
 
 def compose_train(run_dir: Path, *overrides: str):

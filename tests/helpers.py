@@ -4,6 +4,7 @@ where it changes process-wide state (an rlimit, a signal handler) that must not 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import resource
@@ -18,6 +19,8 @@ from typing import Callable, Sequence
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests import zygote
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PY = ROOT / "train.py"
@@ -35,18 +38,54 @@ def program_env(**changes: str) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **changes}
 
 
+_server: zygote.Server | None = None
+FORKED_OPTIONS = {"stdin", "stdout", "stderr", "text", "start_new_session"}
+
+
+def _forking_server(args: Sequence[str | Path], env: dict[str, str], options: dict) -> zygote.Server | None:
+    """This pytest process's program server (tests/zygote.py: saves each program ~2.7 CPU-s of imports), or
+    None where `python *args` must start fresh: interpreter flags or -c/-m first, options it does not take, an
+    environment that changes how torch imports, or TESTS_FRESH_PROCESSES=1 (every program fresh, to check that
+    the suite passes the same way)."""
+    global _server
+    if (os.environ.get("TESTS_FRESH_PROCESSES") == "1" or not str(args[0]).endswith(".py")
+            or not set(options) <= FORKED_OPTIONS):
+        return None
+    if _server is None:
+        _server = zygote.Server(program_env())
+        atexit.register(_server.close)
+    return _server if _server.serves(env) else None
+
+
 def run_python(*args: str | Path, cwd: Path, env: dict[str, str] | None = None, timeout: float = 150,
                **kwargs) -> subprocess.CompletedProcess:
     """`python *args` to its end in `cwd`, output captured as text (stdout, stderr) unless kwargs say otherwise."""
     options = {"capture_output": True, "text": True, **kwargs}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env or program_env(), timeout=timeout,
-                          **options)
+    env = env or program_env()
+    argv = [sys.executable, *map(str, args)]
+    if options.pop("capture_output"):
+        options.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = _forking_server(args, env, options)
+    if server is None:
+        return subprocess.run(argv, cwd=cwd, env=env, timeout=timeout, **options)
+    with zygote.ForkedProgram(server, args, cwd, env, **options) as program:
+        try:
+            out, err = program.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            program.kill()
+            raise
+    return subprocess.CompletedProcess(argv, program.returncode, out, err)
 
 
-def start_python(*args: str | Path, cwd: Path, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+def start_python(*args: str | Path, cwd: Path, env: dict[str, str] | None = None,
+                 **kwargs) -> subprocess.Popen | zygote.ForkedProgram:
     """`python *args` started in `cwd` and left running; output goes nowhere unless kwargs send it somewhere."""
     options = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **kwargs}
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env or program_env(), **options)
+    env = env or program_env()
+    server = _forking_server(args, env, options)
+    if server is None:
+        return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, **options)
+    return zygote.ForkedProgram(server, args, cwd, env, **options)
 
 
 def events(run_dir: Path) -> EventAccumulator:
@@ -114,7 +153,7 @@ def reaped_cpu_seconds() -> float:
     it is waited for. Less cpu_seconds([pid]) read just before a signal, it is the CPU spent after the signal,
     which, unlike the wall-clock time, a loaded machine does not stretch."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime + (_server.reaped_cpu_seconds if _server is not None else 0.0)
 
 
 def in_child(body: Callable[[], None], environments: Sequence[dict[str, str]] = ({},)) -> None:
