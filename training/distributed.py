@@ -63,6 +63,15 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def rank0_buffers_(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm's running statistics), in place. DDP hands them out at the
+    start of each training forward, after which each rank's own batch moves its copy: at the end of an epoch the
+    ranks hold slightly different statistics, and rank 0's are the ones its checkpoint saves."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def max_(value: float, device: torch.device) -> float:
     """The largest value over all ranks (e.g. the slowest rank's wall time)."""
     if not dist.is_initialized():

@@ -420,7 +420,9 @@ class EpochLoop:
 
     def _validate(self, epoch: int, step: int) -> dict:
         # The bare model (or its average): DDP's forward would sync buffers, and ranks hold different numbers of
-        # val batches.
+        # val batches. Each rank scores its shard with the model rank 0 saves, BatchNorm statistics included, so
+        # the logged val/loss and val/acc are the checkpoint's (evaluate.py's) and best.pt is chosen by them.
+        distributed.rank0_buffers_(self.state.scored_model)
         val = evaluate(self.state.scored_model, self.data.val_loader, self.step.normalize,
                        self.step.device, len(self.data.bundle.classes), self.state.amp)
         if not math.isfinite(val["loss"]):  # never let a broken model become best.pt or last.pt
