@@ -68,6 +68,7 @@ class Recipe:
     name: str
     overrides: list[str] = field(default_factory=list)  # trainer.epochs is scaled by --scale
     tta: str = "none"  # also scored with this test-time augmentation (commands/tta.py): val/acc_tta
+    tta_scales: tuple = (1.0,)  # and at these zooms (commands/tta.py's tta_scales)
 
 
 RECIPES = [
@@ -138,7 +139,7 @@ def train_seconds(run_dir: Path) -> float:
 
 
 @torch.no_grad()
-def tta_accuracy(checkpoint: Path, mode: str, weights: str = "model") -> float:
+def tta_accuracy(checkpoint: Path, mode: str, weights: str = "model", scales: tuple = (1.0,)) -> float:
     """The accuracy of a checkpoint's model on its run's validation split, softmax averaged over `mode`'s views.
     `weights`: "model" (what the run validated: the moving average under trainer.ema) or "training_model" (a
     trainer.ema run's live weights, the ones an otherwise equal run without EMA ends with)."""
@@ -151,7 +152,7 @@ def tta_accuracy(checkpoint: Path, mode: str, weights: str = "model") -> float:
                       fixed=saved_mapping(classifier.checkpoint, saved.dataset))
     correct = total = 0
     for images, targets in data.val_loader:
-        predicted = tta.probabilities(classifier.logits, images.to(device), mode).argmax(1)
+        predicted = tta.probabilities(classifier.logits, images.to(device), mode, scales).argmax(1)
         correct += int((predicted == targets).sum())
         total += len(targets)
     return correct / total
@@ -172,11 +173,11 @@ def run_one(recipe: Recipe, csv_path: Path, seed: int, run_dir: Path, scale: flo
         plain = tta_accuracy(last, "none")
         if abs(plain - metrics["val/acc"]) > 1e-9:  # the scoring path must be the run's own
             raise RuntimeError(f"{recipe.name}: last.pt scores {plain} without TTA, the run reported {metrics['val/acc']}")
-        result["val/acc_tta"] = tta_accuracy(last, recipe.tta)
+        result["val/acc_tta"] = tta_accuracy(last, recipe.tta, scales=recipe.tta_scales)
     if cfg.trainer.get("ema") is not None:  # the same run without the average: its live weights, plain and with TTA
         result["val/acc_live"] = tta_accuracy(last, "none", "training_model")
         if recipe.tta != "none":
-            result["val/acc_live_tta"] = tta_accuracy(last, recipe.tta, "training_model")
+            result["val/acc_live_tta"] = tta_accuracy(last, recipe.tta, "training_model", recipe.tta_scales)
     return result
 
 

@@ -48,12 +48,15 @@ def run_evaluation(cfg: DictConfig) -> dict:
         loaded = load_classifier(cfg.checkpoint, device)
         model, normalize, amp, checkpoint, saved = (loaded.model, loaded.normalize, loaded.amp, loaded.checkpoint,
                                                     loaded.saved)
-        tta.check(cfg.tta, dict(saved.get("augment") or {}), tuple(checkpoint["input_shape"]), cfg.tta_force)
-        if cfg.tta != "none":
-            model = Averaged(model, cfg.tta)
-            log.info("tta=%s: softmax probabilities averaged over %d views of each item", cfg.tta, tta.views(cfg.tta))
+        tta.check(cfg.tta, dict(saved.get("augment") or {}), tuple(checkpoint["input_shape"]), cfg.tta_force,
+                  scales=cfg.tta_scales)
+        scales = list(cfg.tta_scales)
+        if tta.views(cfg.tta, scales) > 1:
+            model = Averaged(model, cfg.tta, scales)
+            log.info("tta=%s tta_scales=%s: softmax probabilities averaged over %d views of each item", cfg.tta,
+                     scales, tta.views(cfg.tta, scales))
         if cfg.predict:
-            result = {"checkpoint": str(cfg.checkpoint), "tta": cfg.tta,
+            result = {"checkpoint": str(cfg.checkpoint), "tta": cfg.tta, "tta_scales": scales,
                       "predictions": predict(model, normalize, checkpoint, [Path(p) for p in cfg.predict], device,
                                              amp)}
             name = "predictions.json"
@@ -63,7 +66,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
             dataset_cfg = cfg.dataset if cfg.get("dataset") is not None else untrusted.reading_only(saved.dataset)
             result = score(model, normalize, checkpoint, dataset_cfg, saved, device, amp,
                            same_split=None if cfg.get("dataset") is not None else f"checkpoint={cfg.checkpoint}")
-            result["checkpoint"], result["tta"] = str(cfg.checkpoint), cfg.tta
+            result["checkpoint"], result["tta"], result["tta_scales"] = str(cfg.checkpoint), cfg.tta, scales
             name = "eval.json"
         # Strict JSON: a value that is not finite (a loss on inputs the model overflows on) is written as null.
         run_folder.write_text(run_dir / name, json.dumps(untrusted.finite_or_none(result), indent=1, allow_nan=False))
@@ -76,14 +79,16 @@ class Averaged(nn.Module):
     the views of `mode`. Log-probabilities are logits of those probabilities (softmax gives them back, cross-entropy
     is -log p of the target), so evaluation's loss, accuracy, PR curves and mistakes score the average unchanged."""
 
-    def __init__(self, model: nn.Module, mode: str):
+    def __init__(self, model: nn.Module, mode: str, scales: list[float] | None = None):
         super().__init__()
-        self.model, self.mode = model, mode
+        self.model, self.mode, self.scales = model, mode, scales or [1.0]
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        # Flips and rotations commute with per-channel normalisation: the views of a normalised batch are the
-        # normalised views. The smallest normal float keeps a probability that underflowed to 0 a finite loss.
-        return tta.probabilities(self.model, inputs, self.mode).clamp_min(torch.finfo(torch.float32).tiny).log()
+        # Flips, rotations and bilinear zooms commute with per-channel normalisation: the views of a normalised
+        # batch are the normalised views. The smallest normal float keeps a probability that underflowed to 0 a
+        # finite loss.
+        return tta.probabilities(self.model, inputs, self.mode, self.scales).clamp_min(
+            torch.finfo(torch.float32).tiny).log()
 
 
 @dataclass

@@ -93,8 +93,9 @@ def run_prediction(cfg: DictConfig) -> dict:
         described = classifier.checkpoint
         window, stride, strip = windows.windows_for(described.get("box_size"), cfg.window, cfg.stride, cfg.checkpoint)
         tta.check(cfg.tta, dict(classifier.saved.get("augment") or {}), tuple(described["input_shape"]),
-                  cfg.tta_force)
+                  cfg.tta_force, scales=cfg.tta_scales)
         result = {"checkpoint": str(cfg.checkpoint), "classes": described["classes"], "tta": cfg.tta,
+                  "tta_scales": list(cfg.tta_scales),
                   "strip": strip, "inputs": []}
         names: set[str] = set()
         for path in map(Path, cfg.inputs):
@@ -132,7 +133,8 @@ def predict_file(classifier: Classifier, path: Path, folder: Path, window: tuple
     reader = open_input(path, channels, _scale(described))
     g = windows.grid(reader.shape, window, stride, path)
     started = time.perf_counter()
-    probabilities = grid_probabilities(classifier, reader, g, cfg.batch_size, cfg.tta, device, f"{path}")
+    probabilities = grid_probabilities(classifier, reader, g, cfg.batch_size, cfg.tta, device, f"{path}",
+                                       list(cfg.tta_scales))
     seconds = time.perf_counter() - started
     classmap = probabilities.argmax(0)
     counts = np.bincount(classmap.reshape(-1), minlength=len(classes))
@@ -153,7 +155,7 @@ def predict_file(classifier: Classifier, path: Path, folder: Path, window: tuple
 
 @torch.no_grad()
 def grid_probabilities(classifier: Classifier, reader, g: windows.Grid, batch_size: int, mode: str,
-                       device: torch.device, what: str) -> np.ndarray:
+                       device: torch.device, what: str, scales: list[float] | None = None) -> np.ndarray:
     """float32 (classes, rows, cols): each window's class probabilities, batches read in the background and
     kept on the device until the end (no wait for the device per batch)."""
     channels = classifier.checkpoint["input_shape"][0]
@@ -166,7 +168,7 @@ def grid_probabilities(classifier: Classifier, reader, g: windows.Grid, batch_si
             images = (images.pin_memory() if pin else images).to(device, non_blocking=pin)
             images = images.expand(-1, channels, -1, -1)  # a grey source held once: repeated as a view
             index = torch.from_numpy(index).to(device, non_blocking=pin)
-            out[:, index] = tta.probabilities(classifier.logits, images, mode).T
+            out[:, index] = tta.probabilities(classifier.logits, images, mode, scales or [1.0]).T
             bar.update(len(index))
     result = out.cpu()
     # Once per input, not per batch: a check per batch would wait for the device every time.

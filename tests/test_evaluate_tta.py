@@ -47,7 +47,7 @@ def test_evaluate_averages_over_the_views_the_run_trained_with(shared_run, make_
         assert averaged["loss"] != pytest.approx(plain["loss"], rel=1e-6)  # the average was scored, not one view
         assert sum(map(sum, averaged["confusion"])) == sum(map(sum, plain["confusion"]))
     log = (tmp_path / "dihedral" / "train.log").read_text()  # evaluate.py's Hydra names it evaluate.log
-    assert "tta=dihedral: softmax probabilities averaged over 8 views of each item" in log
+    assert "tta=dihedral tta_scales=[1.0]: softmax probabilities averaged over 8 views of each item" in log
 
 
 def test_a_tta_the_run_did_not_train_with_is_one_line_unless_forced(shared_run, make_eval_cfg, tmp_path):
@@ -57,6 +57,19 @@ def test_a_tta_the_run_did_not_train_with_is_one_line_unless_forced(shared_run, 
         _evaluate(make_eval_cfg, run, tmp_path, "refused", "tta=hflip")
     assert "\n" not in str(error.value)
     assert _evaluate(make_eval_cfg, run, tmp_path, "forced", "tta=hflip", "tta_force=true")["tta"] == "hflip"
+
+
+def test_tta_scales_average_zoomed_views_and_need_the_runs_zooms_unless_forced(shared_run, make_eval_cfg, tmp_path):
+    run = shared_run(*DIHEDRAL)  # trained without augment.scale
+    with pytest.raises(UserError, match=r"^tta_scales: the run trained without zooms \(augment.scale=1\), so 0.8 .* tta_force=true"):
+        _evaluate(make_eval_cfg, run, tmp_path, "refused", "tta=dihedral", "tta_scales=[1.0,0.8]")
+    dihedral = _evaluate(make_eval_cfg, run, tmp_path, "dihedral", "tta=dihedral")
+    zoomed = _evaluate(make_eval_cfg, run, tmp_path, "zoomed", "tta=dihedral", "tta_scales=[1.0,0.8]", "tta_force=true")
+    assert zoomed["tta_scales"] == [1.0, 0.8] and dihedral["tta_scales"] == [1.0]
+    assert zoomed["loss"] != pytest.approx(dihedral["loss"], rel=1e-6)
+    assert json.loads((tmp_path / "zoomed" / "eval.json").read_text())["tta_scales"] == [1.0, 0.8]
+    log = (tmp_path / "zoomed" / "train.log").read_text()
+    assert "tta=dihedral tta_scales=[1.0, 0.8]: softmax probabilities averaged over 16 views of each item" in log
 
 
 def test_an_unknown_tta_is_one_line(make_eval_cfg, tmp_path):

@@ -162,6 +162,12 @@ def test_tta_needs_the_runs_augmentation_unless_forced(best, make_predict_cfg, s
     result = run_prediction(make_predict_cfg(f"checkpoint={best}", f"inputs=[{scene}]", "stride=16", "tta=dihedral",
                                              "tta_force=true"))
     assert result["tta"] == "dihedral" and result["inputs"][0]["fractions"] == {"bright": 0.5, "dark": 0.5}
+    with pytest.raises(UserError, match=r"tta_scales: the run trained without zooms"):
+        run_prediction(make_predict_cfg(f"checkpoint={best}", f"inputs=[{scene}]", "tta_scales=[1.0,0.8]"))
+    # Zoomed windows of uniform halves: still one class each (the uint8 path of the zoom).
+    zoomed = run_prediction(make_predict_cfg(f"checkpoint={best}", f"inputs=[{scene}]", "stride=16", "tta=dihedral",
+                                             "tta_scales=[1.0,0.8]", "tta_force=true"))
+    assert zoomed["tta_scales"] == [1.0, 0.8] and zoomed["inputs"][0]["fractions"] == {"bright": 0.5, "dark": 0.5}
 
 
 def test_the_median_training_box_is_stored_whatever_the_cache(build_crops, tmp_path):

@@ -7,22 +7,22 @@ import torch
 
 from commands import tta
 from errors import UserError
-from training.augment import Augment
+from training.augment import Augment, zoom
 
 
 def _images(n=3, channels=2, side=5):
     return torch.randint(0, 256, (n, channels, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def _seen(mode, images):
-    """Every batch the model was given in `mode`."""
+def _seen(mode, images, scales=(1.0,)):
+    """Every batch the model was given in `mode` at `scales`."""
     seen = []
 
     def forward(x):
         seen.append(x.clone())
         return torch.zeros(len(x), 4)
 
-    tta.probabilities(forward, images, mode)
+    tta.probabilities(forward, images, mode, scales)
     return seen
 
 
@@ -70,3 +70,30 @@ def test_unknown_modes_and_dihedral_on_non_square_inputs_are_refused():
     with pytest.raises(UserError, match=r"tta=dihedral needs square inputs.*16x8"):
         tta.check("dihedral", {"hflip": True, "vflip": True, "transpose": True}, (1, 8, 16), force=True)
     assert [tta.views(m) for m in tta.MODES] == [1, 2, 8]
+
+
+def test_scales_repeat_every_view_on_the_batch_zoomed_by_each_factor():
+    images = _images(side=8)
+    seen = _seen("hflip", images, [1.0, 0.8])
+    zoomed = zoom(images, 0.8)
+    assert len(seen) == 4 == tta.views("hflip", [1.0, 0.8]) and not torch.equal(zoomed, images)
+    for got, expected in zip(seen, [images, images.flip(-1), zoomed, zoomed.flip(-1)]):
+        assert torch.equal(got, expected)
+    weights = torch.randn(2 * 8 * 8, 4, generator=torch.Generator().manual_seed(1))
+    forward = lambda x: x.float().flatten(1) @ weights / 100  # noqa: E731
+    expected = torch.stack([torch.softmax(forward(x), 1) for x in (images, zoomed)]).mean(0)
+    torch.testing.assert_close(tta.probabilities(forward, images, "none", [1.0, 0.8]), expected)
+
+
+def test_scales_outside_the_zooms_the_run_trained_with_are_refused_unless_forced():
+    shape = (1, 8, 8)
+    tta.check("none", {"scale": 1.4}, shape, scales=[1.0, 0.8, 0.72, 1.4])
+    with pytest.raises(UserError, match=r"^tta_scales: the run trained without zooms \(augment.scale=1\), so "
+                                        r"0.8 may look like another class .* tta_force=true"):
+        tta.check("none", {"scale": 1.0}, shape, scales=[1.0, 0.8])
+    with pytest.raises(UserError, match=r"zooms of 0.714-1.4x \(augment.scale=1.4\), so 0.7, 2 may"):
+        tta.check("none", {"scale": 1.4}, shape, scales=[0.7, 1, 2])
+    tta.check("none", {}, shape, force=True, scales=[1.0, 0.8])
+    for bad in ([], [0], [1, "a"], 0.8, "0.8", [True], [5]):
+        with pytest.raises(UserError, match=r"^tta_scales=.* must be a list of zoom factors between 0.25 and 4"):
+            tta.check("none", {"scale": 2.0}, shape, force=True, scales=bad)

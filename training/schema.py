@@ -172,6 +172,7 @@ class AugmentSchema:
     transpose: bool
     cutout: int = ranged(at_least=0)
     scale: float = ranged(at_least=1, at_most=2)
+    interpolation: str = ranged(one_of=("nearest", "bilinear"))
 
 
 @dataclass
@@ -307,6 +308,7 @@ class EvaluateSchema:
     device: str
     predict: List[str]
     tta: str = ranged(one_of=("none", "hflip", "dihedral"))
+    tta_scales: Any  # a list of zoom factors: checked by commands/tta.py, with a message naming the range
     tta_force: bool
     max_image_pixels: int = ranged(**PIXELS)
     run_dir: str
@@ -319,6 +321,7 @@ class PredictSchema:
     window: Any  # null, N or [height, width] in source pixels: checked by commands/windows.py
     stride: Any
     tta: str  # checked by commands/tta.py, with a message naming the choices
+    tta_scales: Any  # a list of zoom factors: checked by commands/tta.py
     tta_force: bool
     batch_size: int = ranged(at_least=1, at_most=65_536)
     device: str
