@@ -79,8 +79,9 @@ RECIPES = [
     Recipe("fast standard", ["experiment=fast", "augment=standard"], tta="hflip"),
     Recipe("fast dihedral", ["experiment=fast", "augment=dihedral"], tta="dihedral"),
     # The photo goal's preset (docs/performance.md): the photos are grey, so one channel. Its EMA run's live
-    # weights are the same recipe without EMA, scored with and without the TTA from the same runs.
-    Recipe("small_data", ["experiment=small_data", "dataset.channels=1"], tta="dihedral"),
+    # weights are the same recipe without EMA, scored with and without the TTA from the same runs; the TTA's
+    # views also zoomed out to 0.8, and scored without that zoom too.
+    Recipe("small_data", ["experiment=small_data", "dataset.channels=1"], tta="dihedral", tta_scales=(1.0, 0.8)),
     # The same with zooms of 1/1.4 to 1.4x: the photo boxes span 16-64 px, so one object is seen at several scales.
     Recipe("small_data scale", ["experiment=small_data", "dataset.channels=1", "augment.scale=1.4"], tta="dihedral"),
 ]
@@ -174,6 +175,8 @@ def run_one(recipe: Recipe, csv_path: Path, seed: int, run_dir: Path, scale: flo
         if abs(plain - metrics["val/acc"]) > 1e-9:  # the scoring path must be the run's own
             raise RuntimeError(f"{recipe.name}: last.pt scores {plain} without TTA, the run reported {metrics['val/acc']}")
         result["val/acc_tta"] = tta_accuracy(last, recipe.tta, scales=recipe.tta_scales)
+        if tuple(recipe.tta_scales) != (1.0,):  # the same views without the zooms: what the zooms add
+            result["val/acc_tta_unzoomed"] = tta_accuracy(last, recipe.tta)
     if cfg.trainer.get("ema") is not None:  # the same run without the average: its live weights, plain and with TTA
         result["val/acc_live"] = tta_accuracy(last, "none", "training_model")
         if recipe.tta != "none":
@@ -228,7 +231,8 @@ def table(data: str, rows: list[dict]) -> str:
     for r in rows:
         acc = r["val/acc"]
         against = "" if reference is None or r is reference else verdict(acc, reference["val/acc"])
-        with_tta = f"{percent(r['val/acc_tta'])} ({r['tta']})" if "val/acc_tta" in r else ""
+        zooms = f", tta_scales {list(r['tta_scales'])}" if tuple(r.get("tta_scales", (1.0,))) != (1.0,) else ""
+        with_tta = f"{percent(r['val/acc_tta'])} ({r['tta']}{zooms})" if "val/acc_tta" in r else ""
         tta_gain = paired_verdict(r["runs"], "val/acc_tta", "val/acc") if "val/acc_tta" in r else ""
         # An EMA run's live weights are those of the same run without EMA (tests/test_ema.py): the recipe without
         # both, against the same runs with both (the average, scored with the TTA).
@@ -268,13 +272,18 @@ def main(argv: list[str] | None = None) -> dict:
                 runs = [run_one(recipe, csv_path, seed, Path(tmp) / "runs" / f"{data}-{len(rows)}-{seed}", args.scale)
                         for seed in range(args.seeds)]
                 row = {"recipe": recipe.name, "overrides": recipe.overrides, "tta": recipe.tta,
-                       "epochs": runs[0]["epochs"], "batch": runs[0]["batch"], "runs": runs}
+                       "tta_scales": list(recipe.tta_scales), "epochs": runs[0]["epochs"], "batch": runs[0]["batch"],
+                       "runs": runs}
                 row |= {key: spread([run[key] for run in runs]) for key in ("val/acc", "val/acc_best", "train_seconds")}
-                row |= {key: spread([run[key] for run in runs]) for key in ("val/acc_tta", "val/acc_live", "val/acc_live_tta")
+                row |= {key: spread([run[key] for run in runs])
+                        for key in ("val/acc_tta", "val/acc_tta_unzoomed", "val/acc_live", "val/acc_live_tta")
                         if key in runs[0]}
                 rows.append(row)
                 print(f"{data} {recipe.name}: {100 * row['val/acc']['mean']:.1f} ± {100 * row['val/acc']['sd']:.1f} "
                       f"in {row['train_seconds']['mean']:.1f} s", flush=True)
+                if "val/acc_tta_unzoomed" in row:
+                    print(f"  tta_scales {list(recipe.tta_scales)} against {recipe.tta} alone: "
+                          f"{paired_verdict(runs, 'val/acc_tta', 'val/acc_tta_unzoomed')}", flush=True)
             report["data"][data] = rows
     report["stamp"]["load_average_1min_after"] = os.getloadavg()[0]
     print(f"\n{report['stamp']}\n")

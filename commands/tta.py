@@ -7,7 +7,7 @@ happened to be cut.
   tta=dihedral   all 8 orientations of the square: 4 rotations, each also mirrored (8 passes)
 
 and `tta_scales` (zoom factors, default [1]) repeats those views at each zoom about the centre (bilinear, the
-border reflected in, as augment.scale draws it): tta=dihedral tta_scales=[1,0.8] is 16 passes. On the held-out
+border reflected in, as augment.scale's zooms reflect it): tta=dihedral tta_scales=[1,0.8] is 16 passes. On the held-out
 photos (docs/performance.md) a zoom out to 0.8 added 1-1.5 points to dihedral's average.
 
 A model only knows the orientations it was trained on: mirroring text or a diagonal texture may change its
@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from errors import UserError
-from training.augment import zoom
 
 MODES = ("none", "hflip", "dihedral")
 # The augment.* switches (configs/augment/) whose training makes each mode's views familiar to the model.
@@ -96,6 +95,17 @@ def probabilities(forward: Callable[[torch.Tensor], torch.Tensor], images: torch
             total = p if total is None else total.add_(p)
     count = len(passes) * len(scales)
     return total.div_(count) if count > 1 else total
+
+
+def zoom(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """A batch (N, C, H, W) zoomed about its centre by `factor` (below 1: out, the border reflected in),
+    bilinear between pixel centres; uint8 rounded back to uint8 (an ONNX model takes uint8), float kept float."""
+    n, _, height, width = images.shape
+    theta = torch.tensor([[1 / factor, 0, 0], [0, 1 / factor, 0]], dtype=torch.float32, device=images.device)
+    grid = torch.nn.functional.affine_grid(theta.expand(n, 2, 3), list(images.shape), align_corners=False)
+    zoomed = torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection",
+                                             align_corners=False)
+    return zoomed if images.is_floating_point() else zoomed.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _show(value) -> str:

@@ -12,7 +12,7 @@ from PIL import Image
 import training
 from datasets.base import ArrayStore, InMemoryDataset
 from errors import UserError
-from training.augment import Augment, batch_generator, zoom
+from training.augment import Augment, batch_generator
 from training.loaders import build_loader
 from tests.helpers import events
 
@@ -126,36 +126,6 @@ def test_scale_with_the_largest_pad_stays_inside_the_image():
     assert out.min() >= 0 and out.max() <= 7
 
 
-def test_bilinear_zoom_blends_neighbours_as_torch_grid_sample_does_and_keeps_every_other_decision():
-    size, n = 32, 64
-    ramp = (torch.arange(size) * 7).view(1, 1, 1, size).expand(n, 1, size, size)  # 7 grey levels per column
-    images = torch.cat([ramp, ramp.transpose(2, 3)], 1).to(torch.uint8)  # channel 1: the same down the rows
-    keys = dict(pad=3, hflip=True, vflip=True, transpose=True, scale=1.5)
-    nearest = Augment(**keys)(images, batch_generator(0, 0, 0, 0)).float()
-    blended = Augment(**keys, interpolation="bilinear")(images, batch_generator(0, 0, 0, 0)).float()
-    # The same draws (flips, transpose, offsets, factor): each pixel differs from its nearest source pixel by at
-    # most half a source pixel of the ramp, and the blend takes values between the ramp's levels.
-    assert (blended - nearest).abs().max() <= 3.5 and (blended % 7 != 0).float().mean() > 0.5
-    # A fixed zoom is torch's bilinear resampling where no border is involved (grid_sample, pixel centres).
-    grey = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    for factor in (0.8, 1.3):
-        theta = torch.tensor([[1 / factor, 0, 0], [0, 1 / factor, 0]]).expand(n, 2, 3)
-        grid = torch.nn.functional.affine_grid(theta, (n, 1, size, size), align_corners=False)
-        expected = torch.nn.functional.grid_sample(grey.float(), grid, mode="bilinear", align_corners=False)
-        inner = slice(5, size - 5)  # 0.8 reads 3.2 px beyond each border: reflected here, zero-padded there
-        torch.testing.assert_close(zoom(grey.float(), factor)[..., inner, inner], expected[..., inner, inner],
-                                   rtol=0, atol=1e-3)  # of 255: float32 positions there, float64 here
-        assert torch.equal(zoom(grey, factor), zoom(grey.float(), factor).round().to(torch.uint8))
-    assert torch.equal(zoom(grey, 1.0), grey)
-
-
-def test_bilinear_without_a_zoom_is_exactly_the_nearest_augmentation():
-    images = distinct_images(32)
-    keys = dict(pad=2, hflip=True, vflip=True, transpose=True, cutout=2)
-    assert torch.equal(Augment(**keys, interpolation="bilinear")(images, batch_generator(0, 0, 0, 0)),
-                       Augment(**keys)(images, batch_generator(0, 0, 0, 0)))
-
-
 def test_decisions_repeat_for_their_coordinates_and_differ_across_seeds_epochs_ranks_and_batches():
     images = distinct_images(32)
     augment = Augment(pad=2, hflip=True, vflip=True, transpose=True, cutout=2)
@@ -244,7 +214,6 @@ def test_augmentation_reaches_training_and_the_first_batch_image(make_cfg, crop_
     (["augment.cutout=17"], "augment.cutout=17 is larger than 16x16"),
     (["augment.pad=-1"], "augment.pad must be at least 0, got -1"),
     (["augment.scale=3"], "augment.scale must be between 1 and 2, got 3"),
-    (["augment.interpolation=cubic"], "augment.interpolation must be one of nearest, bilinear, got 'cubic'"),
 ])
 def test_an_augmentation_that_cannot_apply_is_one_line_before_any_data_is_read(make_cfg, tmp_path, overrides,
                                                                               message):

@@ -39,9 +39,12 @@ def test_smoke_run_trains_every_recipe_over_seeds_and_tabulates_mean_and_sd(tmp_
     # The photo goal's preset runs with EMA: its live weights (the recipe without EMA) are scored too.
     small_data = next(row for row in rows if row["recipe"] == "small_data")
     assert "trainer.ema" not in " ".join(small_data["overrides"]) and "val/acc_live" in small_data
+    # Its TTA also zooms out: scored with and without the zoom on the same runs.
+    assert small_data["tta_scales"] == [1.0, 0.8] and "val/acc_tta_unzoomed" in small_data
     assert {"date", "cpu", "torch", "torch_threads", "load_average_1min", "load_average_1min_after"} <= set(report["stamp"])
     printed = capsys.readouterr().out
     assert "| recipe | epochs | batch | train s | val acc (last) | best epoch | vs default | with TTA |" in printed
     assert "| without EMA and TTA | EMA + TTA vs neither |" in printed
+    assert "small_data: " in printed and "  tta_scales [1.0, 0.8] against dihedral alone: " in printed
     assert next(line for line in printed.splitlines() if line.startswith("| small_data |")).count(" ± ") == 4
     assert printed.count(" ± ") >= 2 * len(rows)

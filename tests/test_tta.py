@@ -7,7 +7,7 @@ import torch
 
 from commands import tta
 from errors import UserError
-from training.augment import Augment, zoom
+from training.augment import Augment
 
 
 def _images(n=3, channels=2, side=5):
@@ -75,7 +75,7 @@ def test_unknown_modes_and_dihedral_on_non_square_inputs_are_refused():
 def test_scales_repeat_every_view_on_the_batch_zoomed_by_each_factor():
     images = _images(side=8)
     seen = _seen("hflip", images, [1.0, 0.8])
-    zoomed = zoom(images, 0.8)
+    zoomed = tta.zoom(images, 0.8)
     assert len(seen) == 4 == tta.views("hflip", [1.0, 0.8]) and not torch.equal(zoomed, images)
     for got, expected in zip(seen, [images, images.flip(-1), zoomed, zoomed.flip(-1)]):
         assert torch.equal(got, expected)
@@ -83,6 +83,19 @@ def test_scales_repeat_every_view_on_the_batch_zoomed_by_each_factor():
     forward = lambda x: x.float().flatten(1) @ weights / 100  # noqa: E731
     expected = torch.stack([torch.softmax(forward(x), 1) for x in (images, zoomed)]).mean(0)
     torch.testing.assert_close(tta.probabilities(forward, images, "none", [1.0, 0.8]), expected)
+
+
+def test_a_zoom_spreads_or_squeezes_pixel_positions_about_the_centre():
+    side = 32
+    ramp = torch.arange(side, dtype=torch.float32).expand(2, 1, side, side)  # each pixel holds its column
+    for factor in (0.8, 1.25):
+        # Output column p shows source position (p + 1/2 - side/2) / factor + side/2 - 1/2 (pixel centres).
+        expected = (torch.arange(side) + 0.5 - side / 2) / factor + side / 2 - 0.5
+        inner = slice(4, side - 4)  # 0.8 reads 4 px beyond each border, reflected back in there
+        torch.testing.assert_close(tta.zoom(ramp, factor)[0, 0, 10, inner], expected[inner], rtol=0, atol=1e-4)
+        assert torch.equal(tta.zoom(ramp.to(torch.uint8), factor), tta.zoom(ramp, factor).round().to(torch.uint8))
+    out = tta.zoom(ramp, 0.8)
+    assert out.min() >= 0 and out.max() <= side - 1 and torch.equal(tta.zoom(ramp, 1.0), ramp)
 
 
 def test_scales_outside_the_zooms_the_run_trained_with_are_refused_unless_forced():

@@ -40,54 +40,6 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(index >= size, 2 * (size - 1) - index, index)
 
 
-def _inside(index: torch.Tensor, size: int) -> torch.Tensor:
-    """A zoom out (to 1/2) reads up to half a side beyond each border, a pad up to a side less one: one
-    reflection covers either alone; the clamp keeps the two together in range (the border repeats)."""
-    return _reflect(index, size).clamp(0, size - 1)
-
-
-def _zoomed(positions: torch.Tensor, zoom: torch.Tensor, side: int) -> torch.Tensor:
-    """float64 (N, side): where each output pixel's centre (positions + 1/2) lies in the source, zoomed about
-    the centre by `zoom` (N,), in source pixels whose centres are at i + 1/2."""
-    return (positions + 0.5 - side / 2) / zoom.to(positions.device).view(-1, 1) + side / 2
-
-
-def _weights(positions: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, out, size) float32: row p holds the weights of the two source pixels either side of positions[:, p]
-    (float64, source pixel centres at integers), reflected at the border."""
-    before = torch.floor(positions)
-    after = (positions - before).float()  # float64 positions, float32 pixel arithmetic
-    before = before.long()
-    matrix = torch.zeros(*positions.shape, size, device=positions.device)
-    matrix.scatter_add_(2, _inside(before, size).unsqueeze(2), (1 - after).unsqueeze(2))
-    return matrix.scatter_add_(2, _inside(before + 1, size).unsqueeze(2), after.unsqueeze(2))
-
-
-def bilinear(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, transpose=None) -> torch.Tensor:
-    """A batch (N, C, H, W) read at fractional source rows (N, H) x columns (N, W), source pixel centres at
-    integers: each output pixel blends the 2 x 2 source pixels around its position, weighted by nearness
-    (a uint8 batch is rounded back to uint8; a float one stays float). `transpose` (N,) bool: those items read
-    row cols[x], column rows[y]. Two small matrix products per item, rows (N, H, H) @ image @ columns (N, W, W):
-    ~4x faster on a CPU than four gathers of the whole batch (batch 64, 32 x 32)."""
-    n = images.shape[0]
-    pixels = images if images.is_floating_point() else images.float()
-    if transpose is not None:
-        pixels = torch.where(transpose.to(images.device).view(n, 1, 1, 1), pixels.transpose(2, 3), pixels)
-    out = _weights(rows, images.shape[2]).unsqueeze(1).to(pixels.dtype) @ pixels \
-        @ _weights(cols, images.shape[3]).transpose(1, 2).unsqueeze(1).to(pixels.dtype)
-    return out if images.is_floating_point() else out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def zoom(images: torch.Tensor, factor: float) -> torch.Tensor:
-    """A batch (N, C, H, W) zoomed about its centre by `factor` (below 1: out, the border reflected in),
-    bilinear, as augment.scale with augment.interpolation=bilinear draws it (test-time augmentation)."""
-    n, _, height, width = images.shape
-    factor = torch.full((n,), float(factor), dtype=torch.float64)
-    rows = torch.arange(height, device=images.device).expand(n, height)
-    cols = torch.arange(width, device=images.device).expand(n, width)
-    return bilinear(images, _zoomed(rows, factor, height) - 0.5, _zoomed(cols, factor, width) - 0.5)
-
-
 @dataclass(frozen=True)
 class Augment:
     """Per item of a uint8 batch (N, C, H, W): zoom about the centre by a factor drawn log-uniformly from
@@ -104,7 +56,6 @@ class Augment:
     cutout: int = 0
     fill: tuple[int, ...] = (0,)  # uint8 per channel (or one for all)
     scale: float = 1.0  # largest zoom factor, in and out; 1: off
-    interpolation: str = "nearest"  # how a zoom reads between source pixels: nearest or bilinear
 
     @property
     def active(self) -> bool:
@@ -129,8 +80,6 @@ class Augment:
                             f"reflect padding takes at most {min(height, width) - 1} (one less than the smaller side)")
         if not (isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool) and 1 <= self.scale <= 2):
             raise UserError(f"augment.scale must be between 1 (off) and 2 (zoom by 1/2 to 2x), got {self.scale!r}")
-        if self.interpolation not in ("nearest", "bilinear"):
-            raise UserError(f"augment.interpolation must be nearest or bilinear, got {self.interpolation!r}")
         if self.transpose and height != width:
             raise UserError(f"augment.transpose=true needs square inputs, got {width}x{height} (width x height): "
                             "set augment.transpose=false or make dataset.width equal dataset.height")
@@ -164,17 +113,15 @@ class Augment:
         combined into one flat source index per output pixel only at the end: building full-size index maps
         step by step cost ~10x the gather itself (measured at batch 256, 32x32). The small maps go to the
         batch's device, where the full-size index is built: copying that instead (4 MiB of int64 at batch 512,
-        32x32, from unpinned memory) would wait for the copy every step. A bilinear zoom reads fractional
-        positions instead (`bilinear`)."""
+        32x32, from unpinned memory) would wait for the copy every step."""
         n, channels, height, width = images.shape
         device = images.device
         rows = torch.arange(height, device=device).expand(n, height)
         cols = torch.arange(width, device=device).expand(n, width)
-        blend = zoom is not None and self.interpolation == "bilinear"
         if zoom is not None:  # output pixel p reads source pixel floor((p + 1/2 - side/2) / zoom + side/2)
-            rows, cols = _zoomed(rows, zoom, height), _zoomed(cols, zoom, width)
-            # Bilinear: the position of the output pixel's centre, in source pixels whose centres are at i + 1/2.
-            rows, cols = (rows - 0.5, cols - 0.5) if blend else (torch.floor(rows).long(), torch.floor(cols).long())
+            z = zoom.to(device).view(n, 1)
+            rows = torch.floor((rows + 0.5 - height / 2) / z + height / 2).long()
+            cols = torch.floor((cols + 0.5 - width / 2) / z + width / 2).long()
         if vflip is not None:
             rows = torch.where(vflip.to(device).view(n, 1), height - 1 - rows, rows)
         if hflip is not None:
@@ -183,10 +130,11 @@ class Augment:
             offsets = offsets.to(device)
             rows = rows + (offsets[0] - self.pad).view(n, 1)
             cols = cols + (offsets[1] - self.pad).view(n, 1)
-        if blend:
-            return bilinear(images, rows, cols, transpose)
         if offsets is not None or zoom is not None:
-            rows, cols = _inside(rows, height), _inside(cols, width)
+            # A zoom out (to 1/2) reads up to half a side beyond each border, a pad up to a side less one: one
+            # reflection covers either alone; the clamp keeps the two together in range (the border repeats).
+            rows = _reflect(rows, height).clamp(0, height - 1)
+            cols = _reflect(cols, width).clamp(0, width - 1)
         # Flat source index = row part + column part; a transposed item reads row cols[x], column rows[y]
         # (square inputs only, checked, so both index ranges match).
         row_part, col_part = rows * width, cols
@@ -227,9 +175,11 @@ class EpochAugment:
         return self.augment(images, generator)
 
 
-def build_augment(*, mean: Sequence[float], input_shape: tuple[int, int, int], **keys) -> Augment:
-    """The augmentation configs/augment/ describes (`keys`: Augment's fields by the same names, pad ... interpolation)
-    for data of `input_shape` (C, H, W) normalised by `mean` (0..1, per channel), checked to apply to it."""
-    augment = Augment(**keys, fill=tuple(int(round(255 * m)) for m in mean))
+def build_augment(pad: int, hflip: bool, vflip: bool, transpose: bool, cutout: int, scale: float = 1.0, *,
+                  mean: Sequence[float], input_shape: tuple[int, int, int]) -> Augment:
+    """The augmentation for data of `input_shape` (C, H, W) normalised by `mean` (0..1, per channel), checked
+    to apply to it."""
+    augment = Augment(pad=pad, hflip=hflip, vflip=vflip, transpose=transpose, cutout=cutout,
+                      fill=tuple(int(round(255 * m)) for m in mean), scale=scale)
     augment.check(input_shape[1], input_shape[2])
     return augment

@@ -172,7 +172,6 @@ class AugmentSchema:
     transpose: bool
     cutout: int = ranged(at_least=0)
     scale: float = ranged(at_least=1, at_most=2)
-    interpolation: str = ranged(one_of=("nearest", "bilinear"))
 
 
 @dataclass
