@@ -14,6 +14,7 @@ from torch.utils.tensorboard.summary import compute_curve
 
 import training
 from errors import UserError
+from tests.conftest import compose_train
 from tests.helpers import TORCHRUN, events, in_child, run_python, scalars, torchrun_ranks
 from tests.scoring import score_checkpoint
 from training.board import mistakes_image
@@ -73,10 +74,14 @@ def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, m
                               truth.probabilities[top].argmax(1).tolist(), ["bright", "dark"])
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(shown.encoded_image_string)).convert("RGB")), expected)
 
-    # trainer.device comes from the resuming command: without it, auto would pick cuda:1 on a 1-GPU machine.
-    resumed = torchrun(f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", "trainer.epochs=3",
-                       "trainer.progress=false", "trainer.device=cpu", "hydra.run.dir=again", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # What `torchrun ... train.py resume=last.pt trainer.epochs=3 trainer.device=cpu` composes (trainer.device
+    # comes from the resuming command: without it, auto would pick cuda:1 on a 1-GPU machine), its two ranks
+    # forked from this process with torchrun's variables (~12 CPU-s less than torchrun and two interpreters):
+    # resuming through torchrun itself is test_preemption's SIGTERM test's.
+    resume_cfg = compose_train(tmp_path / "again", f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}",
+                               "trainer.epochs=3", "trainer.progress=false", "trainer.device=cpu")
+    in_child(lambda: training.run(resume_cfg), torchrun_ranks(2))
+    assert not (tmp_path / "again").exists()  # the run goes on in the checkpoint's folder
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 21
     assert [step for step, _ in scalars(tmp_path / "run")["val/acc"]] == [7, 14, 21]
 
