@@ -102,11 +102,11 @@ def _run_child(request: dict, fds: list[int]) -> None:
         os._exit(code & 0xFF)
 
 
-def serve(path: str) -> None:
-    for name in PRELOADED:
-        __import__(name)
+def serve(name: str) -> None:
+    for module in PRELOADED:
+        __import__(module)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    listener.bind("\0" + name)  # Linux's abstract namespace (argv cannot carry the leading NUL)
     listener.listen(64)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_read, False)
@@ -178,27 +178,25 @@ class Server:
     """One server per pytest process, started at its first program and ended with the process."""
 
     def __init__(self, env: dict[str, str]):
+        import secrets
         import subprocess
-        import tempfile
 
         self.env = import_time_environment(env)
-        self.folder = tempfile.mkdtemp(prefix="zygote-")
-        self.path = os.path.join(self.folder, "socket")
-        self.process = subprocess.Popen([sys.executable, __file__, self.path], env=env, stdin=subprocess.PIPE,
+        # A socket in Linux's abstract namespace: no file to clean up, whoever ends this process and however.
+        self.name = f"tests-zygote-{os.getpid()}-{secrets.token_hex(8)}"
+        self.process = subprocess.Popen([sys.executable, __file__, self.name], env=env, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
         if self.process.stdout.readline() != "ready\n":
+            self.process.kill()
             raise RuntimeError(f"the program server did not start (exit {self.process.wait()})")
         self.reaped_cpu_seconds = 0.0
 
     def close(self) -> None:
-        import shutil
-
-        self.process.stdin.close()  # EOF: the server returns
         try:
+            self.process.stdin.close()  # EOF: the server exits
             self.process.wait(timeout=10)
         except Exception:  # noqa: BLE001 - a server that hangs is killed; nothing of the test's depends on it
             self.process.kill()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
     def serves(self, env: dict[str, str]) -> bool:
         return self.process.poll() is None and import_time_environment(env) == self.env
@@ -206,7 +204,7 @@ class Server:
     def start(self, argv: list[str], cwd, env: dict[str, str], fds: list[int],
               new_session: bool) -> tuple[socket.socket, int]:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(self.path)
+        conn.connect("\0" + self.name)
         request = json.dumps({"argv": argv, "cwd": os.fspath(cwd), "env": env, "new_session": new_session})
         socket.send_fds(conn, [request.encode() + b"\n"], fds)
         answer = b""
