@@ -221,8 +221,8 @@ def stamp(threads: int) -> dict:
 
 def table(data: str, rows: list[dict]) -> str:
     reference = next((r for r in rows if r["recipe"] == REFERENCE), None)
-    lines = [f"{data}:", "| recipe | epochs | batch | train s | val acc (last) | best epoch | vs default | with TTA | TTA vs without "
-             "| without EMA and TTA | EMA + TTA vs neither |",
+    lines = [f"{data}:", "| recipe | epochs | batch | train s | val acc (last) | best epoch | vs default | with TTA "
+             "| TTA vs without | without EMA and TTA | EMA + TTA vs neither |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | --- |"]
 
     def percent(stats: dict) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,13 +48,14 @@ def run_evaluation(cfg: DictConfig) -> dict:
         loaded = load_classifier(cfg.checkpoint, device)
         model, normalize, amp, checkpoint, saved = (loaded.model, loaded.normalize, loaded.amp, loaded.checkpoint,
                                                     loaded.saved)
-        tta.check(cfg.tta, dict(saved.get("augment") or {}), tuple(checkpoint["input_shape"]), cfg.tta_force,
-                  scales=cfg.tta_scales)
         scales = list(cfg.tta_scales)
-        if tta.views(cfg.tta, scales) > 1:
+        tta.check(cfg.tta, dict(saved.get("augment") or {}), tuple(checkpoint["input_shape"]), cfg.tta_force,
+                  scales=scales)
+        views = tta.views(cfg.tta, scales)
+        if views > 1:
             model = Averaged(model, cfg.tta, scales)
             log.info("tta=%s tta_scales=%s: softmax probabilities averaged over %d views of each item", cfg.tta,
-                     scales, tta.views(cfg.tta, scales))
+                     scales, views)
         if cfg.predict:
             result = {"checkpoint": str(cfg.checkpoint), "tta": cfg.tta, "tta_scales": scales,
                       "predictions": predict(model, normalize, checkpoint, [Path(p) for p in cfg.predict], device,
@@ -79,9 +80,9 @@ class Averaged(nn.Module):
     the views of `mode`. Log-probabilities are logits of those probabilities (softmax gives them back, cross-entropy
     is -log p of the target), so evaluation's loss, accuracy, PR curves and mistakes score the average unchanged."""
 
-    def __init__(self, model: nn.Module, mode: str, scales: list[float] | None = None):
+    def __init__(self, model: nn.Module, mode: str, scales: Sequence[float] = (1.0,)):
         super().__init__()
-        self.model, self.mode, self.scales = model, mode, scales or [1.0]
+        self.model, self.mode, self.scales = model, mode, scales
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         # Flips, rotations and bilinear zooms commute with per-channel normalisation: the views of a normalised

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -155,7 +155,7 @@ def predict_file(classifier: Classifier, path: Path, folder: Path, window: tuple
 
 @torch.no_grad()
 def grid_probabilities(classifier: Classifier, reader, g: windows.Grid, batch_size: int, mode: str,
-                       device: torch.device, what: str, scales: list[float] | None = None) -> np.ndarray:
+                       device: torch.device, what: str, scales: Sequence[float] = (1.0,)) -> np.ndarray:
     """float32 (classes, rows, cols): each window's class probabilities, batches read in the background and
     kept on the device until the end (no wait for the device per batch)."""
     channels = classifier.checkpoint["input_shape"][0]
@@ -168,7 +168,7 @@ def grid_probabilities(classifier: Classifier, reader, g: windows.Grid, batch_si
             images = (images.pin_memory() if pin else images).to(device, non_blocking=pin)
             images = images.expand(-1, channels, -1, -1)  # a grey source held once: repeated as a view
             index = torch.from_numpy(index).to(device, non_blocking=pin)
-            out[:, index] = tta.probabilities(classifier.logits, images, mode, scales or [1.0]).T
+            out[:, index] = tta.probabilities(classifier.logits, images, mode, scales).T
             bar.update(len(index))
     result = out.cpu()
     # Once per input, not per batch: a check per batch would wait for the device every time.

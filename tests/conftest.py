@@ -117,7 +117,8 @@ def programs_only_in_slow_tests(request, monkeypatch):
         pytest.fail(f"this test starts a program ({args!r}): mark it @pytest.mark.slow", pytrace=False)
 
     monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
-    monkeypatch.setattr(zygote.ForkedProgram, "__init__", lambda self, server, argv, *rest, **kwargs: refuse(self, argv))
+    monkeypatch.setattr(zygote.ForkedProgram, "__init__",
+                        lambda self, server, argv, *rest, **kwargs: refuse(self, argv))
 
 
 def compose_train(run_dir: Path, *overrides: str):

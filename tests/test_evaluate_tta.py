@@ -61,7 +61,8 @@ def test_a_tta_the_run_did_not_train_with_is_one_line_unless_forced(shared_run, 
 
 def test_tta_scales_average_zoomed_views_and_need_the_runs_zooms_unless_forced(shared_run, make_eval_cfg, tmp_path):
     run = shared_run(*DIHEDRAL)  # trained without augment.scale
-    with pytest.raises(UserError, match=r"^tta_scales: the run trained without zooms \(augment.scale=1\), so 0.8 .* tta_force=true"):
+    with pytest.raises(UserError, match=r"^tta_scales: the run trained without zooms \(augment.scale=1\), "
+                                        r"so 0.8 .* tta_force=true"):
         _evaluate(make_eval_cfg, run, tmp_path, "refused", "tta=dihedral", "tta_scales=[1.0,0.8]")
     dihedral = _evaluate(make_eval_cfg, run, tmp_path, "dihedral", "tta=dihedral")
     zoomed = _evaluate(make_eval_cfg, run, tmp_path, "zoomed", "tta=dihedral", "tta_scales=[1.0,0.8]", "tta_force=true")

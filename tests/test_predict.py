@@ -195,7 +195,8 @@ def test_predict_py_prints_a_line_per_input(best, shared_crop_csv, tmp_path):
     result = run_python("-X", "importtime", ROOT / "predict.py", f"checkpoint={best}", f"inputs=[{scene}]",
                         "stride=16", "device=cpu", f"hydra.run.dir={tmp_path / 'out'}", cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
     # Neither torchvision nor torch._dynamo (which importing torchvision loads): ~1.2 CPU-s of a 3.5 s start.
     assert "torch" in imported and not {"torchvision", "torch._dynamo"} & imported
     assert f"{scene}: 4x4 windows -> {tmp_path / 'out' / 'scene2.png'} (bright 50.0%, dark 50.0%)" in result.stdout

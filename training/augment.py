@@ -45,8 +45,9 @@ class Augment:
     """Per item of a uint8 batch (N, C, H, W): zoom about the centre by a factor drawn log-uniformly from
     [1/scale, scale] (nearest source pixel, reflected at the border; `scale` 1: off); reflect-pad by `pad`
     pixels and crop back to H x W at a random offset; mirror left-right (`hflip`), top-bottom (`vflip`), swap
-    rows and columns (`transpose`, square inputs), each with probability 1/2; then erase a `cutout` x `cutout` square at a random centre (clipped at
-    the border) with `fill`, the dataset's mean colour, so it reads as zero after normalisation.
+    rows and columns (`transpose`, square inputs), each with probability 1/2; then erase a `cutout` x `cutout`
+    square at a random centre (clipped at the border) with `fill`, the dataset's mean colour, so it reads as
+    zero after normalisation.
     Config: configs/augment/."""
 
     pad: int = 0
