@@ -174,6 +174,17 @@ def serve(name: str) -> None:
 
 # ---- the client: what helpers.py calls from a pytest process ----
 
+def _receive_exactly(conn: socket.socket, size: int, cut_short: str) -> bytes:
+    """`size` bytes from `conn`; RuntimeError(`cut_short`) if the server closes it first."""
+    answer = b""
+    while len(answer) < size:
+        more = conn.recv(size - len(answer))
+        if not more:
+            raise RuntimeError(cut_short)
+        answer += more
+    return answer
+
+
 class Server:
     """One server per pytest process, started at its first program and ended with the process."""
 
@@ -207,12 +218,8 @@ class Server:
         conn.connect("\0" + self.name)
         request = json.dumps({"argv": argv, "cwd": os.fspath(cwd), "env": env, "new_session": new_session})
         socket.send_fds(conn, [request.encode() + b"\n"], fds)
-        answer = b""
-        while len(answer) < PID.size:
-            more = conn.recv(PID.size - len(answer))
-            if not more:
-                raise RuntimeError("the program server closed the connection without starting the program")
-            answer += more
+        answer = _receive_exactly(conn, PID.size, "the program server closed the connection without starting the "
+                                                   "program")
         return conn, PID.unpack(answer)[0]
 
 
@@ -225,7 +232,6 @@ class ForkedProgram:
         import subprocess
 
         self.args, self.returncode, self.cpu_seconds, self._server = argv, None, None, server
-        self._text = text
         close_after, ours = [], {}
 
         def target(spec, index):
@@ -266,13 +272,8 @@ class ForkedProgram:
             ready, _, _ = select.select([self._conn], [], [], 0 if not block else timeout)
             if not ready:
                 return False
-        answer = b""
-        while len(answer) < END.size:
-            more = self._conn.recv(END.size - len(answer))
-            if not more:
-                raise RuntimeError(f"the program server ended before program {self.pid} did")
-            answer += more
-        status, cpu = END.unpack(answer)
+        status, cpu = END.unpack(_receive_exactly(self._conn, END.size,
+                                                  f"the program server ended before program {self.pid} did"))
         self._conn.close()
         self.returncode, self.cpu_seconds = os.waitstatus_to_exitcode(status), cpu
         self._server.reaped_cpu_seconds += cpu
