@@ -1,5 +1,8 @@
 """ImageFolder and DatasetFolder: class per subfolder, train/ and val/ when present, else a seeded split."""
 
+import gc
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
@@ -73,10 +76,15 @@ def test_missing_root_is_named(tmp_path):
         build_imagefolder(**folder_args(tmp_path / "nowhere"))
 
 
-def test_imagefolder_trains_through_the_runner(make_cfg, image_tree):
+def test_imagefolder_trains_through_the_runner_and_ends_its_workers(make_cfg, image_tree):
+    """A run in this process (as each job of a Hydra sweep is) ends its persistent DataLoader workers when it
+    returns: they were kept running, one set more per job, by a thread started during the run."""
+    before = set(multiprocessing.active_children())
     metrics = training.run(make_cfg("dataset=imagefolder", f"dataset.root={image_tree}", "loader.batch_size=4",
                                     "loader.mode=dataloader", "loader.num_workers=1"))
     assert 0.0 <= metrics["val/acc"] <= 1.0 and metrics["train/throughput"] > 0
+    gc.collect()
+    assert set(multiprocessing.active_children()) <= before
 
 
 def test_threads_decode_a_folder_into_the_same_array_and_errors_as_one_thread(tmp_path):

@@ -137,7 +137,11 @@ class RunLogger:
             self.previous_hook, threading.excepthook = threading.excepthook, self._quiet_event_writer
         self.last_step = purge_step - 1 if purge_step else 0
         self.about: dict[str, dict[str, str]] = {}
-        self.loader = loader
+        # The advice, not the loader: every thread started while this logger's excepthook is in place (a
+        # DataLoader worker queue's feeder thread among them) keeps the logger alive for as long as it runs, and
+        # a loader held here would keep that thread's queue and its persistent workers alive with it: an
+        # in-process run (a Hydra sweep's jobs, training.run) left its DataLoader workers running after it ended.
+        self.starved_advice = starvation_advice(loader)
         self.progress = progress and run_dir is not None
         self.final: dict[str, float] = {}
         self.bar = None
@@ -184,7 +188,7 @@ class RunLogger:
         if self.starved_in_a_row >= STARVED_WINDOWS and not self.warned_starved:
             self.warned_starved = True
             log.warning("training waited on data %.0f%% of the time (step %d): the loader is the bottleneck; %s",
-                        100 * window.data_wait, window.step, starvation_advice(self.loader))
+                        100 * window.data_wait, window.step, self.starved_advice)
 
     @contextmanager
     def epoch_bar(self, total: int, desc: str):
