@@ -1,9 +1,7 @@
-"""DDP: shards of each epoch's order, and a real 2-process gloo run through torchrun."""
+"""DDP: shards of each epoch's order, and whole 2-process gloo runs (torchrun itself: test_preemption.py)."""
 
 import io
 import json
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from torch.utils.tensorboard.summary import compute_curve
 import training
 from errors import UserError
 from tests.conftest import compose_train
-from tests.helpers import TORCHRUN, events, in_child, run_python, scalars, torchrun_ranks
+from tests.helpers import events, in_child, scalars, torchrun_ranks
 from tests.scoring import score_checkpoint
 from training.board import mistakes_image
 from training.distributed import process_device, shard, shard_size
@@ -36,18 +34,17 @@ def test_validation_shards_cover_every_item_once_and_training_shards_are_even(n)
     assert set(torch.cat(train).tolist()) == set(range(n))
 
 
-def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_python(*TORCHRUN, *args, cwd=cwd)
-
-
-@pytest.mark.slow
+@pytest.mark.slow  # a whole two-process DDP run and its resume (forked, not started as programs)
 def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, make_eval_cfg):
+    """The DDP run train.py makes under torchrun (gloo on the CPU), its two ranks forked from this process with
+    torchrun's variables (helpers.torchrun_ranks: ~9 CPU-s less than torchrun and two interpreters, twice). What
+    torchrun and train.py themselves add (Hydra's run folder, signals, a launcher that dies, resume=auto through
+    torchrun) is test_preemption's, whose torchrun tests start them."""
     common = [f"dataset.csv={crop_csv}", "dataset.split_by=row", "loader.batch_size=4", "trainer.progress=false",
               "trainer.device=cpu"]
     # checkpoint_every=3: rank 0 alone saves last.pt after steps 3 and 6 of each 7-step epoch, and no rank waits.
-    first = torchrun(*common, "trainer.epochs=2", "trainer.checkpoint_every=3", "hydra.run.dir=run", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert [p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != "crops"] == ["run"]  # one run dir
+    cfg = compose_train(tmp_path / "run", *common, "trainer.epochs=2", "trainer.checkpoint_every=3")
+    in_child(lambda: training.run(cfg), torchrun_ranks(2))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["val/acc"] >= 0.9  # the brightness task: one process reaches 1.0 here too
@@ -75,9 +72,7 @@ def test_two_processes_on_cpu_share_one_run_dir_and_resume(crop_csv, tmp_path, m
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(shown.encoded_image_string)).convert("RGB")), expected)
 
     # What `torchrun ... train.py resume=last.pt trainer.epochs=3 trainer.device=cpu` composes (trainer.device
-    # comes from the resuming command: without it, auto would pick cuda:1 on a 1-GPU machine), its two ranks
-    # forked from this process with torchrun's variables (~12 CPU-s less than torchrun and two interpreters):
-    # resuming through torchrun itself is test_preemption's SIGTERM test's.
+    # comes from the resuming command: without it, auto would pick cuda:1 on a 1-GPU machine).
     resume_cfg = compose_train(tmp_path / "again", f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}",
                                "trainer.epochs=3", "trainer.progress=false", "trainer.device=cpu")
     in_child(lambda: training.run(resume_cfg), torchrun_ranks(2))

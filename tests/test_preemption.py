@@ -1,6 +1,7 @@
 """Cluster life: a stop signal saves and exits, resume=auto finishes the run bit for bit, one run per folder."""
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -313,6 +314,8 @@ def test_sigterm_to_torchrun_saves_where_the_ranks_agree_and_resume_auto_finishe
 
     again = run_python(*command, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.log", "run"]  # each rank's Hydra: one run folder
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
     assert_same_training(tmp_path / "run", unbroken_torchrun)
 
 
