@@ -31,8 +31,8 @@ from training import checkpoint as checkpoints
 from training import distributed, early_stop, folder_lock, launch, metrics, resume, run_folder, saved_config, stop
 from training import speed as speeds
 from training.augment import Augment
-from training.build import (Data, build_augment, build_data, build_model, build_optimizer, require_keys,
-                            resolve_device, saved_mapping, set_capturable, check_same_split)
+from training.build import (Data, build_augment, build_data, build_model, build_optimizer, import_data_code,
+                            require_keys, resolve_device, saved_mapping, set_capturable, check_same_split)
 from training.logger import RunLogger, Where, describe_run, run_log
 from training.schema import check_ranges
 from training.loop import NonFiniteLoss, Normalizer, evaluate, train_one_epoch
@@ -282,6 +282,7 @@ def _prepare_data(cfg: DictConfig, run_dir: Path, process: distributed.Process, 
                   fixed: dict | None) -> tuple[Data, float]:
     """The data and its loaders, and the seconds preparing them took; `fixed`: dataset keys a resumed run takes
     from its checkpoint (build.saved_mapping)."""
+    import_data_code(cfg.dataset)
     started = time.perf_counter()
     # Under DDP with cache=disk, rank 0 writes the cache while the others wait, then they map it, instead
     # of every rank decoding every crop at once on the same cores.
