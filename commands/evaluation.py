@@ -48,9 +48,9 @@ def run_evaluation(cfg: DictConfig) -> dict:
         loaded = load_classifier(cfg.checkpoint, device)
         model, normalize, amp, checkpoint, saved = (loaded.model, loaded.normalize, loaded.amp, loaded.checkpoint,
                                                     loaded.saved)
-        scales = list(cfg.tta_scales)
         tta.check(cfg.tta, dict(saved.get("augment") or {}), tuple(checkpoint["input_shape"]), cfg.tta_force,
-                  scales=scales)
+                  scales=cfg.tta_scales)
+        scales = list(cfg.tta_scales)  # after the check: tta_scales=0.8 (not a list) is its one line
         views = tta.views(cfg.tta, scales)
         if views > 1:
             model = Averaged(model, cfg.tta, scales)

@@ -64,6 +64,8 @@ def test_tta_scales_average_zoomed_views_and_need_the_runs_zooms_unless_forced(s
     with pytest.raises(UserError, match=r"^tta_scales: the run trained without zooms \(augment.scale=1\), "
                                         r"so 0.8 .* tta_force=true"):
         _evaluate(make_eval_cfg, run, tmp_path, "refused", "tta=dihedral", "tta_scales=[1.0,0.8]")
+    with pytest.raises(UserError, match=r"^tta_scales=0.8 must be a list of zoom factors"):  # a factor, not a list
+        _evaluate(make_eval_cfg, run, tmp_path, "not_a_list", "tta=dihedral", "tta_scales=0.8")
     dihedral = _evaluate(make_eval_cfg, run, tmp_path, "dihedral", "tta=dihedral")
     zoomed = _evaluate(make_eval_cfg, run, tmp_path, "zoomed", "tta=dihedral", "tta_scales=[1.0,0.8]", "tta_force=true")
     assert zoomed["tta_scales"] == [1.0, 0.8] and dihedral["tta_scales"] == [1.0]
